@@ -1,0 +1,172 @@
+"""Loader throughput: every available backend beside a PIL DataLoader baseline, same folder,
+same process, no model. Prints a table and writes JSON.
+
+    python benchmarks/loader.py --data /d/train --batch-size 256 --image-size 224 --workers 16
+    python benchmarks/loader.py --demo --image-size 64        # the embedded demo data
+
+img/s is the median over --repeats timed runs of --steps batches each, after --warmup
+batches (worker start-up, numba/cudnn warm-up); on CUDA every timed run ends in a
+synchronize. The ratio column is each backend over the baseline measured in this run,
+which is the number to compare across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from fastcls.config import config_from_dict  # noqa: E402
+from fastcls.data import DatasetError, build_loader, check_backend, scan_folder  # noqa: E402
+from fastcls.dist import pick_device  # noqa: E402
+
+BACKENDS = ("native", "dali", "ffcv", "synthetic")
+
+
+def pil_baseline(folder: str, args, device: torch.device):
+    """What users run today: torchvision ImageFolder + transforms.v2 in DataLoader workers,
+    float conversion and normalization in the workers, then a copy to the device."""
+    import torchvision
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([
+        v2.RandomResizedCrop(args.image_size, antialias=True), v2.RandomHorizontalFlip(),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    ds = torchvision.datasets.ImageFolder(folder, transform=tf)
+    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                     num_workers=args.workers, pin_memory=device.type == "cuda",
+                                     persistent_workers=args.workers > 0)
+
+    class Wrapped:
+        def __len__(self):
+            return len(dl)
+
+        def set_epoch(self, e):
+            pass
+
+        def __iter__(self):
+            for x, y in dl:
+                yield (x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                       y.to(device, non_blocking=True))
+    return Wrapped()
+
+
+def time_loader(loader, args, device: torch.device) -> dict:
+    """Median img/s over repeats; the loader is cycled through epochs as needed."""
+    epoch = 0
+
+    def batches():
+        nonlocal epoch
+        while True:
+            loader.set_epoch(epoch)
+            epoch += 1
+            yield from loader
+
+    it = batches()
+    for _ in range(args.warmup):
+        next(it)
+    rates = []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0, n = time.perf_counter(), 0
+        for _ in range(args.steps):
+            x, _y = next(it)
+            n += x.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(n / (time.perf_counter() - t0))
+    return {"img_per_s": statistics.median(rates), "runs": rates}
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"host_cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="ImageFolder root (e.g. /d/train)")
+    src.add_argument("--demo", action="store_true", help="use the embedded demo dataset")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma list; unavailable ones are reported and skipped")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--out", default="bench_out/loader.json")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    tree = {"model": {"num_classes": 1000},
+            "data": {"batch_size": args.batch_size, "image_size": args.image_size,
+                     "val_resize": max(args.image_size, round(args.image_size * 256 / 224)),
+                     "workers": args.workers, "synthetic_images": args.batch_size * args.steps},
+            "train": {"device": args.device}}
+    if args.demo:
+        from fastcls.data.demo import ensure_demo_dataset
+        folder = ensure_demo_dataset()[0]
+    else:
+        folder = args.data
+    tree["data"]["train"] = folder
+    try:
+        scan_folder(folder, key="--data")
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    rows, skipped = [], {}
+    for name in args.backends.split(","):
+        tree["data"]["backend"] = name
+        try:
+            cfg = config_from_dict(tree, "benchmark")
+            check_backend(name)
+            loader = build_loader(cfg, "train", device)
+        except DatasetError as e:
+            skipped[name] = str(e)
+            print(f"{name:>10}: skipped ({e})", file=sys.stderr)
+            continue
+        rows.append({"backend": name, **time_loader(loader, args, device)})
+    if not args.no_baseline:
+        rows.append({"backend": "pil_dataloader (baseline)",
+                     **time_loader(pil_baseline(folder, args, device), args, device)})
+    base = next((r["img_per_s"] for r in rows if r["backend"].startswith("pil_")), None)
+    for r in rows:
+        r["ratio_vs_pil"] = r["img_per_s"] / base if base else None
+
+    print(f"\nloader throughput on {machine_info(device).get('gpu', 'CPU')} "
+          f"({args.workers} workers, batch {args.batch_size}, {args.image_size}px)")
+    print(f"{'backend':<28}{'img/s':>14}{'x PIL':>10}")
+    for r in rows:
+        ratio = f"{r['ratio_vs_pil']:.2f}" if r["ratio_vs_pil"] else "-"
+        print(f"{r['backend']:<28}{r['img_per_s']:>14.0f}{ratio:>10}")
+    result = {"benchmark": "loader", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "machine": machine_info(device), "settings": vars(args), "folder": folder,
+              "results": rows, "skipped": skipped}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

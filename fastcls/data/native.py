@@ -1,0 +1,208 @@
+"""The `native` backend, CPU path: PIL decoding in DataLoader workers.
+
+Workers decode JPEGs with PIL, using `draft()` so libjpeg downscales in the DCT domain
+(up to 8x) whenever the crop still covers the output size, then crop+resize in one
+`Image.resize(box=...)` call, flip, and hand back uint8 HWC. The main process collates
+uint8 (4x less to copy than float), pins it, and on the device converts to float,
+normalizes and lays it out channels_last (on CUDA on a side stream, one batch ahead).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .crop import center_crop_box, sample_rrc
+from .folder import DatasetError, FolderIndex
+from .sampler import ShardBatchSampler
+
+# ImageNet statistics in 0..255 units.
+MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+_REPLACEMENT_TRIES = 10
+
+
+def decode_train(path: str, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                 hflip: float, rng: np.random.Generator) -> np.ndarray:
+    """JPEG/PNG file -> random-resized-crop, maybe flipped: uint8 size×size×3 RGB."""
+    with Image.open(path) as im:
+        width, height = im.size
+        top, left, ch, cw = sample_rrc(width, height, scale, ratio, rng)
+        flip = rng.random() < hflip
+        if im.format == "JPEG":
+            # Ask for the smallest DCT scale at which the crop still has >= size pixels.
+            im.draft("RGB", (math.ceil(width * size / cw), math.ceil(height * size / ch)))
+        sx, sy = im.size[0] / width, im.size[1] / height
+        rgb = im.convert("RGB")
+    out = rgb.resize((size, size), Image.BILINEAR,
+                     box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+def decode_val(path: str, size: int, resize: int) -> np.ndarray:
+    """Shorter side to `resize`, center crop `size`: uint8 size×size×3 RGB."""
+    with Image.open(path) as im:
+        width, height = im.size
+        if im.format == "JPEG":
+            r = resize / min(width, height)
+            im.draft("RGB", (math.ceil(width * r), math.ceil(height * r)))
+        sx, sy = im.size[0] / width, im.size[1] / height
+        rgb = im.convert("RGB")
+    l, t, r_, b = center_crop_box(width, height, resize, size)
+    return np.asarray(rgb.resize((size, size), Image.BILINEAR, box=(l * sx, t * sy, r_ * sx, b * sy)))
+
+
+class FolderDataset(Dataset):
+    """Map-style dataset keyed by (index, epoch), so a sample's random crop depends only on
+    (seed, epoch, index), whichever worker decodes it.
+
+    Returns (uint8 H×W×3 tensor, int label, list of "path: error" for files that failed).
+    A file that fails to decode is replaced in training by another sample (counted), and
+    dropped in evaluation (label -1, counted) so no image is scored twice.
+    """
+
+    def __init__(self, index: FolderIndex, train: bool, size: int, val_resize: int,
+                 scale: tuple[float, float], ratio: tuple[float, float], hflip: float, seed: int):
+        self.samples = index.samples
+        self.train, self.size, self.val_resize = train, size, val_resize
+        self.scale, self.ratio, self.hflip, self.seed = scale, ratio, hflip, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        idx, epoch = key
+        rng = np.random.default_rng((self.seed, epoch, idx))
+        errors = []
+        for _ in range(_REPLACEMENT_TRIES if self.train else 1):
+            path, label = self.samples[idx]
+            try:
+                if self.train:
+                    arr = decode_train(path, self.size, self.scale, self.ratio, self.hflip, rng)
+                else:
+                    arr = decode_val(path, self.size, self.val_resize)
+                return torch.from_numpy(arr.copy()), label, errors
+            except Exception as e:  # any undecodable file: PIL raises many types
+                errors.append(f"{path}: {type(e).__name__}: {e}")
+                idx = int(rng.integers(len(self.samples)))
+        if self.train:
+            raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode: {errors}")
+        return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1, errors
+
+
+def collate_uint8(batch):
+    """-> (N×H×W×3 uint8, N int64 labels, list of errors); drops samples with label -1."""
+    errors = [e for item in batch for e in item[2]]
+    kept = [item for item in batch if item[1] >= 0]
+    if kept:
+        images = torch.stack([item[0] for item in kept])
+    else:
+        images = torch.empty((0, *batch[0][0].shape), dtype=torch.uint8)
+    labels = torch.tensor([item[1] for item in kept], dtype=torch.int64)
+    return images, labels, errors
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # PIL work is single-threaded; don't oversubscribe cores
+
+
+class Normalizer:
+    """uint8 N×H×W×3 (any device) -> normalized float N×3×H×W channels_last on `device`.
+
+    Permuting NHWC to NCHW *is* the channels_last layout, so no copy is made for it."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.mean = torch.tensor(MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+        self.inv_std = (1.0 / torch.tensor(STD, device=device, dtype=torch.float32)).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = x.sub_(self.mean).mul_(self.inv_std)
+        return x.to(self.dtype, memory_format=torch.channels_last)
+
+
+class NativeLoader:
+    """The data interface (DESIGN.md) over a DataLoader of PIL workers."""
+
+    def __init__(self, index: FolderIndex, *, train: bool, batch_size: int, image_size: int,
+                 val_resize: int, scale, ratio, hflip: float, workers: int, pin_memory: bool,
+                 max_bad_fraction: float, device: torch.device, dtype: torch.dtype,
+                 rank: int, world_size: int, seed: int):
+        self.classes = index.classes
+        self.empty_classes = index.empty_classes
+        self.dataset_size = len(index.samples)
+        self.train, self.batch_size, self.device = train, batch_size, device
+        self.dataset = FolderDataset(index, train, image_size, val_resize, scale, ratio, hflip, seed)
+        self.sampler = ShardBatchSampler(len(index.samples), batch_size, rank, world_size,
+                                         train=train, seed=seed)
+        self.loader = DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=workers,
+            collate_fn=collate_uint8, pin_memory=pin_memory and device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=_worker_init if workers > 0 else None)
+        self.normalize = Normalizer(device, dtype)
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_files: list[str] = []   # failures seen in the current epoch on this rank
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def num_images(self) -> int:
+        """Images this rank yields per epoch (train: full batches only)."""
+        return self.sampler.num_images
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def _account(self, errors: list[str]) -> None:
+        if not errors:
+            return
+        self.bad_files.extend(errors)
+        allowed = math.floor(self.max_bad_fraction * self.num_images)
+        if len(self.bad_files) > allowed:
+            shown = "\n  ".join(self.bad_files[:20])
+            raise DatasetError(
+                f"{len(self.bad_files)} undecodable files this epoch on this rank, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction} of {self.num_images} allows; "
+                f"remove or fix them:\n  {shown}")
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.bad_files = []
+        if self.device.type == "cuda":
+            yield from self._iter_cuda()
+            return
+        for images, labels, errors in self.loader:
+            self._account(errors)
+            yield self.normalize(images), labels
+
+    def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Copy + normalize batch k+1 on a side stream while the model runs batch k."""
+        stream = torch.cuda.Stream(self.device)
+        it = iter(self.loader)
+
+        def stage() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+            try:
+                images, labels, errors = next(it)
+            except StopIteration:
+                return None
+            self._account(errors)
+            with torch.cuda.stream(stream):
+                return self.normalize(images), labels.to(self.device, non_blocking=True)
+
+        nxt = stage()
+        while nxt is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+            x, y = nxt
+            x.record_stream(torch.cuda.current_stream())
+            y.record_stream(torch.cuda.current_stream())
+            nxt = stage()
+            yield x, y

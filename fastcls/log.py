@@ -1,0 +1,83 @@
+"""What a user sees: rank-0 messages, the progress bar, metrics.jsonl, config.yaml, curves.png."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from tqdm import tqdm
+
+
+class RunLog:
+    """Writes only on rank 0 (`enabled=False` elsewhere); pass it around, no globals."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool, progress: bool = True):
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self.progress = progress and enabled
+        if enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            tqdm.write(msg, file=sys.stdout)
+
+    def warn(self, msg: str) -> None:
+        if self.enabled:
+            tqdm.write(f"WARNING: {msg}", file=sys.stderr)
+
+    def bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=not self.progress, dynamic_ncols=True,
+                    leave=False, file=sys.stdout, unit="step")
+
+    def write_config(self, tree: dict) -> None:
+        if self.enabled:
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+
+    def metrics(self, record: dict) -> None:
+        """Append one JSON object per evaluation to metrics.jsonl and print a summary line."""
+        if not self.enabled:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()]
+        self.info(" | ".join(parts))
+
+    def read_metrics(self) -> list[dict]:
+        p = self.out_dir / "metrics.jsonl"
+        if not p.is_file():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> Optional[Path]:
+        """curves.png: loss, accuracy and LR per epoch from metrics.jsonl."""
+        rows = self.read_metrics() if self.enabled else []
+        if not rows:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ep = [r["epoch"] for r in rows]
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+        ax[0].plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
+        ax[0].plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+        ax[0].set_title("loss")
+        ax[1].plot(ep, [r["train_top1"] for r in rows], "o-", label="train top-1")
+        ax[1].plot(ep, [r["val_top1"] for r in rows], "o-", label="val top-1")
+        ax[1].plot(ep, [r["val_top5"] for r in rows], "o-", label="val top-5")
+        ax[1].set_title("accuracy (%)")
+        ax[2].plot(ep, [r["lr"] for r in rows], "o-")
+        ax[2].set_title("learning rate (end of epoch)")
+        for a in ax:
+            a.set_xlabel("epoch")
+            a.grid(alpha=0.3)
+        ax[0].legend()
+        ax[1].legend()
+        fig.tight_layout()
+        out = self.out_dir / "curves.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out

@@ -1,0 +1,278 @@
+"""Train an image classifier from one YAML recipe.
+
+    python -m fastcls.train pipelines/demo.yaml
+    python -m fastcls.train pipelines/resnet50_bs256.yaml data.train=/d/train data.val=/d/val
+    torchrun --nproc_per_node=8 -m fastcls.train pipelines/imagenet_bs4096.yaml data.train=...
+    python -m fastcls.train CONFIG --print-config [--world-size 16]
+
+Reads top to bottom: setup, data, model, optimizer, resume, loop (train, eval, checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
+from .data import DatasetError, build_loader, dataset_paths, scan_folder
+from .dist import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed, world_size_from_env
+from .log import RunLog
+from .loss import SmoothedCrossEntropy
+from .metrics import topk_correct
+from .models import build_model
+from .optim import build_optimizer
+from .schedule import build_schedule
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+# ============================================================================ CLI
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastcls.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML recipe, e.g. pipelines/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value (value parsed as YAML)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved config (effective LR, batches, steps) and exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --print-config: resolve for this many processes "
+                        "(default: $WORLD_SIZE or 1)")
+    return p.parse_intermixed_args(argv)  # options may follow the overrides
+
+
+def count_train_images(cfg: Config) -> tuple[Optional[int], str]:
+    """(number of training images or None, a note when unknown)."""
+    if cfg.data.backend == "synthetic":
+        return cfg.data.synthetic_images, ""
+    try:
+        return len(scan_folder(dataset_paths(cfg)[0], key="data.train").samples), ""
+    except DatasetError as e:
+        return None, str(e)
+
+
+def resolved_tree(cfg: Config, res: Resolved) -> dict:
+    tree = to_dict(cfg)
+    tree["resolved"] = res.as_dict(cfg)
+    return tree
+
+
+def print_config(cfg: Config, world_size: int) -> int:
+    n, note = count_train_images(cfg)
+    res = resolve(cfg, world_size, n)
+    sys.stdout.write(yaml.safe_dump(resolved_tree(cfg, res), sort_keys=False))
+    if note:
+        print(f"# steps_per_epoch unknown: {note}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            return print_config(cfg, args.world_size or world_size_from_env())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist = setup_distributed(cfg.train.device)
+    try:
+        train(cfg, dist)
+        return 0
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        print(f"error (rank {dist.rank}): {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+
+
+# ============================================================================ the run
+
+def train(cfg: Config, dist: DistInfo) -> dict:
+    """Run the recipe; returns the last metrics record."""
+    # ------------------------------------------------------------------ setup
+    device = dist.device
+    out_dir = Path(cfg.train.out_dir or f"runs/{cfg.name}")
+    log = RunLog(out_dir, enabled=dist.is_main, progress=cfg.train.progress)
+    amp_dtype = AMP_DTYPES[cfg.train.amp]
+    # Loader output dtype: the AMP dtype on GPU halves the bytes moved; fp32 on CPU.
+    data_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else torch.float32
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP broadcasts anyway)
+
+    # ------------------------------------------------------------------ data
+    train_loader = build_loader(cfg, "train", device, rank=dist.rank, world_size=dist.world_size,
+                                dtype=data_dtype)
+    val_loader = build_loader(cfg, "val", device, rank=dist.rank, world_size=dist.world_size,
+                              dtype=data_dtype, classes=train_loader.classes)
+    classes = list(train_loader.classes)
+    if len(classes) > cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.train has "
+                          f"{len(classes)} classes; set model.num_classes={len(classes)}")
+    if len(classes) < cfg.model.num_classes and cfg.data.backend != "synthetic":
+        log.warn(f"model.num_classes={cfg.model.num_classes} > {len(classes)} classes in data.train")
+    for name in getattr(train_loader, "empty_classes", []):
+        log.warn(f"class folder {name!r} has no images")
+    res = resolve(cfg, dist.world_size, train_loader.dataset_size)
+    assert res.steps_per_epoch == len(train_loader), (res.steps_per_epoch, len(train_loader))
+    log.write_config(resolved_tree(cfg, res))
+    log.info(f"fastcls: {cfg.name} on {device} x{dist.world_size} | {res.train_images} train images, "
+             f"{len(classes)} classes | global batch {res.global_batch_size} "
+             f"({res.batch_size}/process) | lr {res.lr:.4g} | {res.steps_per_epoch} steps/epoch "
+             f"| out {out_dir}")
+
+    # ------------------------------------------------------------------ model
+    model = build_model(cfg.model.name, cfg.model.num_classes).to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(cfg.train.seed + dist.rank)  # per-rank stream for dropout etc.
+
+    # ------------------------------------------------------------------ optimizer, schedule, loss
+    optimizer = build_optimizer(cfg.optim, model, res.lr)
+    lr_at = build_schedule(cfg.schedule, res.lr, res.steps_per_epoch, cfg.train.epochs)
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    criterion = SmoothedCrossEntropy(cfg.model.num_classes, cfg.augment.label_smoothing)
+
+    # ------------------------------------------------------------------ resume
+    start_epoch, step, best_top1 = 0, 0, -1.0
+    resume_path = ckpt.find_resume(cfg.train.resume, out_dir)
+    if resume_path is not None:
+        state = ckpt.load(resume_path)
+        if state["classes"] != classes:
+            raise DatasetError(f"train.resume: {resume_path} was trained on other classes "
+                               f"({len(state['classes'])}) than data.train ({len(classes)})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step, best_top1 = state["epoch"], state["step"], state["best_top1"]
+        log.info(f"resumed from {resume_path}: epoch {start_epoch}, step {step}, "
+                 f"lr {lr_at(step):.4g}")
+
+    # ------------------------------------------------------------------ wrap
+    eval_model = model
+    if dist.distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.model.compile:
+        model = torch.compile(model)
+        eval_model = torch.compile(eval_model)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    # ------------------------------------------------------------------ loop
+    record: dict = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        train_loader.set_epoch(epoch)
+        stats, step = train_one_epoch(model, train_loader, optimizer, scaler, criterion, lr_at,
+                                      step, epoch, autocast, cfg, dist, log)
+        last = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.train.eval_every and not last:
+            continue
+        val = evaluate(eval_model, val_loader, autocast, dist)
+        best_top1 = max(best_top1, val["val_top1"])
+        record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
+        if dist.is_main:
+            state = {"model": eval_model.state_dict() if not cfg.model.compile else
+                     getattr(eval_model, "_orig_mod", eval_model).state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "epoch": epoch + 1, "step": step, "classes": classes,
+                     "best_top1": best_top1, "config": to_dict(cfg)}
+            ckpt.save_atomic(state, out_dir / "last.pt")
+            if val["val_top1"] >= best_top1:
+                ckpt.save_atomic(state, out_dir / "best.pt")
+        log.metrics(record)
+    curves = log.plot()
+    log.info(f"done: best val top-1 {best_top1:.2f}% | run folder {out_dir}"
+             + (f" | curves {curves}" if curves else ""))
+    return record
+
+
+def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: int, epoch: int,
+                    autocast, cfg: Config, dist: DistInfo, log: RunLog) -> tuple[dict, int]:
+    model.train()
+    device = dist.device
+    # Running sums stay on the device: reading them is a sync, done every log_every steps.
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss*n, correct, n
+    images_seen, wait, t_epoch = 0, 0.0, time.perf_counter()
+    win_images, win_wait, t_win = 0, 0.0, t_epoch
+    bar = log.bar(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
+    it = iter(loader)
+    for i in range(len(loader)):
+        t0 = time.perf_counter()
+        images, labels = next(it)
+        dt = time.perf_counter() - t0
+        wait, win_wait = wait + dt, win_wait + dt
+        if not cfg.model.channels_last:
+            images = images.contiguous()
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast():
+            logits = model(images)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = labels.shape[0]
+        sums += torch.stack([loss.detach().double() * n,
+                             (logits.detach().argmax(1) == labels).sum().double(),
+                             torch.tensor(float(n), device=device, dtype=torch.float64)])
+        step += 1
+        images_seen += n
+        win_images += n
+        if (i + 1) % cfg.train.log_every == 0 or i + 1 == len(loader):
+            loss_now = loss.item()  # sync, once per log_every steps
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.3g}",
+                            img_s=f"{win_images * dist.world_size / (now - t_win):.0f}",
+                            stall=f"{100 * win_wait / (now - t_win):.0f}%", refresh=False)
+            win_images, win_wait, t_win = 0, 0.0, now
+        bar.update(1)
+    bar.close()
+    all_reduce_sum(sums)
+    loss_sum, correct, count = sums.tolist()
+    elapsed = time.perf_counter() - t_epoch
+    if loader.bad_files:
+        log.warn(f"epoch {epoch + 1}: {len(loader.bad_files)} undecodable files skipped "
+                 f"(replaced) on rank {dist.rank}: {loader.bad_files[:5]}")
+    return {"train_loss": loss_sum / count, "train_top1": 100.0 * correct / count,
+            "img_per_s": images_seen * dist.world_size / elapsed,
+            "data_stall": 100.0 * wait / elapsed}, step
+
+
+@torch.no_grad()
+def evaluate(model, loader, autocast, dist: DistInfo) -> dict:
+    """Top-1/top-5 and loss over the whole val set; each image counted once across ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=dist.device, dtype=torch.float64)  # loss, top1, top5, n
+    for images, labels in loader:
+        if images.shape[0] == 0:  # every image of this batch failed to decode
+            continue
+        with autocast():
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        sums[0] += loss.double()
+        sums[1:3] += topk_correct(logits, labels, (1, 5)).double()
+        sums[3] += labels.shape[0]
+    all_reduce_sum(sums)
+    loss_sum, top1, top5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"val_loss": loss_sum / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n,
+            "val_images": int(n)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

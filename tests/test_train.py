@@ -1,0 +1,103 @@
+"""End to end: the demo reaches its accuracy bar, resume continues exactly, DDP over gloo
+equals one process."""
+import json
+import subprocess
+
+import pytest
+import torch
+import yaml
+
+from conftest import PY, ROOT, make_folder, run_env
+from fastcls import checkpoint
+from fastcls.train import main
+
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_demo_reaches_accuracy_bar(demo_cache, tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/demo.yaml", f"train.out_dir={out}"],
+                          cwd=ROOT, env=run_env(demo_cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and rows[-1]["epoch"] == 30
+    for key in ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
+                "img_per_s", "data_stall"):
+        assert key in rows[-1]
+    assert rows[-1]["val_images"] == 200
+    assert rows[-1]["val_top1"] > 80.0, rows[-1]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["resolved"]["lr_effective"] == pytest.approx(0.8 * 64 / 256)
+    assert (out / "curves.png").stat().st_size > 10_000
+    state = checkpoint.load(out / "last.pt")
+    assert state["epoch"] == 30 and len(state["classes"]) == 10
+    assert (out / "best.pt").is_file()
+
+
+def _small_run(data, out, *extra):
+    return main(["pipelines/demo.yaml", f"data.train={data}", f"data.val={data}", "data.demo=false",
+                 "model.num_classes=3", "data.batch_size=4", "data.image_size=32", "data.val_resize=32",
+                 "data.workers=0", "train.progress=false", f"train.out_dir={out}",
+                 "schedule.name=piecewise", "schedule.milestones=[2]", "schedule.warmup_epochs=1",
+                 "schedule.warmup_start_factor=0.1", "train.amp=off", *extra])
+
+
+def test_resume_continues_at_right_epoch_and_lr(tmp_path):
+    data = make_folder(tmp_path / "data")
+    assert _small_run(data, tmp_path / "a", "train.epochs=3") == 0
+    assert _small_run(data, tmp_path / "b", "train.epochs=2") == 0
+    assert _small_run(data, tmp_path / "b", "train.epochs=3", "train.resume=auto") == 0
+    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in b] == [1, 2, 3]
+    assert b[2]["lr"] == pytest.approx(a[2]["lr"]) and a[2]["lr"] == pytest.approx(0.8 * 4 / 256 * 0.1)
+    sa, sb = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    assert sa["step"] == sb["step"] == 3 * 4
+    # Same data stream (seeded per epoch and sample) and same state: the same weights.
+    for k in sa["model"]:
+        torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=1e-5, atol=1e-6)
+    assert b[2]["val_top1"] == pytest.approx(a[2]["val_top1"])
+
+
+def test_resume_path_missing_is_an_error(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    assert _small_run(data, tmp_path / "c", "train.epochs=1", f"train.resume={tmp_path}/nope.pt") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_one_line_error(tmp_path):
+    proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/resnet50_bs256.yaml", "data.train=/no/such",
+                           "data.val=/no/such", f"train.out_dir={tmp_path}"],
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.train: path '/no/such' does not exist" in proc.stderr
+
+
+def test_ddp_gloo_equals_single_process(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=(6, 6, 6))
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "ddp_equivalence.py"), str(data), str(out)],
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 2
+    assert r["moved"] > 1e-3  # the steps did change the weights
+    assert r["rank_diff"] == 0.0  # DDP: identical weights on both ranks
+    assert r["single_diff"] < 1e-5, r  # and equal to one process on the global batch
+
+
+def test_trainer_under_torchrun(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=(7, 6, 6))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "fastcls.train", "pipelines/demo.yaml", f"data.train={data}", f"data.val={data}",
+         "data.demo=false", "model.num_classes=3", "data.global_batch_size=4", "data.image_size=32",
+         "data.val_resize=32", "data.workers=1", "train.epochs=2", f"train.out_dir={out}", "train.progress=false"],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["val_images"] == 19  # each image once across the 2 ranks
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["batch_size_per_process"] == 2
+    assert cfg["resolved"]["steps_per_epoch"] == (19 // 2) // 2
