@@ -158,7 +158,7 @@ def train(cfg: Config, dist: DistInfo) -> dict:
                  f"lr {lr_at(step):.4g}")
 
     # ------------------------------------------------------------------ wrap
-    eval_model = model
+    raw_model = eval_model = model
     if dist.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.model.compile:
@@ -179,8 +179,7 @@ def train(cfg: Config, dist: DistInfo) -> dict:
         best_top1 = max(best_top1, val["val_top1"])
         record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
         if dist.is_main:
-            state = {"model": eval_model.state_dict() if not cfg.model.compile else
-                     getattr(eval_model, "_orig_mod", eval_model).state_dict(),
+            state = {"model": raw_model.state_dict(),
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      "epoch": epoch + 1, "step": step, "classes": classes,

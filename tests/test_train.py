@@ -101,3 +101,18 @@ def test_trainer_under_torchrun(tmp_path):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["batch_size_per_process"] == 2
     assert cfg["resolved"]["steps_per_epoch"] == (19 // 2) // 2
+
+
+@pytest.mark.parametrize("extra", [["train.amp=bf16"], ["train.amp=fp16"],
+                                   ["train.amp=bf16", "model.compile=true"],
+                                   ["model.channels_last=false", "augment.label_smoothing=0.1"]])
+def test_training_paths(tmp_path, extra):
+    """bf16 autocast, fp16 with GradScaler, torch.compile (inductor on CPU), NCHW."""
+    import math
+    data = make_folder(tmp_path / "data")
+    assert _small_run(data, tmp_path / "r", "train.epochs=2", *extra) == 0
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in rows)
+    state = checkpoint.load(tmp_path / "r" / "last.pt")
+    assert (state["scaler"] is not None) == ("train.amp=fp16" in extra)
+    assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in state["model"])
