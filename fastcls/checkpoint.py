@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
+
+from .data.folder import DatasetError
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
@@ -55,3 +58,30 @@ def find_resume(resume: str, out_dir: str | os.PathLike) -> Optional[Path]:
     if not p.is_file():
         raise FileNotFoundError(f"train.resume: checkpoint {resume!r} does not exist")
     return p
+
+
+def save_epoch(out_dir: str | os.PathLike, model: nn.Module, optimizer, scaler, *, epoch: int,
+               step: int, classes: Sequence[str], best_top1: float, config: dict,
+               is_best: bool) -> None:
+    """last.pt every epoch; best.pt too when this epoch's evaluation is the best so far."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None,
+             "epoch": epoch, "step": step, "classes": list(classes),
+             "best_top1": best_top1, "config": config}
+    save_atomic(state, Path(out_dir) / "last.pt")
+    if is_best:
+        save_atomic(state, Path(out_dir) / "best.pt")
+
+
+def restore(path: str | os.PathLike, model: nn.Module, optimizer, scaler,
+            classes: Sequence[str]) -> tuple[int, int, float]:
+    """Load a checkpoint into model/optimizer/scaler; returns (epoch, step, best_top1)."""
+    state = load(path)
+    if state["classes"] != list(classes):
+        raise DatasetError(f"train.resume: {path} was trained on other classes "
+                           f"({len(state['classes'])}) than data.train ({len(classes)})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state["epoch"], state["step"], state["best_top1"]

@@ -345,6 +345,7 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
         if not isinstance(tree, dict):
             raise ConfigError(f"{source}: expected a mapping of sections at the top level")
         tree.setdefault("name", p.stem)
+        tree.pop("resolved", None)  # a run folder's config.yaml is a valid recipe again
     if overrides:
         source += " + overrides"
     return config_from_dict(apply_overrides(tree, overrides), source)

@@ -145,15 +145,7 @@ def train(cfg: Config, dist: DistInfo) -> dict:
     start_epoch, step, best_top1 = 0, 0, -1.0
     resume_path = ckpt.find_resume(cfg.train.resume, out_dir)
     if resume_path is not None:
-        state = ckpt.load(resume_path)
-        if state["classes"] != classes:
-            raise DatasetError(f"train.resume: {resume_path} was trained on other classes "
-                               f"({len(state['classes'])}) than data.train ({len(classes)})")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step, best_top1 = state["epoch"], state["step"], state["best_top1"]
+        start_epoch, step, best_top1 = ckpt.restore(resume_path, model, optimizer, scaler, classes)
         log.info(f"resumed from {resume_path}: epoch {start_epoch}, step {step}, "
                  f"lr {lr_at(step):.4g}")
 
@@ -172,22 +164,17 @@ def train(cfg: Config, dist: DistInfo) -> dict:
         train_loader.set_epoch(epoch)
         stats, step = train_one_epoch(model, train_loader, optimizer, scaler, criterion, lr_at,
                                       step, epoch, autocast, cfg, dist, log)
-        last = epoch + 1 == cfg.train.epochs
-        if (epoch + 1) % cfg.train.eval_every and not last:
-            continue
-        val = evaluate(eval_model, val_loader, autocast, dist)
-        best_top1 = max(best_top1, val["val_top1"])
-        record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
-        if dist.is_main:
-            state = {"model": raw_model.state_dict(),
-                     "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None,
-                     "epoch": epoch + 1, "step": step, "classes": classes,
-                     "best_top1": best_top1, "config": to_dict(cfg)}
-            ckpt.save_atomic(state, out_dir / "last.pt")
-            if val["val_top1"] >= best_top1:
-                ckpt.save_atomic(state, out_dir / "best.pt")
-        log.metrics(record)
+        val, is_best = None, False
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            val = evaluate(eval_model, val_loader, autocast, dist)
+            is_best = val["val_top1"] > best_top1
+            best_top1 = max(best_top1, val["val_top1"])
+        if dist.is_main:  # every epoch: a preempted run loses at most one epoch
+            ckpt.save_epoch(out_dir, raw_model, optimizer, scaler, epoch=epoch + 1, step=step,
+                            classes=classes, best_top1=best_top1, config=to_dict(cfg), is_best=is_best)
+        if val is not None:
+            record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
+            log.metrics(record)
     curves = log.plot()
     log.info(f"done: best val top-1 {best_top1:.2f}% | run folder {out_dir}"
              + (f" | curves {curves}" if curves else ""))
@@ -199,7 +186,7 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
     model.train()
     device = dist.device
     # Running sums stay on the device: reading them is a sync, done every log_every steps.
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss*n, correct, n
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss * n, correct
     images_seen, wait, t_epoch = 0, 0.0, time.perf_counter()
     win_images, win_wait, t_win = 0, 0.0, t_epoch
     bar = log.bar(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
@@ -226,9 +213,8 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
             loss.backward()
             optimizer.step()
         n = labels.shape[0]
-        sums += torch.stack([loss.detach().double() * n,
-                             (logits.detach().argmax(1) == labels).sum().double(),
-                             torch.tensor(float(n), device=device, dtype=torch.float64)])
+        sums[0] += loss.detach().double() * n
+        sums[1] += (logits.detach().argmax(1) == labels).sum()
         step += 1
         images_seen += n
         win_images += n
@@ -241,8 +227,8 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
             win_images, win_wait, t_win = 0, 0.0, now
         bar.update(1)
     bar.close()
-    all_reduce_sum(sums)
-    loss_sum, correct, count = sums.tolist()
+    totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([images_seen])]))
+    loss_sum, correct, count = totals.tolist()
     elapsed = time.perf_counter() - t_epoch
     if loader.bad_files:
         log.warn(f"epoch {epoch + 1}: {len(loader.bad_files)} undecodable files skipped "

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA (run on a lent GPU: benchmarks/device_check.sh)")
+    skip = pytest.mark.skip(reason="needs CUDA (run `python -m pytest -m gpu` on a GPU machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -28,6 +28,8 @@ def test_demo_reaches_accuracy_bar(demo_cache, tmp_path):
     assert rows[-1]["val_top1"] > 80.0, rows[-1]
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["resolved"]["lr_effective"] == pytest.approx(0.8 * 64 / 256)
+    from fastcls.config import load_config
+    assert load_config(out / "config.yaml").optim.lr == 0.8  # a run's config is a recipe again
     assert (out / "curves.png").stat().st_size > 10_000
     state = checkpoint.load(out / "last.pt")
     assert state["epoch"] == 30 and len(state["classes"]) == 10
@@ -57,6 +59,16 @@ def test_resume_continues_at_right_epoch_and_lr(tmp_path):
     for k in sa["model"]:
         torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=1e-5, atol=1e-6)
     assert b[2]["val_top1"] == pytest.approx(a[2]["val_top1"])
+
+
+def test_eval_every_and_checkpoint_every_epoch(tmp_path):
+    data = make_folder(tmp_path / "data")
+    assert _small_run(data, tmp_path / "e", "train.epochs=3", "train.eval_every=2") == 0
+    rows = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [2, 3]  # every 2nd epoch and the last
+    assert checkpoint.load(tmp_path / "e" / "last.pt")["epoch"] == 3
+    assert _small_run(data, tmp_path / "f", "train.epochs=1", "train.eval_every=5") == 0
+    assert checkpoint.load(tmp_path / "f" / "last.pt")["epoch"] == 1
 
 
 def test_resume_path_missing_is_an_error(tmp_path, capsys):
@@ -116,3 +128,12 @@ def test_training_paths(tmp_path, extra):
     state = checkpoint.load(tmp_path / "r" / "last.pt")
     assert (state["scaler"] is not None) == ("train.amp=fp16" in extra)
     assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in state["model"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [["train.amp=bf16"], ["train.amp=fp16", "model.compile=true"]])
+def test_training_on_gpu(tmp_path, extra):
+    data = make_folder(tmp_path / "data")
+    assert _small_run(data, tmp_path / "g", "train.epochs=2", "train.device=cuda", "data.workers=2", *extra) == 0
+    rows = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_images"] == 18
