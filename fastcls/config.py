@@ -66,6 +66,7 @@ class DataConfig:
     workers: int = 8                      # DataLoader worker processes per rank
     pin_memory: bool = True
     max_bad_fraction: float = 0.01        # undecodable files tolerated per epoch, else fail
+    exclude: str = ""                     # file listing images to skip (fastcls.data.check --exclude-out)
     synthetic_images: int = 12800         # epoch length of the synthetic backend
 
 

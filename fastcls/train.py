@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
-from .data import DatasetError, build_loader, dataset_paths, scan_folder
+from .data import DatasetError, build_loader, dataset_paths, read_exclude, scan_folder
 from .dist import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed, world_size_from_env
 from .log import RunLog
 from .loss import SmoothedCrossEntropy
@@ -55,7 +55,8 @@ def count_train_images(cfg: Config) -> tuple[Optional[int], str]:
     if cfg.data.backend == "synthetic":
         return cfg.data.synthetic_images, ""
     try:
-        return len(scan_folder(dataset_paths(cfg)[0], key="data.train").samples), ""
+        return len(scan_folder(dataset_paths(cfg)[0], key="data.train",
+                               exclude=read_exclude(cfg.data.exclude)).samples), ""
     except DatasetError as e:
         return None, str(e)
 
@@ -119,6 +120,9 @@ def train(cfg: Config, dist: DistInfo) -> dict:
                           f"{len(classes)} classes; set model.num_classes={len(classes)}")
     if len(classes) < cfg.model.num_classes and cfg.data.backend != "synthetic":
         log.warn(f"model.num_classes={cfg.model.num_classes} > {len(classes)} classes in data.train")
+    for loader, split in ((train_loader, "train"), (val_loader, "val")):
+        if getattr(loader, "excluded", 0):
+            log.info(f"data.exclude: skipped {loader.excluded} listed files in data.{split}")
     for name in getattr(train_loader, "empty_classes", []):
         log.warn(f"class folder {name!r} has no images")
     res = resolve(cfg, dist.world_size, train_loader.dataset_size)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import Config, resolve
-from .folder import DatasetError, scan_folder
+from .folder import DatasetError, read_exclude, scan_folder
 
 SPLITS = ("train", "val")
 
@@ -71,7 +71,8 @@ def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0
                                device=device, dtype=dtype, seed=cfg.train.seed + rank, classes=names)
     if path is None:
         path = dataset_paths(cfg)[SPLITS.index(split)]
-    index = scan_folder(path, key=f"data.{split}", classes=classes if not train else None)
+    index = scan_folder(path, key=f"data.{split}", classes=classes if not train else None,
+                        exclude=read_exclude(d.exclude))
     from .native import NativeLoader
     return NativeLoader(
         index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,
@@ -80,4 +81,4 @@ def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0
         dtype=dtype, rank=rank, world_size=world_size, seed=cfg.train.seed)
 
 
-__all__ = ["build_loader", "dataset_paths", "DatasetError", "scan_folder"]
+__all__ = ["build_loader", "dataset_paths", "DatasetError", "read_exclude", "scan_folder"]

@@ -19,12 +19,29 @@ class FolderIndex:
     classes: list[str]
     samples: list[tuple[str, int]]   # (path, class index), sorted
     empty_classes: list[str]
+    excluded: int = 0                # files dropped by data.exclude
+
+
+def read_exclude(path: str) -> frozenset[str]:
+    """The `data.exclude` file: one image path per line (absolute, or relative to the split
+    root), blank lines and `#` comments ignored. `python -m fastcls.data.check --exclude-out`
+    writes one."""
+    if not path:
+        return frozenset()
+    try:
+        with open(path) as f:
+            lines = [ln.strip() for ln in f]
+    except OSError as e:
+        raise DatasetError(f"data.exclude: cannot read {path!r}: {e.strerror}") from None
+    return frozenset(os.path.normpath(ln) for ln in lines if ln and not ln.startswith("#"))
 
 
 def scan_folder(root: str, key: str = "data.train",
-                classes: Optional[Sequence[str]] = None) -> FolderIndex:
+                classes: Optional[Sequence[str]] = None,
+                exclude: frozenset[str] = frozenset()) -> FolderIndex:
     """Index `root`. When `classes` is given (validation), the folder's classes must be
-    exactly those of training, so label indices mean the same thing in both splits."""
+    exactly those of training, so label indices mean the same thing in both splits.
+    `exclude` (see read_exclude) drops files by absolute path or path relative to `root`."""
     if not root:
         raise DatasetError(f"{key}: no folder given; set {key}=/path/to/{key.split('.')[-1]}")
     p = Path(root)
@@ -40,14 +57,20 @@ def scan_folder(root: str, key: str = "data.train",
         extra = sorted(set(found) - set(classes))
         raise DatasetError(f"{key}: classes of {root!r} differ from training's: "
                            f"missing {missing[:10]}, extra {extra[:10]}")
-    samples, empty = [], []
+    samples, empty, excluded = [], [], 0
     for idx, name in enumerate(found):
         files = sorted(
             e.path for e in os.scandir(p / name)
             if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith("."))
+        if exclude:
+            kept = [f for f in files if os.path.abspath(f) not in exclude
+                    and os.path.join(name, os.path.basename(f)) not in exclude]
+            excluded += len(files) - len(kept)
+            files = kept
         if not files:
             empty.append(name)
         samples.extend((f, idx) for f in files)
     if not samples:
-        raise DatasetError(f"{key}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
-    return FolderIndex(str(p), found, samples, empty)
+        raise DatasetError(f"{key}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}"
+                           + (f" after data.exclude dropped {excluded}" if excluded else ""))
+    return FolderIndex(str(p), found, samples, empty, excluded)

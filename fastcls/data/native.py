@@ -138,6 +138,7 @@ class NativeLoader:
                  rank: int, world_size: int, seed: int):
         self.classes = index.classes
         self.empty_classes = index.empty_classes
+        self.excluded = index.excluded
         self.dataset_size = len(index.samples)
         self.train, self.batch_size, self.device = train, batch_size, device
         self.dataset = FolderDataset(index, train, image_size, val_resize, scale, ratio, hflip, seed)

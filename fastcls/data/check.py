@@ -1,0 +1,110 @@
+"""`python -m fastcls.data.check DIR [DIR ...]`: find undecodable images before training.
+
+Every image under the ImageFolder root(s) is decoded in full, in parallel worker processes.
+Bad files are listed one per line as `path<TAB>reason`; the exit status is 1 when any was
+found (0 when all decode, 2 for a usage/dataset error), so a batch script can stop before a
+multi-day run. `--exclude-out FILE` writes the bad paths to FILE, one per line, which the
+config key `data.exclude: FILE` then drops from every backend's file list.
+
+Decoders: PIL always (what the native CPU path uses). `--strict` also decodes each file with
+torchvision's libjpeg-turbo/libpng readers (`torchvision.io.decode_image`), which are
+closer to nvJPEG/DALI/FFCV in what they refuse (e.g. PIL pads some truncated JPEGs that
+libjpeg-turbo rejects).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterable, Optional
+
+from .folder import DatasetError, scan_folder
+
+
+def check_file(path: str, strict: bool = False) -> Optional[str]:
+    """Decode `path` fully; None when it decodes to a non-empty RGB image, else the reason."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        from PIL import Image
+        with Image.open(path) as im:
+            im.load()  # full decode: raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
+            w, h = im.size
+            im.convert("RGB")
+        if w < 1 or h < 1:
+            return f"empty image {w}x{h}"
+        if strict:
+            from torchvision.io import ImageReadMode, decode_image, read_file
+            decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except Exception as e:  # PIL and torchvision raise many types for bad data
+        return f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+    return None
+
+
+def _check_one(args: tuple[str, bool]) -> tuple[str, Optional[str]]:
+    path, strict = args
+    return path, check_file(path, strict)
+
+
+def check_paths(paths: Iterable[str], workers: int = 0, strict: bool = False,
+                progress: bool = False) -> list[tuple[str, str]]:
+    """[(path, reason)] of the files that do not decode, in input order."""
+    paths = list(paths)
+    workers = workers or os.cpu_count() or 1
+    jobs = [(p, strict) for p in paths]
+    if workers == 1 or len(paths) < 64:
+        results = map(_check_one, jobs)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(workers)
+        results = pool.map(_check_one, jobs, chunksize=64)
+    try:
+        if progress:
+            from tqdm import tqdm
+            results = tqdm(results, total=len(paths), unit="img", desc="check", file=sys.stderr)
+        return [(p, why) for p, why in results if why is not None]
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m fastcls.data.check",
+        description="Decode every image of ImageFolder root(s); list the ones that fail.")
+    ap.add_argument("roots", nargs="+", metavar="DIR", help="ImageFolder root (DIR/<class>/*.jpg)")
+    ap.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    ap.add_argument("--strict", action="store_true",
+                    help="also decode with torchvision (libjpeg-turbo), as GPU decoders would")
+    ap.add_argument("--exclude-out", metavar="FILE",
+                    help="write the bad paths to FILE (use it as data.exclude)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    bad, total = [], 0
+    for root in args.roots:
+        try:
+            index = scan_folder(root, key=root)
+        except DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for name in index.empty_classes:
+            print(f"warning: class folder {name!r} in {root} has no images", file=sys.stderr)
+        total += len(index.samples)
+        bad += check_paths((p for p, _ in index.samples), args.workers, args.strict,
+                           progress=not args.no_progress)
+    for path, why in bad:
+        print(f"{path}\t{why}")
+    if args.exclude_out:
+        tmp = args.exclude_out + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(f"{os.path.abspath(p)}\n" for p, _ in bad)
+        os.replace(tmp, args.exclude_out)
+    print(f"checked {total} images: {len(bad)} bad" +
+          (f"; wrote {args.exclude_out} (set data.exclude={args.exclude_out})"
+           if args.exclude_out else ""), file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
