@@ -8,7 +8,7 @@ What a decoder sees is what makes loader numbers comparable, so the files match 
 train set where it matters for decode cost, not its content:
 - size: 60% have ImageNet's most common long side of 500 px at aspect 4:3, 3:2, 1:1 or 16:9
   (85% landscape), the rest a long side drawn from 200-800 px and an aspect from
-  0.5-2.0; on average ~500x375 px (~190 kpx);
+  0.5-2.0; on average ~480x390 px (~190 kpx);
 - bytes: ~110 KB on average (ImageNet train: ~110 KB) at quality 90, chroma 4:2:0;
 - content: colour noise with a natural-image 1/f amplitude spectrum (exponent 0.9-1.25 per
   image; chroma weaker than luma), which gives JPEG's entropy coder the load of a photo;
