@@ -160,7 +160,7 @@ def main(argv=None) -> int:
           f"amp {cfg.train.amp} channels_last {cfg.model.channels_last} compile {cfg.model.compile} "
           f"on {device_name(device)}", flush=True)
     rows = []
-    if not args.no_synthetic:
+    if not args.no_synthetic and cfg.data.backend != "synthetic":
         rows.append(run_backend("synthetic", build_loader(synth_cfg, "train", device, dtype=data_dtype),
                                 parts, args, cfg, dist))
     rows.append(run_backend(cfg.data.backend, real, parts, args, cfg, dist))
@@ -175,7 +175,9 @@ def main(argv=None) -> int:
     result = {"benchmark": "train", "time": now_utc(), "config_file": args.config,
               "overrides": args.overrides, "note": args.note,
               "machine": machine_info(device), "versions": versions(), "settings": settings,
-              "dataset": dataset_info(dataset_paths(cfg)[0]), "results": rows,
+              "dataset": ({"name": "synthetic"} if cfg.data.backend == "synthetic" else
+                          {**dataset_info(dataset_paths(cfg)[0]), "images": real.dataset_size}),
+              "results": rows,
               "ratio_real_vs_synthetic": ratio, "config": to_dict(cfg)}
     out = write_json(args.out, result)
 
