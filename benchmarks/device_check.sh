@@ -114,7 +114,7 @@ export -f env_info gpu_tests  # `timeout` runs programs: the functions run in a 
 export PY OUT
 step env 30 bash -c env_info
 step make_jpegs 60 "$PY" benchmarks/make_jpegs.py --out "$DATA" "${JPEGS[@]}"
-step pytest_gpu 100 bash -c gpu_tests
+step pytest_gpu 75 bash -c gpu_tests
 step loader_224 75 "$PY" benchmarks/loader.py --data "$DATA/train" "${LOADER[@]}" \
   --out "$OUT/loader_224.json"
 step train_resnet50_eager 60 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
