@@ -14,7 +14,8 @@
 # $OUT gets env.json, pytest_gpu.xml, loader_224.json, train_*.json, one .log per step and
 # summary.json (each step's exit code and seconds, the headline numbers); a table is printed last.
 # Environment: OUT (default bench_out/device), PYTHON (python3), BUDGET_S (340),
-# BENCH_DATA (JPEG folder, default /tmp/fastcls_bench_jpegs; reused when its manifest matches).
+# BENCH_DATA (JPEG folder, default /tmp/fastcls_bench_jpegs; reused when its manifest matches),
+# DRY_RUN=1 (print each step's command to stdout and $OUT/commands.txt instead of running it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,7 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # the project is not installed there
 export PYTHONUNBUFFERED=1
-: > "$OUT/steps.tsv"
+: > "$OUT/steps.tsv"; rm -f "$OUT/commands.txt"
 
 if (( SMOKE )); then
   # Tiny and on the CPU: checks that every step runs and writes its JSON, not speed
@@ -74,6 +75,12 @@ step() {
   fi
   (( limit > left )) && limit=$left
   echo "== $name (limit ${limit}s)"
+  if [[ -n ${DRY_RUN:-} ]]; then  # print the command instead of running it
+    printf '%s:' "$name" >> "$OUT/commands.txt"; printf ' %q' "$@" >> "$OUT/commands.txt"
+    echo >> "$OUT/commands.txt"; printf '   '; printf ' %q' "$@"; echo
+    printf '%s\t%s\t%s\n' "$name" 0 0 >> "$OUT/steps.tsv"
+    return
+  fi
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?

@@ -278,3 +278,42 @@ def test_device_check_smoke(tmp_path):
         assert t["ratio_real_vs_synthetic"] > 0
     assert json.loads((out / "train_resnet50_compiled.json").read_text())["settings"]["compile"]
     assert "failed steps: none" in proc.stdout
+
+
+def test_device_check_full_commands_are_valid(tmp_path):
+    """DRY_RUN=1 prints the GPU run's commands: every option exists in the script it is
+    passed to and every train.py override loads against its recipe (a typo there would
+    only show on the lent machine)."""
+    import shlex
+
+    from fastcls.config import load_config
+
+    out = tmp_path / "out"
+    env = dict(run_env(), OUT=str(out), PYTHON="python3", DRY_RUN="1")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cmds = dict(line.split(": ", 1) for line in (out / "commands.txt").read_text().splitlines())
+    assert list(cmds) == ["env", "make_jpegs", "pytest_gpu", "loader_224", "train_resnet50_eager",
+                          "train_resnet18_eager", "train_resnet50_compiled"]
+    seen_models = set()
+    for name, line in cmds.items():
+        argv = shlex.split(line)
+        if argv[0] != "python3":
+            continue
+        script = argv[1]
+        source = (ROOT / script).read_text()
+        for tok in argv[2:]:
+            if tok.startswith("--"):
+                assert f'"{tok}"' in source, f"{name}: {script} has no option {tok}"
+        if script == "benchmarks/loader.py":
+            assert argv[argv.index("--device") + 1] == "cuda" and "--out" in argv
+        if script == "benchmarks/train.py":
+            overrides = [t for t in argv[3:] if "=" in t and not t.startswith("--")
+                         and argv[argv.index(t) - 1] not in ("--out", "--note")]
+            cfg = load_config(argv[2], overrides)
+            assert cfg.data.image_size == 224 and cfg.train.amp == "bf16" and cfg.model.channels_last
+            assert cfg.train.device == "auto" and cfg.data.workers == 16
+            seen_models.add((cfg.model.name, cfg.data.global_batch_size, cfg.model.compile))
+            assert argv[argv.index("--out") + 1] == str(out / f"{name}.json")
+    assert seen_models == {("resnet50", 256, False), ("resnet18", 512, False), ("resnet50", 256, True)}
