@@ -65,6 +65,9 @@ def machine_info(device: torch.device) -> dict:
     info = {"device": str(device), "device_name": device_name(device), "cpu_model": cpu_model(),
             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "host": platform.node(),
+            # 1-minute load average when the result was written: > cpu_cores means the
+            # numbers were shared with other work
+            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             # kept for older readers of loader.json
             "host_cpu": platform.processor() or platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__,
