@@ -71,7 +71,11 @@ def endless(loader, counter: dict):
     for epoch in itertools.count():
         loader.set_epoch(epoch)
         counter["epochs_started"] = epoch + 1
-        yield from loader
+        n = 0
+        for n, batch in enumerate(loader, 1):
+            yield batch
+        if n == 0:  # else this loop would spin forever
+            raise DatasetError(f"the loader yielded no batch in epoch {epoch}")
 
 
 def run_backend(name: str, loader, parts: dict, args, cfg, dist: DistInfo) -> dict:
@@ -133,6 +137,7 @@ def main(argv=None) -> int:
         cfg.data, backend="synthetic", synthetic_images=res.batch_size * args.steps))
     try:
         real = build_loader(real_cfg, "train", device, dtype=data_dtype)
+        resolve(cfg, 1, real.dataset_size)  # fewer images than one batch: a ConfigError
         if len(real.classes) > cfg.model.num_classes:
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.train has "
                               f"{len(real.classes)} classes; set model.num_classes={len(real.classes)}")
@@ -160,10 +165,15 @@ def main(argv=None) -> int:
           f"amp {cfg.train.amp} channels_last {cfg.model.channels_last} compile {cfg.model.compile} "
           f"on {device_name(device)}", flush=True)
     rows = []
-    if not args.no_synthetic and cfg.data.backend != "synthetic":
-        rows.append(run_backend("synthetic", build_loader(synth_cfg, "train", device, dtype=data_dtype),
-                                parts, args, cfg, dist))
-    rows.append(run_backend(cfg.data.backend, real, parts, args, cfg, dist))
+    try:
+        if not args.no_synthetic and cfg.data.backend != "synthetic":
+            rows.append(run_backend("synthetic", build_loader(synth_cfg, "train", device,
+                                                              dtype=data_dtype),
+                                    parts, args, cfg, dist))
+        rows.append(run_backend(cfg.data.backend, real, parts, args, cfg, dist))
+    except DatasetError as e:  # e.g. more undecodable files than data.max_bad_fraction
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     synth = next((r for r in rows if r["backend"] == "synthetic"), None)
     ratio = rows[-1]["img_per_s"] / synth["img_per_s"] if synth else None
 

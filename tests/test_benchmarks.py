@@ -155,6 +155,8 @@ def test_train_benchmark_errors(folder, tmp_path, capsys):
     assert rc == 2 and "model.num_classes=3" in err
     rc, err = run(f"data.train={folder}", "optim.lrr=1")
     assert rc == 2 and "optim.lrr" in err
+    rc, err = run(f"data.train={folder}", "data.batch_size=32")  # 18 images
+    assert rc == 2 and "fewer than one global batch" in err
     assert not out.exists()
 
 
