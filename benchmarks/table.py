@@ -26,6 +26,12 @@ BEGIN = "<!-- benchmarks/table.py: begin (generated from benchmarks/results/, do
 END = "<!-- benchmarks/table.py: end -->"
 
 
+def device_of(r: dict) -> str:
+    """The device name; results written before benchmarks/common.py only have gpu/host_cpu."""
+    m = r["machine"]
+    return m.get("device_name") or m.get("gpu") or f"CPU: {m.get('host_cpu', '?')}"
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -33,10 +39,10 @@ def slug(text: str) -> str:
 def canonical_name(r: dict) -> str:
     """DATE_DEVICE_BENCHMARK_TAG.json for a result dict of loader.py or train.py."""
     date = r["time"][:10]
-    dev = slug(r["machine"]["device_name"])
+    dev = slug(device_of(r))
     s = r["settings"]
     if r["benchmark"] == "loader":
-        tag = f"{s['image_size']}px_{slug(r['dataset']['name'])}"
+        tag = f"{s['image_size']}px_{slug(data_name(r).split(',')[0])}"
     elif r["benchmark"] == "train":
         tag = (f"{s['model']}_{s['image_size']}px_bs{s['batch_size']}_"
                f"{'compiled' if s['compile'] else 'eager'}_{s['backend']}")
@@ -57,13 +63,13 @@ def load_results(folder: Path = RESULTS) -> list[tuple[str, dict]]:
 
 def machine(r: dict) -> str:
     m = r["machine"]
-    if m["device"].startswith("cuda"):
-        return f"{m['device_name']} ({m['cpu_cores']} CPU cores)"
-    return m["device_name"]
+    if m["device"].startswith("cuda") and m.get("cpu_cores"):
+        return f"{device_of(r)} ({m['cpu_cores']} CPU cores)"
+    return device_of(r)
 
 
 def data_name(r: dict) -> str:
-    d = r.get("dataset") or {}
+    d = r.get("dataset") or {"name": Path(r.get("folder", "?")).name}
     kb = f", {d['avg_kbytes']:.0f} KB" if d.get("avg_kbytes") is not None else ""
     return f"{d.get('name', '?')}{kb}"
 

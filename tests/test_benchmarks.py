@@ -319,3 +319,17 @@ def test_device_check_full_commands_are_valid(tmp_path):
             seen_models.add((cfg.model.name, cfg.data.global_batch_size, cfg.model.compile))
             assert argv[argv.index("--out") + 1] == str(out / f"{name}.json")
     assert seen_models == {("resnet50", 256, False), ("resnet18", 512, False), ("resnet50", 256, True)}
+
+
+def test_table_reads_results_of_the_older_loader_json():
+    """loader.json written before benchmarks/common.py (no device_name, dataset, versions)
+    still renders and gets a canonical name, so other branches' results can be filed."""
+    table = _bench_module("table")
+    old = {"benchmark": "loader", "time": "2026-11-26T10:00:00",
+           "machine": {"host_cpu": "x86_64", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"},
+           "settings": {"image_size": 224, "batch_size": 256, "workers": 16}, "folder": "/d/train",
+           "results": [{"backend": "dali", "img_per_s": 30000.0, "ratio_vs_pil": 7.5},
+                       {"backend": "pil_dataloader (baseline)", "img_per_s": 4000.0, "ratio_vs_pil": 1.0}]}
+    assert table.canonical_name(old) == "2026-11-26_nvidia-h100-80gb-hbm3_loader_224px_train.json"
+    text = table.render([("x.json", old)])
+    assert "| 2026-11-26 | NVIDIA H100 80GB HBM3 | train | 224 | 256 | 16 | dali | 30,000 | 7.50 | `x.json` |" in text
