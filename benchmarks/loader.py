@@ -12,8 +12,6 @@ which is the number to compare across machines.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from common import dataset_info, machine_info, now_utc, versions, write_json  # noqa: E402
 from fastcls.config import BACKENDS, config_from_dict  # noqa: E402
 from fastcls.data import DatasetError, build_loader, scan_folder  # noqa: E402
 from fastcls.dist import pick_device  # noqa: E402
@@ -87,14 +86,6 @@ def time_loader(loader, args, device: torch.device) -> dict:
     return {"img_per_s": statistics.median(rates), "runs": rates}
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {"host_cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_count": torch.get_num_threads(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -110,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared machine')")
     p.add_argument("--out", default="bench_out/loader.json")
     args = p.parse_args(argv)
 
@@ -155,12 +147,10 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = f"{r['ratio_vs_pil']:.2f}" if r["ratio_vs_pil"] else "-"
         print(f"{r['backend']:<28}{r['img_per_s']:>14.0f}{ratio:>10}")
-    result = {"benchmark": "loader", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": machine_info(device), "settings": vars(args), "folder": folder,
-              "results": rows, "skipped": skipped}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    result = {"benchmark": "loader", "time": now_utc(), "note": args.note,
+              "machine": machine_info(device), "versions": versions(), "settings": vars(args),
+              "folder": folder, "dataset": dataset_info(folder), "results": rows, "skipped": skipped}
+    out = write_json(args.out, result)
     print(f"wrote {out}")
     return 0
 

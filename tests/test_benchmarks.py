@@ -27,3 +27,309 @@ def test_loader_benchmark_bad_path(tmp_path):
     proc = subprocess.run([PY, "benchmarks/loader.py", "--data", str(tmp_path / "none")],
                           cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+# --------------------------------------------------------------------------- make_jpegs.py
+
+def _bench_module(name: str):
+    """Import benchmarks/NAME.py (the folder is not a package; scripts import `common`)."""
+    import importlib
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_make_jpegs_is_imagenet_like():
+    """Statistics over 150 images: the documented size, bytes, 4:2:0 and grayscale share."""
+    import io
+
+    from PIL import Image, JpegImagePlugin
+
+    mj = _bench_module("make_jpegs")
+    facts, gray, sampling = [], 0, set()
+    for i in range(150):
+        data, f = mj.make_image(0, i)
+        facts.append(f)
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        assert im.size == (f["w"], f["h"]) and im.format == "JPEG"
+        if im.mode == "L":
+            gray += 1
+        else:
+            assert im.mode == "RGB"
+            sampling.add(JpegImagePlugin.get_sampling(im))
+    kpx = sum(f["w"] * f["h"] for f in facts) / len(facts) / 1000
+    kb = sum(f["bytes"] for f in facts) / len(facts) / 1024
+    assert 150 <= kpx <= 230, kpx            # ~500x375 = 188 kpx
+    assert 90 <= kb <= 130, kb               # ~110 KB
+    assert sampling == {2}                   # PIL's code for 4:2:0
+    assert 1 <= gray <= 12 and gray == sum(f["gray"] for f in facts)
+    assert len({(f["w"], f["h"]) for f in facts}) > 20   # mixed sizes ...
+    assert any(f["w"] < f["h"] for f in facts) and any(f["w"] > f["h"] for f in facts)  # ... and aspects
+    assert mj.make_image(0, 7)[0] == mj.make_image(0, 7)[0] != mj.make_image(1, 7)[0]
+
+
+def test_make_jpegs_folder(tmp_path):
+    """ImageFolder layout readable by fastcls and torchvision; same bytes for any worker
+    count; a rerun writes nothing; a different set in the same folder is refused."""
+    import torchvision
+
+    from fastcls.data import scan_folder
+
+    def run(out, *extra):
+        return subprocess.run([PY, "benchmarks/make_jpegs.py", "--out", str(out), "--classes", "3",
+                               "--per-class", "4", "--val-per-class", "2", *extra],
+                              cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(a, "--workers", "1").returncode == 0
+    p = run(b, "--workers", "2")
+    assert p.returncode == 0, p.stderr
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    assert ma["fingerprint"] == mb["fingerprint"] and ma["images"] == 18
+    for key in ("avg_width", "avg_height", "avg_kbytes", "grayscale", "quality", "subsampling"):
+        assert key in ma
+    assert len(scan_folder(str(a / "train"), key="t").samples) == 12
+    assert len(torchvision.datasets.ImageFolder(str(a / "val"))) == 6
+    rerun = run(a)
+    assert rerun.returncode == 0 and "already written" in rerun.stdout
+    other = run(a, "--seed", "1")
+    assert other.returncode == 2 and "another benchmark set" in other.stderr
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.txt").write_text("x")
+    assert run(tmp_path / "c").returncode == 2
+    flat = subprocess.run([PY, "benchmarks/make_jpegs.py", "--out", str(tmp_path / "f"), "--flat",
+                           "--count", "5", "--workers", "1"], cwd=ROOT, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert flat.returncode == 0 and len(list((tmp_path / "f").glob("*.jpg"))) == 5
+
+
+# --------------------------------------------------------------------------- train.py
+
+TRAIN_TINY = ["model.name=resnet_tiny", "data.demo=false", "data.image_size=32", "data.val_resize=32",
+              "data.batch_size=4", "data.workers=1", "train.device=cpu"]
+
+
+def test_train_benchmark_smoke(folder, tmp_path):
+    out = tmp_path / "train.json"
+    proc = subprocess.run([PY, "benchmarks/train.py", "pipelines/demo.yaml", f"data.train={folder}",
+                           *TRAIN_TINY, "--warmup", "1", "--steps", "2", "--repeats", "2",
+                           "--note", "smoke", "--out", str(out)],
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "train" and r["note"] == "smoke"
+    assert r["machine"]["device_name"].startswith("CPU") and r["machine"]["cpu_cores"] >= 1
+    v = r["versions"]
+    assert v["torch"] and v["torchvision"] and v["pillow"] and "dali" in v and "ffcv" in v
+    assert r["settings"] == {"model": "resnet_tiny", "batch_size": 4, "image_size": 32, "amp": "bf16",
+                             "channels_last": True, "compile": False, "backend": "native",
+                             "workers": 1, "warmup": 1, "steps": 2, "repeats": 2}
+    assert r["config"]["data"]["train"] == str(folder) and r["config"]["model"]["num_classes"] == 10
+    assert r["dataset"]["images"] == 18
+    rows = {row["backend"]: row for row in r["results"]}
+    assert list(rows) == ["synthetic", "native"]
+    for row in rows.values():
+        assert row["img_per_s"] > 0 and 0 <= row["data_stall_pct"] <= 100
+        assert len(row["runs_img_per_s"]) == len(row["runs_data_stall_pct"]) == 2
+        assert row["img_per_s"] in row["runs_img_per_s"] and row["epochs_started"] >= 1
+    # 18 images = 4 batches of 4 per epoch; 1 + 2x2 steps cross an epoch end
+    assert rows["native"]["epochs_started"] == 2
+    assert r["ratio_real_vs_synthetic"] == rows["native"]["img_per_s"] / rows["synthetic"]["img_per_s"]
+    assert "x synthetic" in proc.stdout
+
+
+def test_train_benchmark_errors(folder, tmp_path, capsys):
+    tb = _bench_module("train")
+    out = tmp_path / "t.json"
+
+    def run(*args):
+        rc = tb.main(["pipelines/demo.yaml", *TRAIN_TINY, *args, "--out", str(out)])
+        return rc, capsys.readouterr().err
+    rc, err = run(f"data.train={tmp_path / 'none'}")
+    assert rc == 2 and "does not exist" in err
+    rc, err = run(f"data.train={folder}", "model.num_classes=2")
+    assert rc == 2 and "model.num_classes=3" in err
+    rc, err = run(f"data.train={folder}", "optim.lrr=1")
+    assert rc == 2 and "optim.lrr" in err
+    rc, err = run(f"data.train={folder}", "data.batch_size=32")  # 18 images
+    assert rc == 2 and "fewer than one global batch" in err
+    assert not out.exists()
+
+
+def test_train_benchmark_measures_stall():
+    """The harness reports what the loader costs: a loader that blocks SLEEP s per batch in
+    front of a ~free model: the stall is at least the sleep's share of the measured time,
+    and img/s cannot exceed one batch per SLEEP."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    SLEEP = 0.15
+    tb = _bench_module("train")
+    from fastcls.config import load_config
+    from fastcls.dist import DistInfo
+    from fastcls.log import RunLog
+
+    class SlowLoader:  # the one thing the test controls: how long next() blocks
+        bad_files: list = []
+
+        def __init__(self):
+            self.x, self.y = torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+
+        def set_epoch(self, e):
+            pass
+
+        def __iter__(self):
+            for _ in range(3):
+                time.sleep(SLEEP)
+                yield self.x, self.y
+
+    cfg = load_config("pipelines/demo.yaml", ["train.device=cpu", "model.channels_last=false"])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
+    parts = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+             "scaler": None, "criterion": torch.nn.CrossEntropyLoss(), "lr_at": lambda s: 0.1,
+             "autocast": __import__("contextlib").nullcontext,
+             "log": RunLog("unused", enabled=False)}
+    args = SimpleNamespace(warmup=1, steps=5, repeats=1)
+    row = tb.run_backend("slow", SlowLoader(), parts, args, cfg,
+                         DistInfo(0, 0, 1, torch.device("cpu")))
+    elapsed = 5 * 4 / row["img_per_s"]
+    assert row["img_per_s"] <= 4 / SLEEP, row
+    assert 100 * 5 * SLEEP / elapsed * 0.98 <= row["data_stall_pct"] <= 100, row
+    assert row["epochs_started"] == 2  # 1 + 5 steps over 3-batch epochs
+
+
+# --------------------------------------------------------------------------- table.py
+
+def test_readme_table_is_generated_from_results():
+    """README's performance tables equal the generator's output over benchmarks/results/."""
+    proc = subprocess.run([PY, "benchmarks/table.py", "--check"], cwd=ROOT, env=run_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    table = _bench_module("table")
+    results = table.load_results()
+    assert results, "benchmarks/results/ holds no JSON"
+    readme = (ROOT / "README.md").read_text()
+    for name, r in results:
+        assert name == table.canonical_name(r)  # files are named by what they hold
+        assert f"`{name}`" in readme
+        for row in r["results"]:
+            if row["backend"] != "synthetic" or r["benchmark"] == "train":
+                assert f"{row['img_per_s']:,.0f}" in readme
+
+
+def test_table_check_detects_drift(tmp_path):
+    """--add files a result under its canonical name; a README that no longer matches the
+    results fails --check until --write regenerates it."""
+    import shutil
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    shutil.copytree(ROOT / "benchmarks" / "results", results)
+    shutil.copy(ROOT / "README.md", readme)
+    src = sorted(results.glob("*_train_*.json"))[0]
+    r = json.loads(src.read_text())
+    r["time"] = "2031-01-02T03:04:05Z"
+    r["results"][-1]["img_per_s"] = 123456.0
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(r))
+
+    def table(*args):
+        return subprocess.run([PY, "benchmarks/table.py", "--results", str(results),
+                               "--readme", str(readme), *args],
+                              cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert table("--check").returncode == 0
+    assert table("--add", str(new)).returncode == 0
+    assert (results / src.name.replace("2026-11-26", "2031-01-02")).is_file()
+    stale = table("--check")
+    assert stale.returncode == 1 and "123,456" in stale.stdout
+    assert table("--write").returncode == 0 and table("--check").returncode == 0
+    assert "| 2031-01-02 |" in readme.read_text() and "123,456" in readme.read_text()
+
+
+# --------------------------------------------------------------------------- device_check.sh
+
+def test_device_check_smoke(tmp_path):
+    """The GPU-machine script's every step, tiny and on the CPU; JSON under $OUT."""
+    script = ROOT / "benchmarks" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    out = tmp_path / "out"
+    env = dict(run_env(), OUT=str(out), PYTHON=PY, BUDGET_S="900")
+    proc = subprocess.run(["bash", str(script), "--smoke"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["smoke"] is True and s["failed"] == [] and s["device"].startswith("CPU")
+    assert [st["step"] for st in s["steps"]] == [
+        "env", "make_jpegs", "pytest_gpu", "loader_224", "train_resnet50_eager",
+        "train_resnet18_eager", "train_resnet50_compiled"]
+    assert all(st["rc"] == 0 for st in s["steps"])
+    assert json.loads((out / "env.json").read_text())["versions"]["torch"]
+    assert (out / "pytest_gpu.xml").is_file()
+    loader = json.loads((out / "loader_224.json").read_text())
+    assert {"native", "pil_dataloader (baseline)"} <= {r["backend"] for r in loader["results"]}
+    assert loader["dataset"]["name"].startswith("make_jpegs")
+    for name in ("resnet50_eager", "resnet18_eager", "resnet50_compiled"):
+        t = json.loads((out / f"train_{name}.json").read_text())
+        assert [r["backend"] for r in t["results"]] == ["synthetic", "native"]
+        assert t["ratio_real_vs_synthetic"] > 0
+    assert json.loads((out / "train_resnet50_compiled.json").read_text())["settings"]["compile"]
+    assert "failed steps: none" in proc.stdout
+
+
+def test_device_check_full_commands_are_valid(tmp_path):
+    """DRY_RUN=1 prints the GPU run's commands: every option exists in the script it is
+    passed to and every train.py override loads against its recipe (a typo there would
+    only show on the lent machine)."""
+    import shlex
+
+    from fastcls.config import load_config
+
+    out = tmp_path / "out"
+    env = dict(run_env(), OUT=str(out), PYTHON="python3", DRY_RUN="1")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cmds = dict(line.split(": ", 1) for line in (out / "commands.txt").read_text().splitlines())
+    assert list(cmds) == ["env", "make_jpegs", "pytest_gpu", "loader_224", "train_resnet50_eager",
+                          "train_resnet18_eager", "train_resnet50_compiled"]
+    seen_models = set()
+    for name, line in cmds.items():
+        argv = shlex.split(line)
+        if argv[0] != "python3":
+            continue
+        script = argv[1]
+        source = (ROOT / script).read_text()
+        for tok in argv[2:]:
+            if tok.startswith("--"):
+                assert f'"{tok}"' in source, f"{name}: {script} has no option {tok}"
+        if script == "benchmarks/loader.py":
+            assert argv[argv.index("--device") + 1] == "cuda" and "--out" in argv
+        if script == "benchmarks/train.py":
+            overrides = [t for t in argv[3:] if "=" in t and not t.startswith("--")
+                         and argv[argv.index(t) - 1] not in ("--out", "--note")]
+            cfg = load_config(argv[2], overrides)
+            assert cfg.data.image_size == 224 and cfg.train.amp == "bf16" and cfg.model.channels_last
+            assert cfg.train.device == "auto" and cfg.data.workers == 16
+            seen_models.add((cfg.model.name, cfg.data.global_batch_size, cfg.model.compile))
+            assert argv[argv.index("--out") + 1] == str(out / f"{name}.json")
+    assert seen_models == {("resnet50", 256, False), ("resnet18", 512, False), ("resnet50", 256, True)}
+
+
+def test_table_reads_results_of_the_older_loader_json():
+    """loader.json written before benchmarks/common.py (no device_name, dataset, versions)
+    still renders and gets a canonical name, so other branches' results can be filed."""
+    table = _bench_module("table")
+    old = {"benchmark": "loader", "time": "2026-11-26T10:00:00",
+           "machine": {"host_cpu": "x86_64", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"},
+           "settings": {"image_size": 224, "batch_size": 256, "workers": 16}, "folder": "/d/train",
+           "results": [{"backend": "dali", "img_per_s": 30000.0, "ratio_vs_pil": 7.5},
+                       {"backend": "pil_dataloader (baseline)", "img_per_s": 4000.0, "ratio_vs_pil": 1.0}]}
+    assert table.canonical_name(old) == "2026-11-26_nvidia-h100-80gb-hbm3_loader_224px_train.json"
+    text = table.render([("x.json", old)])
+    assert "| 2026-11-26 | NVIDIA H100 80GB HBM3 | train | 224 | 256 | 16 | dali | 30,000 | 7.50 | `x.json` |" in text

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# The one prepared check for a lent GPU machine (see README "Benchmarks" and the shared
+# device/README.md: Python 3.12, torch 2.11, no DALI unless .dali4/install.sh is sourced,
+# project not installed). Under 6 minutes; every result as JSON under $OUT:
+#
+#   OUT=/tmp/out bash benchmarks/device_check.sh                 # on the GPU machine
+#   source .dali4/install.sh && bash benchmarks/device_check.sh   # ... with DALI
+#   OUT=/tmp/smoke bash benchmarks/device_check.sh --smoke       # same steps, tiny, on CPU
+#
+# Steps, in order, each under its own time limit (clipped to what is left of BUDGET_S, 340 s
+# by default); a step that fails or times out is recorded and the next one runs:
+#   env -> make_jpegs -> pytest -m gpu -> loader.py 224px -> train.py ResNet-50 eager,
+#   ResNet-18, ResNet-50 torch.compile (last: the slowest and least certain).
+# $OUT gets env.json, pytest_gpu.xml, loader_224.json, train_*.json, one .log per step and
+# summary.json (each step's exit code and seconds, the headline numbers); a table is printed last.
+# Environment: OUT (default bench_out/device), PYTHON (python3), BUDGET_S (340),
+# BENCH_DATA (JPEG folder, default /tmp/fastcls_bench_jpegs; reused when its manifest matches),
+# DRY_RUN=1 (print each step's command to stdout and $OUT/commands.txt instead of running it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+case "${1:-}" in
+  --smoke) SMOKE=1 ;;
+  "") ;;
+  *) echo "usage: [OUT=DIR] bash benchmarks/device_check.sh [--smoke]" >&2; exit 2 ;;
+esac
+OUT=${OUT:-bench_out/device}
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-340}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # the project is not installed there
+export PYTHONUNBUFFERED=1
+: > "$OUT/steps.tsv"; rm -f "$OUT/commands.txt"
+
+if (( SMOKE )); then
+  # Tiny and on the CPU: checks that every step runs and writes its JSON, not speed
+  # (fp32: bf16 convolutions are slow on CPUs without bf16 units).
+  # torch.compile on a 2-core CPU takes minutes, so the smoke's "compiled" step runs with
+  # dynamo disabled (recorded in its note); tests/test_train.py covers compile on CPU.
+  DATA=${BENCH_DATA:-$OUT/jpegs}
+  JPEGS=(--classes 2 --per-class 6 --workers 2)
+  DEV=(train.device=cpu train.amp=off data.workers=1 data.image_size=32 data.val_resize=32)
+  LOADER=(--batch-size 4 --image-size 32 --workers 1 --warmup 1 --steps 2 --repeats 1 --device cpu)
+  # The demo's resnet_tiny stands in for ResNet-50/18 (the same code path; a ResNet-50 step
+  # on a busy 2-core CPU takes seconds).
+  R50=(model.name=resnet_tiny data.global_batch_size=2); R18=("${R50[@]}")
+  TIMING=(--warmup 1 --steps 1 --repeats 1 --note "smoke run on CPU: not a measurement")
+  COMPILE_ENV=(env TORCHDYNAMO_DISABLE=1)
+  COMPILE_NOTE="smoke run on CPU with TORCHDYNAMO_DISABLE=1: compile not exercised"
+else
+  # 100 classes x 52 = 5,200 JPEGs (~570 MB, ~10 s on 16 cores): a ResNet-50 run reads
+  # (10 + 3 x 25) x 256 = 21,760 images, so ~4 epochs of it (epoch restarts counted in the JSON).
+  DATA=${BENCH_DATA:-/tmp/fastcls_bench_jpegs}
+  JPEGS=(--classes 100 --per-class 52 --workers "$(nproc)")
+  DEV=(data.workers=16)
+  LOADER=(--batch-size 256 --image-size 224 --workers 16 --warmup 5 --steps 20 --repeats 3 --device cuda)
+  R50=(data.global_batch_size=256); R18=(data.global_batch_size=512)
+  TIMING=(--warmup 10 --steps 25 --repeats 3)
+  COMPILE_ENV=()
+  COMPILE_NOTE=""
+fi
+
+START=$SECONDS
+# step NAME LIMIT_S CMD...: run CMD with stdout+stderr to $OUT/NAME.log under min(LIMIT_S, what
+# is left of the budget); record "NAME rc seconds" in steps.tsv; show the log's last lines.
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET_S - (SECONDS - START) ))
+  if (( left < 15 )); then
+    printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$OUT/steps.tsv"
+    echo "== $name: skipped, budget of ${BUDGET_S}s spent"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  echo "== $name (limit ${limit}s)"
+  if [[ -n ${DRY_RUN:-} ]]; then  # print the command instead of running it
+    printf '%s:' "$name" >> "$OUT/commands.txt"; printf ' %q' "$@" >> "$OUT/commands.txt"
+    echo >> "$OUT/commands.txt"; printf '   '; printf ' %q' "$@"; echo
+    printf '%s\t%s\t%s\n' "$name" 0 0 >> "$OUT/steps.tsv"
+    return
+  fi
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( SECONDS - t0 ))" >> "$OUT/steps.tsv"
+  tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
+  (( rc == 124 || rc == 137 )) && echo "   TIMED OUT after ${limit}s"
+  (( rc != 0 )) && echo "   exit code $rc (see $OUT/$name.log)"
+}
+
+env_info() {
+  command -v nvidia-smi > /dev/null && \
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
+  "$PY" - "$OUT/env.json" <<'EOF'
+import json, os, sys
+sys.path.insert(0, "benchmarks")
+import torch
+from common import machine_info, now_utc, versions
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+info = {"benchmark": "env", "time": now_utc(), "machine": machine_info(dev), "versions": versions(),
+        "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count()}
+if dev.type == "cuda":
+    x = torch.randn(8, device=dev)
+    torch.optim.SGD([torch.nn.Parameter(x)], lr=0.1, momentum=0.9, fused=True)
+    info["sgd_fused_cuda"] = True
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info["versions"]))
+EOF
+}
+
+gpu_tests() {
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
+  local rc=$?
+  (( rc == 5 )) && { echo "no test is marked gpu"; return 0; }  # 5 = nothing collected
+  return $rc
+}
+
+export -f env_info gpu_tests  # `timeout` runs programs: the functions run in a child bash
+export PY OUT
+step env 30 bash -c env_info
+step make_jpegs 60 "$PY" benchmarks/make_jpegs.py --out "$DATA" "${JPEGS[@]}"
+step pytest_gpu 75 bash -c gpu_tests
+step loader_224 75 "$PY" benchmarks/loader.py --data "$DATA/train" "${LOADER[@]}" \
+  --out "$OUT/loader_224.json"
+step train_resnet50_eager 60 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
+  data.train="$DATA/train" "${DEV[@]}" "${R50[@]}" "${TIMING[@]}" \
+  --out "$OUT/train_resnet50_eager.json"
+step train_resnet18_eager 45 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
+  model.name=resnet18 data.train="$DATA/train" "${DEV[@]}" "${R18[@]}" "${TIMING[@]}" \
+  --out "$OUT/train_resnet18_eager.json"
+step train_resnet50_compiled 180 "${COMPILE_ENV[@]}" "$PY" benchmarks/train.py \
+  pipelines/resnet50_bs256.yaml model.compile=true data.train="$DATA/train" "${DEV[@]}" \
+  "${R50[@]}" "${TIMING[@]}" ${COMPILE_NOTE:+--note "$COMPILE_NOTE"} \
+  --out "$OUT/train_resnet50_compiled.json"
+
+"$PY" - "$OUT" "$(( SECONDS - START ))" "$SMOKE" <<'EOF'
+import json, sys
+from pathlib import Path
+out, total, smoke = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+steps = []
+for line in (out / "steps.tsv").read_text().splitlines():
+    name, rc, secs = line.split("\t")
+    steps.append({"step": name, "rc": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(secs)})
+rows = []
+def load(name):
+    p = out / name
+    return json.loads(p.read_text()) if p.is_file() else None
+env = load("env.json") or {}
+loader = load("loader_224.json")
+if loader:
+    for r in loader["results"]:
+        if r["backend"] != "synthetic":
+            rows.append((f"loader 224px: {r['backend']}", f"{r['img_per_s']:,.0f} img/s",
+                         f"x PIL {r['ratio_vs_pil']:.2f}" if r.get("ratio_vs_pil") else ""))
+for name in ("train_resnet50_eager", "train_resnet18_eager", "train_resnet50_compiled"):
+    t = load(name + ".json")
+    if not t:
+        continue
+    by = {r["backend"]: r for r in t["results"]}
+    real, syn = by.get(t["settings"]["backend"]), by.get("synthetic")
+    rows.append((f"{name[6:]}: synthetic", f"{syn['img_per_s']:,.1f} img/s" if syn else "-", ""))
+    rows.append((f"{name[6:]}: {t['settings']['backend']}",
+                 f"{real['img_per_s']:,.1f} img/s" if real else "-",
+                 f"x synthetic {t['ratio_real_vs_synthetic']:.3f}, stall {real['data_stall_pct']:.1f}%"
+                 if real and t.get("ratio_real_vs_synthetic") else ""))
+failed = [s["step"] for s in steps if s["rc"] != 0]
+summary = {"benchmark": "device_check", "smoke": smoke, "total_seconds": total,
+           "device": (env.get("machine") or {}).get("device_name"), "versions": env.get("versions"),
+           "steps": steps, "failed": failed,
+           "headline": [{"what": a, "value": b, "ratio": c} for a, b, c in rows]}
+(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(f"\ndevice_check {'(smoke) ' if smoke else ''}on {summary['device']}: {total}s")
+for s in steps:
+    print(f"  {s['step']:<26} rc {str(s['rc']):>7} {s['seconds']:>5}s")
+for a, b, c in rows:
+    print(f"  {a:<40}{b:>16}  {c}")
+print(f"failed steps: {', '.join(failed) or 'none'}; JSON in {out}")
+sys.exit(1 if failed else 0)
+EOF
