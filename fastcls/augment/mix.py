@@ -87,8 +87,8 @@ def draw_mix(k: int, height: int, width: int, *, mixup_alpha: float, cutmix_alph
         lo, hi = cutmix_minmax
         cut_h = _randint(torch.full_like(hk, int(height * hi)), generator, torch.full_like(hk, int(height * lo)))
         cut_w = _randint(torch.full_like(wk, int(width * hi)), generator, torch.full_like(wk, int(width * lo)))
-        cy = _randint((hk - cut_h).clamp_min(1), generator)
-        cx = _randint((wk - cut_w).clamp_min(1), generator)
+        cy = _randint(hk - cut_h + 1, generator)  # top-left in [0, H - cut_h]
+        cx = _randint(wk - cut_w + 1, generator)
         return MixDraws(apply, use_cut, lam, cy, cx, cut_h, cut_w)
     return MixDraws(apply, use_cut, lam, _randint(hk, generator), _randint(wk, generator))
 
@@ -106,9 +106,9 @@ def boxes_and_lam(d: MixDraws, height: int, width: int, correct_lam: bool,
         cut_h = (height * ratio).long()   # int() truncation, as timm
         cut_w = (width * ratio).long()
         yl = (d.cy - cut_h // 2).clamp(0, height)
-        yh = (d.cy + cut_h // 2).clamp(0, height)
+        yh = (d.cy + (cut_h + 1) // 2).clamp(0, height)
         xl = (d.cx - cut_w // 2).clamp(0, width)
-        xh = (d.cx + cut_w // 2).clamp(0, width)
+        xh = (d.cx + (cut_w + 1) // 2).clamp(0, width)
     cut = d.use_cutmix & (d.lam < 1.0)
     lam = d.lam
     if correct_lam or minmax:
