@@ -132,6 +132,14 @@ def gridmask_mask(n: int, h: int, w: int, generator, device, *, d1: int = 96, d2
     st_w = (torch.rand(n, dtype=torch.float64, **f) * d).floor().long()
     angle = torch.randint(0, max(rotate, 1), (n,), **f).double()
     on = torch.rand(n, **f) < prob
+    return gridmask_from_params(h, w, d, length, st_h, st_w, angle, mode) & on.view(n, 1, 1)
+
+
+def gridmask_from_params(h: int, w: int, d: torch.Tensor, length: torch.Tensor, st_h: torch.Tensor,
+                         st_w: torch.Tensor, angle: torch.Tensor, mode: int) -> torch.Tensor:
+    """bool (N, H, W) erased pixels for given per-sample period, stripe width, offsets (int64
+    (N,)) and angle (float64 degrees (N,))."""
+    n, device = d.shape[0], d.device
     hh, ww = int(1.5 * h), int(1.5 * w)
     oy, ox = (hh - h) // 2, (ww - w) // 2
     ys, xs = _grid(h, w, device)
@@ -143,8 +151,7 @@ def gridmask_mask(n: int, h: int, w: int, generator, device, *, d1: int = 96, d2
     sx = torch.floor(torch.cos(a) * xc + torch.sin(a) * yc + ww / 2).long()
     dv, lv = d.view(n, 1, 1), length.view(n, 1, 1)
     stripe = ((sy - st_h.view(n, 1, 1)) % dv < lv) | ((sx - st_w.view(n, 1, 1)) % dv < lv)
-    erased = stripe if mode == 0 else ~stripe
-    return erased & on.view(n, 1, 1)
+    return stripe if mode == 0 else ~stripe
 
 
 def gridmask(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
