@@ -102,3 +102,16 @@ def test_float_round_trip_and_layout():
     assert out.shape == f.shape and out.dtype == f.dtype and lab is labels
     out, _ = P.autoaugment(f.bfloat16(), labels, torch.Generator().manual_seed(0))
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_ops_on_cuda_equal_cpu():
+    x = images(n=len(P.OPS))
+    op = torch.arange(len(P.OPS))
+    mag = torch.tensor([MAGS[k][0] for k in P.OPS], dtype=torch.float64)
+    cpu = P.apply_ops(x, op, mag)
+    gpu = P.apply_ops(x.cuda(), op.cuda(), mag.cuda()).cpu()
+    assert torch.equal(cpu, gpu)
+    f = P.from_uint8(x.cuda(), torch.bfloat16)
+    out, _ = P.randaugment(f, torch.zeros(len(P.OPS), device="cuda"), torch.Generator("cuda").manual_seed(0))
+    assert out.device.type == "cuda" and out.dtype == torch.bfloat16

@@ -64,3 +64,18 @@ def test_augment_config_errors_name_the_key(override, msg):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.batch_size=8", override])
     assert msg in str(e.value)
+
+
+def test_augment_benchmark_smoke(tmp_path):
+    import json
+    import subprocess
+    from conftest import PY, run_env
+    out = tmp_path / "augment.json"
+    proc = subprocess.run([PY, "benchmarks/augment.py", "--device", "cpu", "--batch-size", "4",
+                           "--image-size", "32", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                           "--out", str(out)], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert {row["augment"] for row in r["results"]} >= {"autoaugment", "randaugment", "cutout", "random_erasing",
+                                                        "gridmask", "hide_and_seek", "mixup", "cutmix"}
+    assert all(row["img_per_s"] > 0 for row in r["results"]) and r["settings"]["batch_size"] == 4
