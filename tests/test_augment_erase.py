@@ -103,8 +103,11 @@ def test_gridmask_geometry_matches_loop_reference(mode):
         l = int(d * 0.6 + 0.5)
         st_h, st_w = int(rng.integers(d)), int(rng.integers(d))
         t = lambda v: torch.tensor([v])  # noqa: E731
-        ours = E.gridmask_from_params(h, w, t(d), t(l), t(st_h), t(st_w), torch.zeros(1, dtype=torch.float64), mode)[0]
-        assert np.array_equal(ours.numpy(), paddle_gridmask(h, w, d, l, st_h, st_w, mode)), (d, st_h, st_w)
+        ref = paddle_gridmask(h, w, d, l, st_h, st_w, mode)
+        for rotated in (False, True):  # the row/column shortcut and the rotation path at angle 0
+            ours = E.gridmask_from_params(h, w, t(d), t(l), t(st_h), t(st_w), torch.zeros(1, dtype=torch.float64),
+                                          mode, rotated=rotated)[0]
+            assert np.array_equal(ours.numpy(), ref), (d, st_h, st_w, rotated)
 
 
 def test_gridmask_prob_rotation_and_untouched():

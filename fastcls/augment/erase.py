@@ -10,6 +10,7 @@ source), so the constant fill 0 is the dataset mean colour.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -132,24 +133,27 @@ def gridmask_mask(n: int, h: int, w: int, generator, device, *, d1: int = 96, d2
     st_w = (torch.rand(n, dtype=torch.float64, **f) * d).floor().long()
     angle = torch.randint(0, max(rotate, 1), (n,), **f).double()
     on = torch.rand(n, **f) < prob
-    return gridmask_from_params(h, w, d, length, st_h, st_w, angle, mode) & on.view(n, 1, 1)
+    return gridmask_from_params(h, w, d, length, st_h, st_w, angle, mode, rotated=rotate > 1) & on.view(n, 1, 1)
 
 
 def gridmask_from_params(h: int, w: int, d: torch.Tensor, length: torch.Tensor, st_h: torch.Tensor,
-                         st_w: torch.Tensor, angle: torch.Tensor, mode: int) -> torch.Tensor:
+                         st_w: torch.Tensor, angle: torch.Tensor, mode: int, rotated: bool = True) -> torch.Tensor:
     """bool (N, H, W) erased pixels for given per-sample period, stripe width, offsets (int64
-    (N,)) and angle (float64 degrees (N,))."""
+    (N,)) and angle (float64 degrees (N,)); `rotated=False` promises all angles are 0."""
     n, device = d.shape[0], d.device
     hh, ww = int(1.5 * h), int(1.5 * w)
     oy, ox = (hh - h) // 2, (ww - w) // 2
     ys, xs = _grid(h, w, device)
-    yc = (ys + oy).double() + 0.5 - hh / 2  # pixel centre relative to the canvas centre
-    xc = (xs + ox).double() + 0.5 - ww / 2
-    a = torch.deg2rad(angle).view(n, 1, 1)
+    dv, lv = d.view(n, 1, 1), length.view(n, 1, 1)
+    if not rotated:  # rows and columns separately: (N,H,1) | (N,1,W), no per-pixel trigonometry
+        stripe = ((ys + oy - st_h.view(n, 1, 1)) % dv < lv) | ((xs + ox - st_w.view(n, 1, 1)) % dv < lv)
+        return stripe if mode == 0 else ~stripe
+    yc = (ys + oy).float() + 0.5 - hh / 2  # pixel centre relative to the canvas centre
+    xc = (xs + ox).float() + 0.5 - ww / 2
+    a = torch.deg2rad(angle).float().view(n, 1, 1)
     # Source canvas pixel of each output pixel under a counter-clockwise rotation by `angle`.
     sy = torch.floor(-torch.sin(a) * xc + torch.cos(a) * yc + hh / 2).long()
     sx = torch.floor(torch.cos(a) * xc + torch.sin(a) * yc + ww / 2).long()
-    dv, lv = d.view(n, 1, 1), length.view(n, 1, 1)
     stripe = ((sy - st_h.view(n, 1, 1)) % dv < lv) | ((sx - st_w.view(n, 1, 1)) % dv < lv)
     return stripe if mode == 0 else ~stripe
 
@@ -164,14 +168,19 @@ def gridmask(images: torch.Tensor, labels: torch.Tensor, generator: torch.Genera
     return _fill_erase(images, mask, "const", generator), labels
 
 
+@lru_cache(maxsize=None)
+def _sizes(grid_sizes: tuple, device) -> torch.Tensor:
+    """Cached on the device: building it from a list every step is a blocking copy on CUDA."""
+    return torch.tensor(grid_sizes, device=device)
+
+
 def hide_and_seek_mask(n: int, h: int, w: int, generator, device, *,
                        grid_sizes: Sequence[int] = (0, 16, 32, 44, 56), hide_prob: float = 0.5) -> torch.Tensor:
     """bool (N, H, W): Hide-and-Seek (Singh & Lee 2017, https://arxiv.org/abs/1811.02545) as
     PaddleClas: per sample a grid size s from `grid_sizes` (uniform; 0 = hide nothing), the
     image cut into s×s patches from the top-left, each patch hidden with probability
     `hide_prob`."""
-    sizes = torch.tensor(list(grid_sizes), device=device)
-    s = sizes[torch.randint(0, len(grid_sizes), (n,), generator=generator, device=device)]
+    s = _sizes(tuple(grid_sizes), device)[torch.randint(0, len(grid_sizes), (n,), generator=generator, device=device)]
     smallest = min([g for g in grid_sizes if g > 0], default=max(h, w))
     cells_y, cells_x = -(-h // smallest), -(-w // smallest)
     hide = torch.rand((n, cells_y, cells_x), generator=generator, device=device) < hide_prob

@@ -131,23 +131,28 @@ def expand_to_batch(x: torch.Tensor, n: int, mode: str, fill) -> torch.Tensor:
 
 
 def apply_mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, smoothing: float,
-              lam: torch.Tensor, use_cutmix: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              lam: torch.Tensor, use_cutmix: torch.Tensor, boxes: torch.Tensor, *, can_mix: bool = True,
+              can_cut: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend every sample with its partner (the batch reversed), per-sample parameters.
 
     images: float N×3×H×W (any layout, any float dtype, any device); labels: int64 (N,);
     lam float (N,) after box correction; use_cutmix bool (N,); boxes int64 (N, 4).
+    `can_mix`/`can_cut` False (known from the config) skip the blend or the box pass: the
+    output is the same, at half the memory traffic.
     Returns images (same dtype/layout) and soft targets float32 (N, C), rows summing to 1."""
     n, _, h, w = images.shape
     partner = images.flip(0)
-    lam_x = lam.to(images.dtype).view(n, 1, 1, 1)
-    mixed = images * lam_x + partner * (1.0 - lam_x)
-    ys = torch.arange(h, device=images.device).view(1, 1, h, 1)
-    xs = torch.arange(w, device=images.device).view(1, 1, 1, w)
-    b = boxes.view(n, 4, 1, 1)
-    inbox = (ys >= b[:, 0:1]) & (ys < b[:, 1:2]) & (xs >= b[:, 2:3]) & (xs < b[:, 3:4])
-    cut = use_cutmix.view(n, 1, 1, 1)
-    is_mix = (~use_cutmix & (lam < 1.0)).view(n, 1, 1, 1)
-    out = torch.where(is_mix, mixed, torch.where(cut & inbox, partner, images))
+    out = images
+    if can_cut:
+        ys = torch.arange(h, device=images.device).view(1, 1, h, 1)
+        xs = torch.arange(w, device=images.device).view(1, 1, 1, w)
+        b = boxes.view(n, 4, 1, 1)
+        inbox = (ys >= b[:, 0:1]) & (ys < b[:, 1:2]) & (xs >= b[:, 2:3]) & (xs < b[:, 3:4])
+        out = torch.where(use_cutmix.view(n, 1, 1, 1) & inbox, partner, images)
+    if can_mix:
+        lam_x = lam.to(images.dtype).view(n, 1, 1, 1)
+        mixed = images * lam_x + partner * (1.0 - lam_x)   # lam = 1: exactly the image
+        out = torch.where((~use_cutmix).view(n, 1, 1, 1), mixed, out) if can_cut else mixed
     out = out.contiguous(memory_format=torch.channels_last) if \
         images.is_contiguous(memory_format=torch.channels_last) else out
     lam_t = lam.float().unsqueeze(1)
@@ -178,4 +183,5 @@ def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, generator: torch.Ge
     lam = expand_to_batch(lam, n, mode, 1.0)
     use_cut = expand_to_batch(d.use_cutmix & (d.lam < 1.0), n, mode, False)
     boxes = expand_to_batch(boxes, n, mode, 0)
-    return apply_mix(images, labels, num_classes, label_smoothing, lam, use_cut, boxes)
+    return apply_mix(images, labels, num_classes, label_smoothing, lam, use_cut, boxes,
+                     can_mix=mixup_alpha > 0, can_cut=cutmix_alpha > 0)

@@ -23,7 +23,7 @@ that no sample drew are skipped (a host read is free there).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as tnf
@@ -38,10 +38,15 @@ _BLEND = ("Brightness", "Color", "Contrast")
 POLICIES = {"imagenet": T.AutoAugmentPolicy.IMAGENET, "cifar10": T.AutoAugmentPolicy.CIFAR10,
             "svhn": T.AutoAugmentPolicy.SVHN}
 _RAD2DEG, _DEG2RAD = 180.0 / math.pi, math.pi / 180.0  # CPython's math.degrees/radians factors
+SKIP_UNUSED_ON_CPU = True  # see apply_ops; tests turn it off to check the accelerator path on CPU
+
+# Constant tensors are built once per (device, shape) and cached: creating them from Python
+# data every step would be a blocking host->device copy (a sync) on CUDA.
 
 
 # ----------------------------------------------------------------------------- uint8 round trip
 
+@lru_cache(maxsize=None)
 def _mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
     from ..data.native import MEAN, STD  # ImageNet mean/std in 0..255 units
     return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
@@ -106,17 +111,23 @@ def _affine_theta(op: torch.Tensor, mag: torch.Tensor, h: int, w: int) -> torch.
     return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3).to(torch.float32)
 
 
+@lru_cache(maxsize=32)
+def _base_grid(h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's `_affine_grid` base grid (1, H*W, 3) and its divisor, float32."""
+    base = torch.empty(1, h, w, 3, dtype=torch.float32, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    return base.view(1, h * w, 3), torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=device)
+
+
 def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """uint8 batch warped by per-sample theta: torchvision's `_affine_grid` + nearest
     `grid_sample`, zeros outside (AutoAugment's default fill)."""
     n, _, h, w = x.shape
-    dev = x.device
-    base = torch.empty(1, h, w, 3, dtype=torch.float32, device=dev)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    scaled = theta.transpose(1, 2).div(torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=dev))
-    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
+    base, div = _base_grid(h, w, x.device)
+    scaled = theta.transpose(1, 2).div(div)
+    grid = base.expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
     out = tnf.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round_().to(torch.uint8)
 
@@ -132,15 +143,31 @@ def _blend(xf: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.
     return torch.addcmul(xf * ratio.to(torch.float32), other, (1.0 - ratio).to(torch.float32)).clamp_(0, 255)
 
 
+@lru_cache(maxsize=None)
+def _smooth_kernel(device) -> torch.Tensor:
+    a, b = 1.0 / 13.0, 5.0 / 13.0  # torchvision's (and PIL's) SMOOTH kernel
+    return torch.tensor([[a, a, a], [a, b, a], [a, a, a]], dtype=torch.float32, device=device)
+
+
 def _sharpness(xf: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     c = xf.shape[1]
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], dtype=torch.float32, device=xf.device)
-    blurred = tnf.conv2d(xf, kernel.expand(c, 1, 3, 3), groups=c).round_()
+    blurred = tnf.conv2d(xf, _smooth_kernel(xf.device).expand(c, 1, 3, 3), groups=c).round_()
     out = xf.clone()
     view = out[..., 1:-1, 1:-1]
     view.addcmul_(blurred.sub_(view), (1.0 - ratio).to(torch.float32))
     return out.clamp_(0, 255)
+
+
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's `autocontrast_image` for uint8, same arithmetic, with torch.where where it
+    assigns through a boolean mask (`minimum[eq] = 0`: a nonzero, i.e. a sync, on CUDA)."""
+    xf = x.float()
+    lo = xf.amin(dim=(-2, -1), keepdim=True)
+    hi = xf.amax(dim=(-2, -1), keepdim=True)
+    flat = hi == lo
+    inv_scale = torch.where(flat, 1.0, (hi - lo).mul_(1.0 / 255))
+    lo = torch.where(flat, 0.0, lo)
+    return xf.sub_(lo).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
 
 
 def apply_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
@@ -150,7 +177,7 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Ten
     signed magnitudes in torchvision's units (shear factor, translate px, degrees, enhance
     delta m -> factor 1 + m, posterize bits, solarize fraction of 255). Returns uint8 N×3×H×W."""
     n, _, h, w = x.shape
-    if x.device.type == "cpu":   # free host read on the CPU: skip ops nobody drew
+    if x.device.type == "cpu" and SKIP_UNUSED_ON_CPU:  # free host read on the CPU: skip ops nobody drew
         present = set(torch.unique(op).tolist())
     else:                        # on an accelerator a host read is a sync: run every op
         present = set(range(len(OPS)))
@@ -180,8 +207,8 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Ten
         thr = view((255.0 * mag).to(torch.float32))
         sol = torch.where(x.float() >= thr, 255 - x, x)
         out = torch.where(view(op == OP_INDEX["Solarize"]), sol, out)
-    for name, fn in (("AutoContrast", TF.autocontrast), ("Equalize", TF.equalize), ("Invert", TF.invert)):
-        if OP_INDEX[name] in present:   # torchvision's kernels are batched and per-image already
+    for name, fn in (("AutoContrast", _autocontrast), ("Equalize", TF.equalize), ("Invert", TF.invert)):
+        if OP_INDEX[name] in present:   # batched, per image and channel already
             out = torch.where(view(op == OP_INDEX[name]), fn(x.contiguous()), out)
     return out
 
@@ -192,6 +219,23 @@ def _space(cls) -> dict:
     return dict(cls._AUGMENTATION_SPACE)
 
 
+@lru_cache(maxsize=32)
+def _autoaugment_tables(policy: str, h: int, w: int, device):
+    """(op (2, P) int64, p (2, P) float64, bin (2, P) int64, magnitudes, signed) on device."""
+    subs = T.AutoAugment(POLICIES[policy])._policies
+    op = torch.tensor([[OP_INDEX[s[k][0]] for s in subs] for k in range(2)], device=device)
+    p = torch.tensor([[s[k][1] for s in subs] for k in range(2)], dtype=torch.float64, device=device)
+    mbin = torch.tensor([[s[k][2] if s[k][2] is not None else 0 for s in subs] for k in range(2)], device=device)
+    return (op, p, mbin) + magnitude_table(_space(T.AutoAugment), 10, h, w, device)
+
+
+@lru_cache(maxsize=32)
+def _randaugment_tables(num_bins: int, h: int, w: int, device):
+    """(choices int64 (14,) op indices, magnitudes, signed) on device."""
+    choices = torch.tensor([OP_INDEX[k] for k in _space(T.RandAugment)], device=device)
+    return (choices,) + magnitude_table(_space(T.RandAugment), num_bins, h, w, device)
+
+
 def autoaugment_u8(x: torch.Tensor, generator: torch.Generator, policy: str = "imagenet") -> torch.Tensor:
     """AutoAugment on a uint8 batch: per sample one of the policy's sub-policies (uniform),
     each of its two ops applied with its probability, at its magnitude bin (10 bins), signed
@@ -200,14 +244,10 @@ def autoaugment_u8(x: torch.Tensor, generator: torch.Generator, policy: str = "i
         raise ValueError(f"autoaugment.policy: unknown {policy!r}; valid choices: {', '.join(POLICIES)}")
     n, _, h, w = x.shape
     dev = x.device
-    subs = T.AutoAugment(POLICIES[policy])._policies
-    table, signed = magnitude_table(_space(T.AutoAugment), 10, h, w, dev)
-    pick = torch.randint(0, len(subs), (n,), generator=generator, device=dev)
+    op_t, p_t, bin_t, table, signed = _autoaugment_tables(policy, h, w, dev)
+    pick = torch.randint(0, op_t.shape[1], (n,), generator=generator, device=dev)
     for slot in range(2):
-        op_t = torch.tensor([OP_INDEX[s[slot][0]] for s in subs], device=dev)
-        p_t = torch.tensor([s[slot][1] for s in subs], dtype=torch.float64, device=dev)
-        bin_t = torch.tensor([s[slot][2] if s[slot][2] is not None else 0 for s in subs], device=dev)
-        op, p, mbin = op_t[pick], p_t[pick], bin_t[pick]
+        op, p, mbin = op_t[slot][pick], p_t[slot][pick], bin_t[slot][pick]
         apply = torch.rand(n, generator=generator, device=dev, dtype=torch.float64) <= p
         mag = table[op, mbin]
         flip = signed[op] & (torch.rand(n, generator=generator, device=dev, dtype=torch.float64) <= 0.5)
@@ -225,13 +265,11 @@ def randaugment_u8(x: torch.Tensor, generator: torch.Generator, num_ops: int = 2
     interpolated between them, as timm's `magnitude_std`); signed ops negated w.p. 1/2."""
     n, _, h, w = x.shape
     dev = x.device
-    names = list(_space(T.RandAugment))
-    table, signed = magnitude_table(_space(T.RandAugment), num_magnitude_bins, h, w, dev)
-    choices = torch.tensor([OP_INDEX[k] for k in names], device=dev)
+    choices, table, signed = _randaugment_tables(num_magnitude_bins, h, w, dev)
     top = num_magnitude_bins - 1
     f64 = dict(generator=generator, device=dev, dtype=torch.float64)
     for _ in range(num_ops):
-        op = choices[torch.randint(0, len(names), (n,), generator=generator, device=dev)]
+        op = choices[torch.randint(0, choices.shape[0], (n,), generator=generator, device=dev)]
         level = torch.full((n,), float(magnitude), dtype=torch.float64, device=dev)
         if magnitude_std > 0:
             level = (level + magnitude_std * torch.randn(n, **f64)).clamp(0, top)
