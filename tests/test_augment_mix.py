@@ -171,21 +171,30 @@ def test_off_epoch_and_generator_keys():
     assert not torch.equal(a, other_rank(x, y, 1, 5)[0])
 
 
-def test_trainer_with_mixup_cutmix_end_to_end(tmp_path):
+def test_trainer_end_to_end_and_resume_repeats_the_augmented_stream(tmp_path):
+    """The trainer with every augmentation on (mixup+cutmix in pair mode, label smoothing, the
+    uint8 policies, the erasing family) trains and evaluates; interrupted after epoch 1 and
+    resumed it ends with the same weights as uninterrupted: the augmentation stream is a
+    function of (seed, rank, epoch, step)."""
     from fastcls.train import main
     data = make_folder(tmp_path / "data")
-    out = tmp_path / "run"
-    rc = main(["pipelines/demo.yaml", f"data.train={data}", f"data.val={data}", "data.demo=false",
-               "model.num_classes=3", "data.batch_size=4", "data.image_size=32", "data.val_resize=32",
-               "data.workers=0", "train.progress=false", f"train.out_dir={out}", "train.epochs=2",
-               "train.amp=off", "augment.label_smoothing=0.1", "augment.mixup.mixup_alpha=0.2",
-               "augment.mixup.cutmix_alpha=1.0", "augment.mixup.mode=elem", "augment.mixup.off_epoch=1",
-               "augment.randaugment.enabled=true", "augment.cutout.enabled=true", "augment.cutout.length=16",
-               "augment.random_erasing.enabled=true", "augment.gridmask.enabled=true", "augment.gridmask.d1=8",
-               "augment.gridmask.d2=24", "augment.hide_and_seek.enabled=true",
-               "augment.hide_and_seek.grid_sizes=[0,8,16]", "augment.autoaugment.enabled=true"])
-    assert rc == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    def run(out, *extra):
+        return main(["pipelines/demo.yaml", f"data.train={data}", f"data.val={data}", "data.demo=false",
+                     "model.num_classes=3", "data.batch_size=4", "data.image_size=32", "data.val_resize=32",
+                     "data.workers=0", "train.progress=false", f"train.out_dir={out}", "train.amp=off",
+                     "augment.mixup.mixup_alpha=0.4", "augment.mixup.cutmix_alpha=1.0", "augment.mixup.mode=pair",
+                     "augment.label_smoothing=0.1", "augment.randaugment.enabled=true",
+                     "augment.autoaugment.enabled=true", "augment.random_erasing.enabled=true",
+                     "augment.cutout.enabled=true", "augment.cutout.length=16", "augment.gridmask.enabled=true",
+                     "augment.gridmask.d1=8", "augment.gridmask.d2=24", "augment.hide_and_seek.enabled=true",
+                     "augment.hide_and_seek.grid_sizes=[0,8,16]", *extra])
+    assert run(tmp_path / "a", "train.epochs=2") == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["train_loss"]) and 0 <= r["train_top1"] <= 100 for r in rows)
-    assert checkpoint.load(out / "last.pt")["epoch"] == 2
+    assert run(tmp_path / "b", "train.epochs=1") == 0
+    assert run(tmp_path / "b", "train.epochs=2", "train.resume=auto") == 0
+    sa, sb = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    for k in sa["model"]:
+        torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=1e-5, atol=1e-6)
