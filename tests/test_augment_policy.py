@@ -55,7 +55,7 @@ def test_mixed_ops_in_one_batch_match_per_sample_reference():
 
 
 def test_samples_get_different_ops_and_stream_is_reproducible():
-    x = images(n=64, h=24, w=24)
+    x = images(n=32, h=24, w=24)
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     a = P.randaugment_u8(x, g(), num_ops=1, magnitude=9, num_magnitude_bins=11)
     b = P.randaugment_u8(x, g(), num_ops=1, magnitude=9, num_magnitude_bins=11)
