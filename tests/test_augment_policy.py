@@ -65,15 +65,11 @@ def test_samples_get_different_ops_and_stream_is_reproducible():
     table, signed = P.magnitude_table(space, 11, 24, 24, "cpu")
     used = set()
     for i in range(x.shape[0]):
-        hits = []
-        for k in space:
-            for s in ((1, -1) if signed[P.OP_INDEX[k]] else (1,)):
-                m = s * float(table[P.OP_INDEX[k], 9])
-                if torch.equal(a[i], reference(x[i], k, m)):
-                    hits.append(k)
-        assert hits, i
-        used.add(hits[0] if len(hits) == 1 else None)
-    assert len(used - {None}) >= 6  # many different ops within one batch
+        hit = next((k for k in space for sg in ((1, -1) if signed[P.OP_INDEX[k]] else (1,))
+                    if torch.equal(a[i], reference(x[i], k, sg * float(table[P.OP_INDEX[k], 9])))), None)
+        assert hit is not None, i
+        used.add(hit)
+    assert len(used) >= 6  # many different ops within one batch
 
 
 def test_autoaugment_per_sample_policy_choice():
