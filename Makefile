@@ -16,3 +16,7 @@ test:
 
 bench: install
 	$(PYTHON) benchmarks/loader.py --demo
+
+.PHONY: bench-augment
+bench-augment: install
+	$(PYTHON) benchmarks/augment.py

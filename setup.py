@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Data-pipeline-centric PyTorch trainer for image classification",
     python_requires=">=3.10",
-    packages=["fastcls", "fastcls.data", "fastcls.kernels"],
+    packages=["fastcls", "fastcls.data", "fastcls.augment", "fastcls.kernels"],
     package_dir={"fastcls": "fastcls", "fastcls.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",          # fused SGD on CPU and CUDA, torch.amp.GradScaler(device)
@@ -19,9 +19,9 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "timm"],  # timm: reference for mixup/cutmix tests
         "all": ["nvidia-dali-cuda120", "ffcv", "numba", "opencv-python-headless",
-                "pytest", "pytest-timeout"],
+                "pytest", "pytest-timeout", "timm"],
     },
     entry_points={"console_scripts": ["fastcls-train=fastcls.train:main"]},
 )

@@ -71,8 +71,80 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class MixupConfig:  # timm's Mixup names; off while both alphas are 0
+    mixup_alpha: float = 0.0          # Beta(a, a) for mixup (PaddleClas recipe: 0.2)
+    cutmix_alpha: float = 0.0         # Beta(a, a) for cutmix (PaddleClas recipe: 0.2)
+    cutmix_minmax: Optional[tuple[float, float]] = None  # box side range (fraction); overrides alpha
+    prob: float = 1.0                 # probability of mixing a batch/pair/sample
+    switch_prob: float = 0.5          # P(cutmix) when both alphas > 0
+    mode: str = "batch"               # batch | pair | elem
+    correct_lam: bool = True          # lam = 1 - clipped box area / image area
+    off_epoch: int = 0                # no mixing from this epoch on (0 = never off)
+
+
+@dataclass(frozen=True)
+class CutoutConfig:  # PaddleClas: n_holes 1, length 112 (at 224 px)
+    enabled: bool = False
+    n_holes: int = 1
+    length: int = 112                 # square side in pixels
+    prob: float = 1.0
+
+
+@dataclass(frozen=True)
+class RandomErasingConfig:  # Zhong et al. / PaddleClas: p 0.5, sl 0.02, sh 0.4, r1 0.3
+    enabled: bool = False
+    prob: float = 0.5
+    area: tuple[float, float] = (0.02, 0.4)        # erased area fraction range (sl, sh)
+    aspect: tuple[float, float] = (0.3, 1 / 0.3)   # h/w range (r1, 1/r1)
+    log_aspect: bool = False          # sample the aspect log-uniformly (torchvision/timm)
+    count: int = 1                    # rectangles per erased image
+    attempts: int = 100               # tries to fit a rectangle
+    fill: str = "const"               # const (0 = mean colour) | rand | pixel
+
+
+@dataclass(frozen=True)
+class GridMaskConfig:  # PaddleClas: d1 96, d2 224, rotate 1, ratio 0.6, mode 1, prob 0.8
+    enabled: bool = False
+    d1: int = 96                      # grid period range [d1, d2) in pixels
+    d2: int = 224
+    ratio: float = 0.6                # stripe width / period
+    rotate: int = 1                   # angle ~ U{0..rotate-1} degrees (1 = no rotation)
+    mode: int = 1                     # 0: erase stripes, 1: erase the squares between them
+    prob: float = 0.8
+
+
+@dataclass(frozen=True)
+class HideAndSeekConfig:  # PaddleClas: grid sizes 0/16/32/44/56, hide prob 0.5
+    enabled: bool = False
+    grid_sizes: list[int] = field(default_factory=lambda: [0, 16, 32, 44, 56])  # 0 = hide nothing
+    hide_prob: float = 0.5
+
+
+@dataclass(frozen=True)
+class AutoAugmentConfig:
+    enabled: bool = False
+    policy: str = "imagenet"          # imagenet | cifar10 | svhn (torchvision's tables)
+
+
+@dataclass(frozen=True)
+class RandAugmentConfig:  # PaddleClas: num_layers 2, magnitude 5 (of 10)
+    enabled: bool = False
+    num_ops: int = 2
+    magnitude: int = 5                # bin index in 0..num_magnitude_bins-1
+    num_magnitude_bins: int = 11      # 11 bins: magnitude 5 = half strength, as PaddleClas 5/10
+    magnitude_std: float = 0.0        # Gaussian noise on the magnitude per sample and op (timm)
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     label_smoothing: float = 0.0
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    cutout: CutoutConfig = field(default_factory=CutoutConfig)
+    random_erasing: RandomErasingConfig = field(default_factory=RandomErasingConfig)
+    gridmask: GridMaskConfig = field(default_factory=GridMaskConfig)
+    hide_and_seek: HideAndSeekConfig = field(default_factory=HideAndSeekConfig)
+    autoaugment: AutoAugmentConfig = field(default_factory=AutoAugmentConfig)
+    randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
 
 
 @dataclass(frozen=True)
@@ -280,6 +352,71 @@ def validate(cfg: Config) -> None:
                           f"({t.epochs})")
     positive("train.eval_every", t.eval_every)
     positive("train.log_every", t.log_every)
+    validate_augment(cfg.augment)
+
+
+MIX_MODES = ("batch", "pair", "elem")
+FILL_MODES = ("const", "rand", "pixel")
+AUTOAUGMENT_POLICIES = ("imagenet", "cifar10", "svhn")
+
+
+def validate_augment(a: AugmentConfig) -> None:
+    """Range and name checks of the `augment` section."""
+    def fraction(key: str, v: float) -> None:
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1], got {v}")
+
+    def at_least(key: str, v: float, lo: float) -> None:
+        if v < lo:
+            raise ConfigError(f"{key}: must be >= {lo}, got {v}")
+
+    m = a.mixup
+    at_least("augment.mixup.mixup_alpha", m.mixup_alpha, 0)
+    at_least("augment.mixup.cutmix_alpha", m.cutmix_alpha, 0)
+    fraction("augment.mixup.prob", m.prob)
+    fraction("augment.mixup.switch_prob", m.switch_prob)
+    _choice("augment.mixup.mode", m.mode, MIX_MODES)
+    at_least("augment.mixup.off_epoch", m.off_epoch, 0)
+    if m.cutmix_minmax is not None and not (0 < m.cutmix_minmax[0] < m.cutmix_minmax[1] <= 1):
+        raise ConfigError(f"augment.mixup.cutmix_minmax: must satisfy 0 < min < max <= 1, "
+                          f"got {list(m.cutmix_minmax)}")
+    if m.cutmix_minmax is not None and m.mixup_alpha == 0 and m.cutmix_alpha == 0:
+        raise ConfigError("augment.mixup.cutmix_minmax: set augment.mixup.cutmix_alpha > 0 "
+                          "(mixing is off while both alphas are 0)")
+    c = a.cutout
+    at_least("augment.cutout.n_holes", c.n_holes, 1)
+    at_least("augment.cutout.length", c.length, 1)
+    fraction("augment.cutout.prob", c.prob)
+    r = a.random_erasing
+    fraction("augment.random_erasing.prob", r.prob)
+    if not 0 < r.area[0] <= r.area[1] <= 1:
+        raise ConfigError(f"augment.random_erasing.area: must satisfy 0 < min <= max <= 1, got {list(r.area)}")
+    if not 0 < r.aspect[0] <= r.aspect[1]:
+        raise ConfigError(f"augment.random_erasing.aspect: must satisfy 0 < min <= max, got {list(r.aspect)}")
+    at_least("augment.random_erasing.count", r.count, 1)
+    at_least("augment.random_erasing.attempts", r.attempts, 1)
+    _choice("augment.random_erasing.fill", r.fill, FILL_MODES)
+    g = a.gridmask
+    at_least("augment.gridmask.d1", g.d1, 2)
+    if g.d2 <= g.d1:
+        raise ConfigError(f"augment.gridmask.d2 ({g.d2}) must be > augment.gridmask.d1 ({g.d1})")
+    fraction("augment.gridmask.ratio", g.ratio)
+    at_least("augment.gridmask.rotate", g.rotate, 1)
+    _choice("augment.gridmask.mode", str(g.mode), ("0", "1"))
+    fraction("augment.gridmask.prob", g.prob)
+    h = a.hide_and_seek
+    if not h.grid_sizes or any(s < 0 for s in h.grid_sizes):
+        raise ConfigError(f"augment.hide_and_seek.grid_sizes: non-empty list of sizes >= 0 (0 = no "
+                          f"hiding), got {h.grid_sizes}")
+    fraction("augment.hide_and_seek.hide_prob", h.hide_prob)
+    _choice("augment.autoaugment.policy", a.autoaugment.policy, AUTOAUGMENT_POLICIES)
+    ra = a.randaugment
+    at_least("augment.randaugment.num_ops", ra.num_ops, 1)
+    at_least("augment.randaugment.num_magnitude_bins", ra.num_magnitude_bins, 2)
+    if not 0 <= ra.magnitude < ra.num_magnitude_bins:
+        raise ConfigError(f"augment.randaugment.magnitude: must be in 0..num_magnitude_bins-1 "
+                          f"(= {ra.num_magnitude_bins - 1}), got {ra.magnitude}")
+    at_least("augment.randaugment.magnitude_std", ra.magnitude_std, 0)
 
 
 # --------------------------------------------------------------------------- loading

@@ -31,4 +31,8 @@ class SmoothedCrossEntropy(torch.nn.Module):
         self.num_classes, self.smoothing = num_classes, smoothing
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """labels: int64 (N,), or float soft targets (N, C) from mixup/cutmix, which already
+        carry the smoothing (fastcls.augment folds it in) and are used as they are."""
+        if labels.dim() == 2:
+            return soft_cross_entropy(logits, labels)
         return soft_cross_entropy(logits, smooth_targets(labels, self.num_classes, self.smoothing))

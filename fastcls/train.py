@@ -22,6 +22,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
+from .augment import build_augmenter, dominant_label
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
 from .data import DatasetError, build_loader, dataset_paths, read_exclude, scan_folder
 from .dist import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed, world_size_from_env
@@ -144,6 +145,9 @@ def train(cfg: Config, dist: DistInfo) -> dict:
     lr_at = build_schedule(cfg.schedule, res.lr, res.steps_per_epoch, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
     criterion = SmoothedCrossEntropy(cfg.model.num_classes, cfg.augment.label_smoothing)
+    augmenter = build_augmenter(cfg.augment, cfg.model.num_classes, seed=cfg.train.seed, rank=dist.rank)
+    if augmenter.names:
+        log.info(f"augment on {device}: {' -> '.join(augmenter.names)}")
 
     # ------------------------------------------------------------------ resume
     start_epoch, step, best_top1 = 0, 0, -1.0
@@ -167,7 +171,7 @@ def train(cfg: Config, dist: DistInfo) -> dict:
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
         stats, step = train_one_epoch(model, train_loader, optimizer, scaler, criterion, lr_at,
-                                      step, epoch, autocast, cfg, dist, log)
+                                      step, epoch, autocast, cfg, dist, log, augmenter=augmenter)
         val, is_best = None, False
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             val = evaluate(eval_model, val_loader, autocast, dist)
@@ -186,7 +190,7 @@ def train(cfg: Config, dist: DistInfo) -> dict:
 
 
 def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: int, epoch: int,
-                    autocast, cfg: Config, dist: DistInfo, log: RunLog) -> tuple[dict, int]:
+                    autocast, cfg: Config, dist: DistInfo, log: RunLog, augmenter=None) -> tuple[dict, int]:
     model.train()
     device = dist.device
     # Running sums stay on the device: reading them is a sync, done every log_every steps.
@@ -200,6 +204,8 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
         images, labels = next(it)
         dt = time.perf_counter() - t0
         wait, win_wait = wait + dt, win_wait + dt
+        # On-device augmentation; targets are soft (N, C) while mixup/cutmix is on.
+        images, targets = augmenter(images, labels, epoch, step) if augmenter else (images, labels)
         if not cfg.model.channels_last:
             images = images.contiguous()
         lr = lr_at(step)
@@ -207,7 +213,7 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
             group["lr"] = lr
         with autocast():
             logits = model(images)
-            loss = criterion(logits, labels)
+            loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -218,7 +224,7 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
             optimizer.step()
         n = labels.shape[0]
         sums[0] += loss.detach().double() * n
-        sums[1] += (logits.detach().argmax(1) == labels).sum()
+        sums[1] += (logits.detach().argmax(1) == dominant_label(targets)).sum()  # mixed: larger share
         step += 1
         images_seen += n
         win_images += n
