@@ -57,11 +57,11 @@ INSTALL = ("pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
 def _dali():
     try:
         import nvidia.dali  # noqa: F401
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import Pipeline, fn, types
         from nvidia.dali.plugin.pytorch import feed_ndarray
     except ImportError as e:
         raise DatasetError(f"data.backend=dali: nvidia.dali is not installed ({e}); run: {INSTALL}") from None
-    return fn, pipeline_def, types, feed_ndarray
+    return fn, Pipeline, types, feed_ndarray
 
 
 def _seed(*parts: int) -> int:
@@ -73,22 +73,26 @@ def build_pipeline(files: list[str], labels: list[int], *, train: bool, batch_si
                    image_size: int, val_resize: int, scale, ratio, hflip: float,
                    num_threads: int, device_id: Optional[int], seed: int,
                    prefetch_queue_depth: int = 2, hw_decoder_load: float = 0.65,
-                   out_fp16: bool = False, normalize: bool = True):
+                   out_fp16: bool = False, normalize: bool = True, build: bool = True):
     """The DALI graph over `files` in the given order (no shuffling, no sharding here).
 
     Outputs: images N×H×W×3 (HWC) float16/float32 (uint8-valued floats when
-    `normalize=False`), labels N×1 int64; on the GPU when `device_id` is not None."""
-    fn, pipeline_def, types, _ = _dali()
+    `normalize=False`), labels N×1 int64; on the GPU when `device_id` is not None.
+    `build=False` only defines the graph (op names, arguments and devices are checked then;
+    the GPU graph can be checked so on a machine without CUDA)."""
+    fn, Pipeline, types, _ = _dali()
     gpu = device_id is not None
-
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  seed=seed, prefetch_queue_depth=prefetch_queue_depth)
-    def graph():
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                    seed=seed, prefetch_queue_depth=prefetch_queue_depth)
+    with pipe:
         jpegs, labs = fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                       pad_last_batch=True, name="reader")
         decode_kw = dict(device="mixed" if gpu else "cpu", output_type=types.RGB)
         if gpu:
-            decode_kw["hw_decoder_load"] = hw_decoder_load
+            # Paddings: nvJPEG's buffers sized up front for ImageNet's largest JPEGs, so they are
+            # not reallocated mid-epoch (the values of DALI's own ResNet-50 example).
+            decode_kw.update(hw_decoder_load=hw_decoder_load, device_memory_padding=211025920,
+                             host_memory_padding=140544512)
         if train:
             images = fn.decoders.image_random_crop(
                 jpegs, random_area=list(scale), random_aspect_ratio=list(ratio),
@@ -109,10 +113,9 @@ def build_pipeline(files: list[str], labels: list[int], *, train: bool, batch_si
         labs = fn.cast(labs, dtype=types.INT64)
         if gpu:
             labs = labs.gpu()
-        return images, labs
-
-    pipe = graph()
-    pipe.build()
+        pipe.set_outputs(images, labs)
+    if build:
+        pipe.build()
     return pipe
 
 
@@ -180,6 +183,12 @@ class DaliLoader:
         raise DatasetError(f"data.train: almost every file is undecodable, e.g. "
                            f"{list(self.known_bad.items())[:5]}")
 
+    def _placeholder(self) -> int:
+        for j in range(self.dataset_size):
+            if j not in self.known_bad:
+                return j
+        raise DatasetError(f"no decodable file at all, e.g. {list(self.known_bad.items())[:5]}")
+
     def _lists(self, order: np.ndarray) -> tuple[list[str], list[int], np.ndarray]:
         """(files, labels, keep mask) for the reader; known bad files are replaced."""
         keep = np.ones(len(order), dtype=bool)
@@ -190,8 +199,7 @@ class DaliLoader:
                     idx = self._replacement(idx)
                 else:
                     keep[k] = False
-                    idx = next(j for j in order.tolist() + list(range(self.dataset_size))
-                               if j not in self.known_bad)  # a placeholder, dropped on output
+                    idx = self._placeholder()  # read and decoded, its output row dropped
             path, label = self.samples[idx]
             files.append(path)
             labels.append(label)
