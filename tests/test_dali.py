@@ -281,6 +281,21 @@ def test_dali_bad_files_replaced_in_train_dropped_in_val(tmp_path):
     assert labels.tolist() == [0] * 10 + [1] * 10
 
 
+@pytest.mark.timeout(120)
+def test_dali_bad_files_in_several_batches_all_counted(tmp_path):
+    root = _bad_folder(tmp_path)
+    loader = build_loader(make_cfg(root, max_bad_fraction=0.5), "train", CPU)
+    ref = ShardBatchSampler(23, 4, 0, 1, train=True, seed=0)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        ref.set_epoch(epoch)
+        shapes = [tuple(x.shape) for x, _ in loader]
+        assert shapes == [(4, 3, 32, 32)] * 5
+        used = {loader.samples[i][0].rsplit("/", 1)[1] for i in ref.indices()}
+        expected = sorted(used & {"text.jpg", "trunc.jpg", "zero.jpg"})
+        assert expected and _names(loader.bad_files) == expected
+
+
 @pytest.mark.timeout(300)
 def test_dali_check_exclude_gives_a_clean_run(tmp_path, capsys):
     """`check --exclude-out` then `data.exclude`: training with dali meets no bad file

@@ -206,7 +206,7 @@ class DaliLoader:
         return files, labels, keep
 
     def _account(self, order: np.ndarray) -> None:
-        """bad_files = known bad files in this epoch's remaining order; stop past the limit."""
+        """bad_files = the known bad files in this iteration's order; stop past the limit."""
         self.bad_files = [f"{self.samples[i][0]}: {self.known_bad[i]}" for i in order.tolist()
                           if i in self.known_bad]
         allowed = math.floor(self.max_bad_fraction * self.num_images)
@@ -246,7 +246,8 @@ class DaliLoader:
         order = self.sampler.indices()
         steps, step = len(self), self.start_step
         self.start_step = 0  # a seek applies to one iteration only
-        self._account(order[step * self.batch_size:])
+        epoch_order = order[step * self.batch_size:]  # what this iteration yields
+        self._account(epoch_order)
         while step < steps:
             files, labels, keep = self._lists(order)
             lo = step * self.batch_size
@@ -272,7 +273,7 @@ class DaliLoader:
                                 f"fastcls.data.check --strict on the folder. DALI said: "
                                 f"{str(e).strip()[-800:]}") from None
                         self.known_bad.update(found)
-                        self._account(order[step * self.batch_size:])
+                        self._account(epoch_order)  # counted once per epoch, as native does
                         break  # rebuild from `step` with the bad files replaced
                     yield self._to_torch(images, labs, keep[step * self.batch_size:
                                                            (step + 1) * self.batch_size],
