@@ -335,6 +335,7 @@ def test_dali_missing_says_how_to_install(folder, monkeypatch):
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.timeout(900)  # ~1 min on an idle 2-core box; a shared, loaded one needs more
 def test_demo_with_dali_reaches_accuracy_bar(demo_cache, tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/demo.yaml", "data.backend=dali",
