@@ -44,6 +44,12 @@ class RRCConfig:
 
 
 @dataclass(frozen=True)
+class DaliConfig:
+    hw_decoder_load: float = 0.65         # share of JPEGs on the NVJPG hardware decoder (A100/H100/H200)
+    prefetch_queue_depth: int = 2         # batches DALI prepares ahead of the training step
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet50"
     num_classes: int = 1000
@@ -68,6 +74,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01        # undecodable files tolerated per epoch, else fail
     exclude: str = ""                     # file listing images to skip (fastcls.data.check --exclude-out)
     synthetic_images: int = 12800         # epoch length of the synthetic backend
+    dali: DaliConfig = field(default_factory=DaliConfig)  # data.backend=dali only
 
 
 @dataclass(frozen=True)
@@ -332,6 +339,8 @@ def validate(cfg: Config) -> None:
     positive("data.workers", d.workers, allow_zero=True)
     fraction("data.max_bad_fraction", d.max_bad_fraction)
     positive("data.synthetic_images", d.synthetic_images)
+    fraction("data.dali.hw_decoder_load", d.dali.hw_decoder_load)
+    positive("data.dali.prefetch_queue_depth", d.dali.prefetch_queue_depth)
     fraction("augment.label_smoothing", cfg.augment.label_smoothing)
     positive("optim.lr", o.lr)
     positive("optim.base_batch", o.base_batch)

@@ -24,8 +24,6 @@ SPLITS = ("train", "val")
 # Backends that arrive with their own issues: the install command when the package is
 # missing, a clear "not yet" when it is installed.
 _PENDING = {
-    "dali": ("nvidia.dali", "pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
-                            "pip install nvidia-dali-cuda130)"),
     "ffcv": ("ffcv", "apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
                      "pip install 'fastcls[ffcv]'"),
 }
@@ -39,7 +37,19 @@ def dataset_paths(cfg: Config) -> tuple[str, str]:
     return cfg.data.train, cfg.data.val
 
 
+# Backends that need an optional package: the install command when it is missing.
+_REQUIRES = {
+    "dali": ("nvidia.dali", "pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
+                            "pip install nvidia-dali-cuda130)"),
+}
+
+
 def check_backend(name: str) -> None:
+    if name in _REQUIRES:
+        module, install = _REQUIRES[name]
+        if importlib.util.find_spec(module.split(".")[0]) is None or \
+                importlib.util.find_spec(module) is None:
+            raise DatasetError(f"data.backend={name}: {module} is not installed; run: {install}")
     if name in _PENDING:
         module, install = _PENDING[name]
         if importlib.util.find_spec(module.split(".")[0]) is None or \
@@ -73,6 +83,15 @@ def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0
         path = dataset_paths(cfg)[SPLITS.index(split)]
     index = scan_folder(path, key=f"data.{split}", classes=classes if not train else None,
                         exclude=read_exclude(d.exclude))
+    if d.backend == "dali":
+        from .dali import DaliLoader
+        return DaliLoader(
+            index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,
+            scale=d.rrc.scale, ratio=d.rrc.ratio, hflip=d.hflip, workers=d.workers,
+            max_bad_fraction=d.max_bad_fraction, device=device, dtype=dtype, rank=rank,
+            world_size=world_size, seed=cfg.train.seed,
+            prefetch_queue_depth=d.dali.prefetch_queue_depth,
+            hw_decoder_load=d.dali.hw_decoder_load)
     from .native import NativeLoader
     return NativeLoader(
         index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,
