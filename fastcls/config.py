@@ -29,6 +29,8 @@ SCHEDULES = ("cosine", "piecewise", "constant")
 LR_SCALING = ("linear", "sqrt", "none")
 AMP_MODES = ("bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
+NATIVE_DECODE = ("auto", "workers", "batched")  # native backend: PIL workers | batched decode + kernel
+ANTIALIAS = ("auto", "on", "off")               # batched path's resize filter when downscaling
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,8 @@ class DataConfig:
     pin_memory: bool = True
     max_bad_fraction: float = 0.01        # undecodable files tolerated per epoch, else fail
     synthetic_images: int = 12800         # epoch length of the synthetic backend
+    native_decode: str = "auto"           # auto (batched on CUDA, workers on CPU) | workers | batched
+    antialias: str = "auto"               # batched path: on | off | auto (only when downscaling > 2x)
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,8 @@ def validate(cfg: Config) -> None:
     _choice("schedule.name", s.name, SCHEDULES)
     _choice("train.amp", t.amp, AMP_MODES)
     _choice("train.device", t.device, DEVICES)
+    _choice("data.native_decode", d.native_decode, NATIVE_DECODE)
+    _choice("data.antialias", d.antialias, ANTIALIAS)
     names = model_names()
     if cfg.model.name not in names:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; valid choices: "
