@@ -122,3 +122,17 @@ def test_triton_cuda_matches_reference(dtype):
                                          dtype, aa, out=out)
             tol = dict(rtol=0, atol=2e-4) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
             torch.testing.assert_close(got.float().cpu(), ref.to(dtype).float(), **tol)
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    import json
+    out = tmp_path / "k.json"
+    r = subprocess.run([PY, "benchmarks/kernels.py", "--device", "cpu", "--batch", "3", "--size", "16",
+                        "--min-side", "20", "--max-side", "40", "--warmup", "1", "--steps", "1", "--repeats", "2",
+                        "--out", str(out)], cwd=HERE.parent, env=run_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [row["impl"] for row in res["results"]] == ["fused torch reference", "per-image torch loop"]
+    assert all(row["img_per_s"] > 0 and len(row["runs"]) == 2 for row in res["results"])
+    assert res["mean_abs_diff_vs_loop_255"] < 1.0  # same crops, same filter, uint8 rounding only
