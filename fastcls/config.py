@@ -31,6 +31,7 @@ AMP_MODES = ("bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 NATIVE_DECODE = ("auto", "workers", "batched")  # native backend: PIL workers | batched decode + kernel
 ANTIALIAS = ("auto", "on", "off")               # batched path's resize filter when downscaling
+DECODERS = ("auto", "nvimgcodec", "torchvision")  # batched path's decoder
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ class DataConfig:
     synthetic_images: int = 12800         # epoch length of the synthetic backend
     native_decode: str = "auto"           # auto (batched on CUDA, workers on CPU) | workers | batched
     antialias: str = "auto"               # batched path: on | off | auto (only when downscaling > 2x)
+    decoder: str = "auto"                 # batched path: auto (nvimgcodec if installed) | nvimgcodec | torchvision
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ def validate(cfg: Config) -> None:
     _choice("train.device", t.device, DEVICES)
     _choice("data.native_decode", d.native_decode, NATIVE_DECODE)
     _choice("data.antialias", d.antialias, ANTIALIAS)
+    _choice("data.decoder", d.decoder, DECODERS)
     names = model_names()
     if cfg.model.name not in names:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; valid choices: "

@@ -53,25 +53,34 @@ BOX_FIELDS = 4
 # --------------------------------------------------------------------------- host helpers
 
 def pack_images(images: Sequence[torch.Tensor], layout: str = "CHW") -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    """Concatenate uint8 images (each 3×H×W for "CHW" or H×W×3 for "HWC") into one flat
-    buffer: one copy for the batch. Returns (src, geom with lo/hi = the whole image,
-    [(H, W)]); callers narrow lo/hi for crops with `set_window`."""
+    """Concatenate uint8 images into one flat buffer (one copy for the batch, one `cat`).
+
+    Each image is 3×H×W ("CHW") or H×W×3 ("HWC"); a 3×H×W *view* of an HWC buffer (e.g.
+    `hwc.permute(2, 0, 1)`, what nvImageCodec gives) is packed as HWC without a copy, by
+    recording its strides. Anything else (row-padded buffers) is made contiguous first.
+    Returns (src, geom with lo/hi = the whole image, [(H, W)]); `build_params` sets the
+    crop windows."""
     if layout not in ("CHW", "HWC"):
         raise ValueError(f"layout must be CHW or HWC, got {layout!r}")
     if not images:
         raise ValueError("pack_images: empty batch")
-    sizes, rows, offset = [], [], 0
+    sizes, rows, flats, offset = [], [], [], 0
     for im in images:
         if im.dtype != torch.uint8 or im.dim() != 3:
             raise ValueError(f"expected uint8 3-D images, got {im.dtype} {tuple(im.shape)}")
-        h, w = (im.shape[1], im.shape[2]) if layout == "CHW" else (im.shape[0], im.shape[1])
-        if (im.shape[0] if layout == "CHW" else im.shape[2]) != 3:
+        if layout == "HWC":
+            im = im.permute(2, 0, 1)
+        if im.shape[0] != 3:
             raise ValueError(f"expected 3 channels in {layout}, got {tuple(im.shape)}")
-        strides = (h * w, w, 1) if layout == "CHW" else (1, w * 3, 3)
-        rows.append([offset, *strides, 0, h, 0, w])
+        if not (im.is_contiguous() or im.permute(1, 2, 0).is_contiguous()):
+            im = im.contiguous()
+        h, w = im.shape[1], im.shape[2]
+        rows.append([offset, *im.stride(), 0, h, 0, w])
         sizes.append((h, w))
+        # the flat view in memory order, so offset + c*s_c + y*s_y + x*s_x addresses (c, y, x)
+        flats.append((im if im.is_contiguous() else im.permute(1, 2, 0)).reshape(-1))
         offset += im.numel()
-    src = torch.cat([im.contiguous().view(-1) for im in images])
+    src = torch.cat(flats)
     geom = torch.tensor(rows, dtype=torch.int64)
     return src, geom, sizes
 

@@ -19,6 +19,14 @@ from fastcls.data.native_batched import BatchedNativeLoader
 from fastcls.train import main
 
 CPU = torch.device("cpu")
+try:
+    import nvidia.nvimgcodec  # noqa: F401
+    HAVE_NV = True
+except ImportError:
+    HAVE_NV = False
+# Both batch decoders are tested on CPU; CI installs nvImageCodec through the test extra.
+DECODER = pytest.mark.parametrize("decoder", [
+    "torchvision", pytest.param("nvimgcodec", marks=pytest.mark.skipif(not HAVE_NV, reason="pip install 'fastcls[nvimgcodec]'"))])
 M = torch.tensor(MEAN).view(3, 1, 1)
 S = torch.tensor(STD).view(3, 1, 1)
 LO = min((0 - m) / s for m, s in zip(MEAN, STD))
@@ -58,11 +66,22 @@ def test_native_decode_knob_selects_the_path(folder):
         make_cfg(folder, native_decode="gpu")
     with pytest.raises(ConfigError, match="data.antialias"):
         make_cfg(folder, antialias="yes")
+    with pytest.raises(ConfigError, match="data.decoder: unknown name 'nvjpeg'"):
+        make_cfg(folder, decoder="nvjpeg")
+    auto = build_loader(make_cfg(folder), "train", CPU)
+    assert auto.decoder == ("nvimgcodec" if HAVE_NV else "torchvision")
 
 
+@pytest.mark.skipif(HAVE_NV, reason="checks the message when nvImageCodec is missing")
+def test_nvimgcodec_missing_says_how_to_install(folder):
+    with pytest.raises(DatasetError, match=r"nvImageCodec is not installed; run: pip install 'fastcls\[nvimgcodec\]'"):
+        build_loader(make_cfg(folder, decoder="nvimgcodec"), "train", CPU)
+
+
+@DECODER
 @pytest.mark.parametrize("workers,dtype", [(0, torch.float32), (2, torch.bfloat16)])
-def test_batched_contract(folder, workers, dtype):
-    cfg = make_cfg(folder, folder, workers=workers)
+def test_batched_contract(folder, workers, dtype, decoder):
+    cfg = make_cfg(folder, folder, workers=workers, decoder=decoder)
     loader = build_loader(cfg, "train", CPU, dtype=dtype)
     assert loader.classes == ["a", "b", "c"] and len(loader) == 18 // 4
     batches = list(loader)
@@ -100,9 +119,12 @@ def test_train_crops_match_pil_workers_path(tmp_path):
     assert not torch.allclose(a, next(iter(ours))[0])
 
 
-def test_val_matches_torchvision_resize_center_crop(tmp_path):
+@DECODER
+def test_val_matches_torchvision_resize_center_crop(tmp_path, decoder):
     root = smooth_folder(tmp_path / "v", fmt="JPEG")
-    val = build_loader(make_cfg(root, root, antialias="on", batch_size=5), "val", CPU, classes=["a", "b"])
+    val = build_loader(make_cfg(root, root, antialias="on", batch_size=5, decoder=decoder), "val", CPU,
+                       classes=["a", "b"])
+    assert val.decoder == decoder
     x = torch.cat([b for b, _ in val])
     tf = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32)])
     for i, (path, _) in enumerate(val.samples):
@@ -124,7 +146,8 @@ def test_antialias_modes_differ_only_when_downscaling(tmp_path):
 
 # ---------------------------------------------------------------- odd and bad files
 
-def test_grayscale_cmyk_png_tiny_decode_as_rgb(tmp_path):
+@DECODER
+def test_grayscale_cmyk_png_tiny_decode_as_rgb(tmp_path, decoder):
     rng = np.random.default_rng(0)
     write_image(tmp_path / "a" / "gray.jpg", rng, mode="L")
     smooth_folder(tmp_path.parent / (tmp_path.name + "_s"), n=1, fmt="PNG")
@@ -132,7 +155,7 @@ def test_grayscale_cmyk_png_tiny_decode_as_rgb(tmp_path):
     write_image(tmp_path / "a" / "png_named.jpg", rng, fmt="PNG")
     write_image(tmp_path / "a" / "tiny.jpg", rng, size=(1, 1))
     write_image(tmp_path / "a" / "z.bmp", rng, fmt="BMP")
-    cfg = make_cfg(tmp_path, tmp_path, batch_size=5, antialias="on")
+    cfg = make_cfg(tmp_path, tmp_path, batch_size=5, antialias="on", decoder=decoder)
     val = build_loader(cfg, "val", CPU, classes=["a"])
     (x, y), = list(val)
     assert x.shape == (5, 3, 32, 32) and val.bad_files == []
@@ -154,18 +177,20 @@ def _bad_folder(tmp_path):
     return root
 
 
-def test_bad_files_counted_and_replaced_in_train(tmp_path):
+@DECODER
+def test_bad_files_counted_and_replaced_in_train(tmp_path, decoder):
     root = _bad_folder(tmp_path)
-    loader = build_loader(make_cfg(root, max_bad_fraction=0.5, batch_size=23), "train", CPU)
+    loader = build_loader(make_cfg(root, max_bad_fraction=0.5, batch_size=23, decoder=decoder), "train", CPU)
     (x, y), = list(loader)
     assert x.shape[0] == 23 and torch.isfinite(x).all()
     names = sorted(p.split(":")[0].rsplit("/", 1)[1] for p in loader.bad_files)
     assert names == ["text.jpg", "trunc.jpg", "zero.jpg"]
 
 
-def test_bad_files_dropped_in_eval_and_limit(tmp_path):
+@DECODER
+def test_bad_files_dropped_in_eval_and_limit(tmp_path, decoder):
     root = _bad_folder(tmp_path)
-    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5), "val", CPU, classes=["a", "b"])
+    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5, decoder=decoder), "val", CPU, classes=["a", "b"])
     assert sum(y.shape[0] for _, y in val) == 20 and len(val.bad_files) == 3
     strict = build_loader(make_cfg(root, root, max_bad_fraction=0.0), "val", CPU, classes=["a", "b"])
     with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*(zero|text|trunc)\.jpg"):
@@ -203,30 +228,31 @@ def test_trainer_runs_on_batched_path(tmp_path):
 # ---------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
+@DECODER
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_batched_matches_cpu_batched(tmp_path, dtype):
+def test_cuda_batched_matches_cpu_batched(tmp_path, dtype, decoder):
     """nvJPEG + Triton kernel on CUDA vs libjpeg + torch reference on CPU, same boxes."""
     root = smooth_folder(tmp_path / "d", fmt="JPEG")
     dev = torch.device("cuda")
-    cfg = make_cfg(root, root, batch_size=4, workers=2)
-    gpu = build_loader(cfg, "train", dev, dtype=dtype)
-    cpu = build_loader(cfg, "train", CPU)
+    gpu = build_loader(make_cfg(root, root, batch_size=4, workers=2, decoder=decoder), "train", dev, dtype=dtype)
+    cpu = build_loader(make_cfg(root, root, batch_size=4, workers=2, decoder="torchvision"), "train", CPU)
     for (x, y), (xc, yc) in zip(gpu, cpu, strict=True):
         assert x.device.type == "cuda" and x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(y.cpu(), yc)
         # nvJPEG's IDCT/upsampling differs from libjpeg-turbo's by a level or two
         assert ((x.float().cpu() - xc) * S).abs().mean() < 2.0
-    val = build_loader(cfg, "val", dev, classes=gpu.classes)
+    val = build_loader(make_cfg(root, root, batch_size=4, decoder=decoder), "val", dev, classes=gpu.classes)
     assert sum(y.shape[0] for _, y in val) == 12
 
 
 @pytest.mark.gpu
-def test_cuda_bad_and_odd_files(tmp_path):
+@DECODER
+def test_cuda_bad_and_odd_files(tmp_path, decoder):
     root = _bad_folder(tmp_path)
     rng = np.random.default_rng(0)
     write_image(root / "a" / "gray.jpg", rng, mode="L")
     write_image(root / "a" / "cmyk.jpg", rng, mode="CMYK")
     write_image(root / "a" / "png_named.jpg", rng, fmt="PNG")
     dev = torch.device("cuda")
-    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5), "val", dev, classes=["a", "b"])
+    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5, decoder=decoder), "val", dev, classes=["a", "b"])
     assert sum(y.shape[0] for _, y in val) == 23 and len(val.bad_files) == 3

@@ -2,10 +2,12 @@
 
 DataLoader workers only read file bytes. The main process then, per batch:
 
-1. decodes every JPEG of the batch in one call, `torchvision.io.decode_jpeg(list,
-   device=...)` (nvJPEG on CUDA, libjpeg-turbo on CPU), grayscale and CMYK to RGB; a
-   non-JPEG file (PNG named .jpg, ...) or a JPEG the batch decoder refuses is decoded alone
-   on the CPU (torchvision, then PIL) and moved to the device;
+1. decodes the batch in one call (`data.decoder`): nvImageCodec when installed (on CUDA
+   the hardware JPEG engines + CUDA decoder, on CPU its CPU-only backend), otherwise
+   `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA, libjpeg-turbo on CPU);
+   grayscale and CMYK come out RGB; a file the batch decoder refuses (PNG named .jpg, a
+   JPEG flavour nvJPEG lacks) is decoded alone on the CPU (torchvision, then PIL) and
+   moved to the device;
 2. samples each crop box on the CPU from the decoded size with the per-sample generator
    (seed, epoch, index): the same boxes and flips as the PIL-worker path;
 3. runs ONE fused kernel for the ragged batch (kernels/resized_crop.py: crop -> bilinear
@@ -22,6 +24,7 @@ normalized; labels int64 on `device`.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from typing import Iterator, Optional
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import DECODERS
 from .crop import sample_rrc
 from .folder import DatasetError, FolderIndex
 from .native import MEAN, STD, NativeLoader, _REPLACEMENT_TRIES
@@ -66,26 +70,86 @@ def decode_one_cpu(data: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_batch(datas: list[torch.Tensor], device: torch.device) -> tuple[list[Optional[torch.Tensor]], list[Optional[str]]]:
+def resolve_decoder(name: str) -> str:
+    """data.decoder -> "nvimgcodec" | "torchvision" (auto: nvImageCodec when installed)."""
+    if name not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {name!r}")
+    have = importlib.util.find_spec("nvidia") is not None and \
+        importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    if name == "nvimgcodec" and not have:
+        raise DatasetError("data.decoder=nvimgcodec: nvImageCodec is not installed; run: "
+                           "pip install 'fastcls[nvimgcodec]'  (= nvidia-nvimgcodec-cu12 + nvidia-nvjpeg-cu12; "
+                           "CUDA 13: nvidia-nvimgcodec-cu13 nvidia-nvjpeg-cu13)")
+    if name == "auto":
+        return "nvimgcodec" if have else "torchvision"
+    return name
+
+
+class NvImageCodecDecoder:
+    """nvImageCodec batch decode: on CUDA the hardware JPEG engines (A100/H100/H200 NVJPG)
+    plus the CUDA decoder; on CPU its CPU-only backend (libjpeg-turbo, PNG, BMP, ...).
+
+    __call__(list of uint8 1-D CPU byte tensors) -> list of uint8 3×H×W RGB views (HWC
+    memory, no copy) on `device`, None where nvImageCodec could not decode."""
+
+    def __init__(self, device: torch.device):
+        from nvidia import nvimgcodec
+        self.nv, self.device = nvimgcodec, device
+        if device.type == "cuda":
+            self.decoder = nvimgcodec.Decoder(device_id=device.index if device.index is not None
+                                              else torch.cuda.current_device())
+        else:
+            self.decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                              backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)])
+        # No EXIF rotation: the same pixels as torchvision.io and the PIL path.
+        self.params = nvimgcodec.DecodeParams(apply_exif_orientation=False,
+                                              color_spec=nvimgcodec.ColorSpec.SRGB,
+                                              sample_format=nvimgcodec.SampleFormat.I_RGB)
+
+    def __call__(self, datas: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+        outs = self.decoder.decode([d.numpy() for d in datas], params=self.params, cuda_stream=stream)
+        images: list[Optional[torch.Tensor]] = []
+        for o in outs:
+            if o is None:
+                images.append(None)
+            elif o.buffer_kind == self.nv.ImageBufferKind.STRIDED_DEVICE:
+                images.append(torch.from_dlpack(o).permute(2, 0, 1))
+            else:  # host image (CPU backend, or a codec without a GPU decoder)
+                t = torch.from_numpy(np.asarray(o))
+                images.append(t.to(self.device, non_blocking=True).permute(2, 0, 1))
+        return images
+
+
+def decode_batch(datas: list[torch.Tensor], device: torch.device,
+                 nvdecoder: Optional[NvImageCodecDecoder] = None) -> tuple[list[Optional[torch.Tensor]], list[Optional[str]]]:
     """Decode file bytes (CPU uint8 1-D) -> (uint8 3×H×W RGB on `device` or None, error or None).
 
-    JPEGs go through one batched `decode_jpeg` call; if it raises (one bad file fails the
-    whole call), they are retried one by one so only the bad ones are lost."""
+    With `nvdecoder`, nvImageCodec decodes the whole batch (any format it knows). Else JPEGs
+    go through one batched torchvision `decode_jpeg` call; if it raises (one bad file fails
+    the whole call), they are retried one by one so only the bad ones are lost. Whatever is
+    left is decoded alone on the CPU (torchvision, then PIL) and moved to the device."""
     from torchvision.io import ImageReadMode, decode_jpeg
     images: list[Optional[torch.Tensor]] = [None] * len(datas)
     errors: list[Optional[str]] = [None] * len(datas)
-    jpeg = [i for i, d in enumerate(datas) if _is_jpeg(d)]
-    alone = [i for i in range(len(datas)) if not _is_jpeg(datas[i])]
-    if jpeg:
-        try:
-            out = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
-            for i, im in zip(jpeg, out):
-                images[i] = im
-        except RuntimeError:
-            alone += jpeg  # rare: find the bad file(s) one at a time
+    if not datas:
+        return images, errors
+    if nvdecoder is not None:
+        images = nvdecoder(datas)
+        alone = [i for i, im in enumerate(images) if im is None]
+    else:
+        jpeg = [i for i, d in enumerate(datas) if _is_jpeg(d)]
+        alone = [i for i in range(len(datas)) if not _is_jpeg(datas[i])]
+        if jpeg:
+            try:
+                out = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+                for i, im in zip(jpeg, out):
+                    images[i] = im
+            except RuntimeError:
+                alone += jpeg  # rare: find the bad file(s) one at a time
     for i in alone:
         try:
-            if device.type == "cuda" and _is_jpeg(datas[i]):
+            if nvdecoder is None and device.type == "cuda" and _is_jpeg(datas[i]):
                 try:
                     images[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device)
                     continue
@@ -148,7 +212,8 @@ class BatchedNativeLoader:
     def __init__(self, index: FolderIndex, *, train: bool, batch_size: int, image_size: int,
                  val_resize: int, scale, ratio, hflip: float, workers: int,
                  max_bad_fraction: float, device: torch.device, dtype: torch.dtype,
-                 rank: int, world_size: int, seed: int, antialias: str = "auto"):
+                 rank: int, world_size: int, seed: int, antialias: str = "auto",
+                 decoder: str = "auto"):
         if antialias not in ANTIALIAS_ABOVE:
             raise ValueError(f"antialias must be one of {list(ANTIALIAS_ABOVE)}, got {antialias!r}")
         self.classes = index.classes
@@ -159,6 +224,8 @@ class BatchedNativeLoader:
         self.size, self.val_resize = image_size, val_resize
         self.scale, self.ratio, self.hflip, self.seed = tuple(scale), tuple(ratio), hflip, seed
         self.antialias_above = ANTIALIAS_ABOVE[antialias]
+        self.decoder = resolve_decoder(decoder)  # "nvimgcodec" | "torchvision"
+        self._nv: Optional[NvImageCodecDecoder] = None  # created on first use, main process only
         self.sampler = ShardBatchSampler(len(index.samples), batch_size, rank, world_size,
                                          train=train, seed=seed)
         self._batches = _FromStep(self.sampler)
@@ -186,6 +253,11 @@ class BatchedNativeLoader:
 
     # ------------------------------------------------------------------ one batch
 
+    def _nvdecoder(self) -> Optional[NvImageCodecDecoder]:
+        if self.decoder == "nvimgcodec" and self._nv is None:
+            self._nv = NvImageCodecDecoder(self.device)
+        return self._nv
+
     def _replace(self, key: int, epoch: int) -> tuple[torch.Tensor, int, np.random.Generator]:
         """Training: another sample for a file that failed, drawn from its own generator
         (rare path: read + decoded alone in the main process)."""
@@ -195,7 +267,7 @@ class BatchedNativeLoader:
             j = int(rng.integers(len(self.samples)))
             path, label = self.samples[j]
             try:
-                (img,), (err,) = decode_batch([read_bytes(path)], self.device)
+                (img,), (err,) = decode_batch([read_bytes(path)], self.device, self._nvdecoder())
             except OSError as e:
                 img, err = None, f"{type(e).__name__}: {e}"
             if img is not None:
@@ -210,7 +282,7 @@ class BatchedNativeLoader:
                                                   resized_crop_normalize, rrc_box)
         datas, labels, idxs, read_errors = batch
         epoch = self.sampler.epoch
-        images, errors = decode_batch(datas, self.device)
+        images, errors = decode_batch(datas, self.device, self._nvdecoder())
         bad = []
         kept_images, kept_labels, boxes, windows, flips = [], [], [], [], []
         for img, label, idx, rerr, derr in zip(images, labels, idxs, read_errors, errors):
@@ -238,7 +310,7 @@ class BatchedNativeLoader:
         if not kept_images:
             return torch.empty((0, 3, self.size, self.size), dtype=self.dtype, device=self.device,
                                memory_format=torch.channels_last), y
-        src, geom, _ = pack_images(kept_images, "CHW")
+        src, geom, _ = pack_images(kept_images)  # CHW or HWC-memory views: strides recorded
         geom, box = build_params(geom, boxes, windows)
         flip = torch.tensor(flips, dtype=torch.uint8)
         x = resized_crop_normalize(src, geom, box, flip, (self.size, self.size), MEAN, STD,
