@@ -19,9 +19,12 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
-        "test": ["pytest", "pytest-timeout"],
+        # nvImageCodec: GPU batch decode on the hardware JPEG engines (CUDA 13: the -cu13 wheels)
+        "nvimgcodec": ["nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
+        # nvidia-nvimgcodec-cu12 (32 MB, no CUDA needed) so CI tests its CPU-only decode path
+        "test": ["pytest", "pytest-timeout", "nvidia-nvimgcodec-cu12"],
         "all": ["nvidia-dali-cuda120", "ffcv", "numba", "opencv-python-headless",
-                "pytest", "pytest-timeout"],
+                "pytest", "pytest-timeout", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
     },
     entry_points={"console_scripts": ["fastcls-train=fastcls.train:main"]},
 )

@@ -79,7 +79,7 @@ def resolve_decoder(name: str) -> str:
     if name == "nvimgcodec" and not have:
         raise DatasetError("data.decoder=nvimgcodec: nvImageCodec is not installed; run: "
                            "pip install 'fastcls[nvimgcodec]'  (= nvidia-nvimgcodec-cu12 + nvidia-nvjpeg-cu12; "
-                           "CUDA 13: nvidia-nvimgcodec-cu13 nvidia-nvjpeg-cu13)")
+                           "CUDA 13: pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)")
     if name == "auto":
         return "nvimgcodec" if have else "torchvision"
     return name
