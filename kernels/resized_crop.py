@@ -135,15 +135,21 @@ def _alloc(n, out_hw, dtype, device, out):
 
 # --------------------------------------------------------------------------- reference
 
-def _axis_weights(n_out: int, origin: float, scale: float, lo: int, hi: int,
-                  antialias_above: float) -> torch.Tensor:
-    """n_out × (hi - lo) float64 matrix: row i = normalized triangle-filter weights of
-    output pixel i over source pixels lo..hi-1 (torch's separable bilinear/antialias)."""
+def _axis_taps(n_out: int, origin: float, scale: float, lo: int, hi: int,
+               antialias_above: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Filter taps of one axis: (index n_out×T into the window lo..hi-1, weight n_out×T
+    float32, rows summing to 1). Output pixel i is centred at c = origin + (i + .5) * scale;
+    source pixel k (covering [k, k+1)) weighs max(0, 1 - |k + .5 - c| / support), support =
+    scale when antialiasing a downscale, else 1 (2-tap bilinear): torch's separable filter."""
     support = scale if (scale > antialias_above and scale > 1.0) else 1.0
+    taps = int(2 * support) + 2
     centre = origin + (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale
-    pix = torch.arange(lo, hi, dtype=torch.float64) + 0.5
-    w = (1.0 - (pix[None, :] - centre[:, None]).abs() / support).clamp_min(0.0)
-    return w / w.sum(1, keepdim=True)
+    first = torch.floor(centre - support + 0.5).clamp_min(lo)
+    k = first[:, None] + torch.arange(taps, dtype=torch.float64)            # source pixels
+    w = (1.0 - (k + 0.5 - centre[:, None]).abs() / support).clamp_min(0.0)
+    w = torch.where(k < hi, w, 0.0)
+    w = w / w.sum(1, keepdim=True)
+    return (k.clamp_max(hi - 1) - lo).long(), w.float()
 
 
 def resized_crop_normalize_reference(src: torch.Tensor, geom: torch.Tensor, box: torch.Tensor,
@@ -152,8 +158,9 @@ def resized_crop_normalize_reference(src: torch.Tensor, geom: torch.Tensor, box:
                                      dtype: torch.dtype = torch.float32,
                                      antialias_above: float = 1.0,
                                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Plain-torch version: per image, out = Wy @ window @ Wx^T with the filter as dense
-    weight matrices (two small matmuls per channel). Same contract as the module doc."""
+    """Plain-torch version, one image at a time, separable: gather the taps of every output
+    column and weight them (horizontal pass), then the same for rows. Same contract as the
+    module doc; on CPU this is what the batched loader runs."""
     _check(src, geom, box, flip, out_hw)
     n = geom.shape[0]
     out = _alloc(n, out_hw, dtype, src.device, out)
@@ -163,10 +170,11 @@ def resized_crop_normalize_reference(src: torch.Tensor, geom: torch.Tensor, box:
     for i in range(n):
         off, sc, sy, sx, lo_y, hi_y, lo_x, hi_x = g[i]
         oy, ox, scy, scx = b[i]
-        win = src.as_strided((3, hi_y - lo_y, hi_x - lo_x), (sc, sy, sx), off + lo_y * sy + lo_x * sx)
-        wy = _axis_weights(out_hw[0], oy, scy, lo_y, hi_y, antialias_above).to(src.device, torch.float32)
-        wx = _axis_weights(out_hw[1], ox, scx, lo_x, hi_x, antialias_above).to(src.device, torch.float32)
-        img = wy @ win.float() @ wx.T                       # 3×H×W
+        win = src.as_strided((3, hi_y - lo_y, hi_x - lo_x), (sc, sy, sx), off + lo_y * sy + lo_x * sx).float()
+        iy, wy = (t.to(src.device) for t in _axis_taps(out_hw[0], oy, scy, lo_y, hi_y, antialias_above))
+        ix, wx = (t.to(src.device) for t in _axis_taps(out_hw[1], ox, scx, lo_x, hi_x, antialias_above))
+        rows = (win[:, :, ix] * wx).sum(-1)                        # 3 × h × W
+        img = (rows[:, iy, :] * wy[:, :, None]).sum(2)             # 3 × H × W
         if f[i]:
             img = img.flip(-1)
         out[i] = ((img - m) / s).to(dtype)
