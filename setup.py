@@ -19,8 +19,9 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
-        # nvImageCodec: GPU batch decode on the hardware JPEG engines (CUDA 13: the -cu13 wheels)
+        # nvImageCodec: GPU batch decode on the hardware JPEG engines (torch built for CUDA 12 / 13)
         "nvimgcodec": ["nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
+        "nvimgcodec-cu13": ["nvidia-nvimgcodec-cu13", "nvidia-nvjpeg"],
         # nvidia-nvimgcodec-cu12 (32 MB, no CUDA needed) so CI tests its CPU-only decode path
         "test": ["pytest", "pytest-timeout", "nvidia-nvimgcodec-cu12"],
         "all": ["nvidia-dali-cuda120", "ffcv", "numba", "opencv-python-headless",

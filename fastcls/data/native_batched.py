@@ -79,7 +79,7 @@ def resolve_decoder(name: str) -> str:
     if name == "nvimgcodec" and not have:
         raise DatasetError("data.decoder=nvimgcodec: nvImageCodec is not installed; run: "
                            "pip install 'fastcls[nvimgcodec]'  (= nvidia-nvimgcodec-cu12 + nvidia-nvjpeg-cu12; "
-                           "CUDA 13: pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)")
+                           "CUDA 13: pip install 'fastcls[nvimgcodec-cu13]')")
     if name == "auto":
         return "nvimgcodec" if have else "torchvision"
     return name
@@ -250,9 +250,9 @@ class BatchedNativeLoader:
                                          train=train, seed=seed)
         self._batches = _FromStep(self.sampler)
         self.loader = DataLoader(
-            FileBytes(index, train, self.scale, self.ratio, hflip, seed), batch_sampler=self._batches, num_workers=workers,
-            collate_fn=collate_bytes, persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            FileBytes(index, train, self.scale, self.ratio, hflip, seed),
+            batch_sampler=self._batches, num_workers=workers, collate_fn=collate_bytes,
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=_worker_init if workers > 0 else None)
         self.max_bad_fraction = max_bad_fraction
         self.bad_files: list[str] = []
