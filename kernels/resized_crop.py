@@ -219,8 +219,12 @@ if triton is not None:
         # First tap and tap count: pixels k with |k + .5 - c| < support, inside [lo, hi).
         y0 = tl.maximum(tl.floor(cy - sup_y + 0.5).to(tl.int64), lo_y)
         x0 = tl.maximum(tl.floor(cx - sup_x + 0.5).to(tl.int64), lo_x)
-        taps_y = (2.0 * sup_y).to(tl.int32) + 2
-        taps_x = (2.0 * sup_x).to(tl.int32) + 2
+        # At most ceil(2 * support) pixels lie strictly within `support` of a centre, and
+        # y0/x0 is the first of them: 2 taps per axis for plain bilinear.
+        taps_y = (2.0 * sup_y).to(tl.int32)
+        taps_y += (taps_y.to(tl.float32) < 2.0 * sup_y).to(tl.int32)
+        taps_x = (2.0 * sup_x).to(tl.int32)
+        taps_x += (taps_x.to(tl.float32) < 2.0 * sup_x).to(tl.int32)
         wx_sum = tl.zeros([BLOCK], dtype=tl.float32)
         for tx in range(0, taps_x):
             xx = x0 + tx
