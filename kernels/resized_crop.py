@@ -35,6 +35,7 @@ DALI fuses this but is the dependency this path exists to avoid.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -279,9 +280,11 @@ def resized_crop_normalize_triton(src: torch.Tensor, geom: torch.Tensor, box: to
     flip = flip.to(dev, torch.uint8, non_blocking=True)
     aa = float(antialias_above) if math.isfinite(antialias_above) else 3.0e38
     grid = (n, triton.cdiv(out_hw[0] * out_hw[1], block))
-    _resized_crop_kernel[grid](src, geom, box, flip, out, out_hw[0], out_hw[1], aa,
-                               float(mean[0]), float(mean[1]), float(mean[2]),
-                               1.0 / std[0], 1.0 / std[1], 1.0 / std[2], BLOCK=block)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        # Triton launches on the current device: make it the tensors' one (multi-GPU hosts)
+        _resized_crop_kernel[grid](src, geom, box, flip, out, out_hw[0], out_hw[1], aa,
+                                   float(mean[0]), float(mean[1]), float(mean[2]),
+                                   1.0 / std[0], 1.0 / std[1], 1.0 / std[2], BLOCK=block)
     return out
 
 
