@@ -168,6 +168,25 @@ def test_grayscale_cmyk_png_tiny_decode_as_rgb(tmp_path, decoder):
     assert [tuple(b.shape) for b, _ in train] == [(5, 3, 32, 32)] and train.bad_files == []
 
 
+def test_truncation_check_keeps_valid_jpegs(tmp_path):
+    """Truncated JPEGs are caught before decode (GPU decoders may not refuse them); valid
+    baseline/progressive JPEGs, with or without bytes after the end marker, pass."""
+    from fastcls.data.native_batched import jpeg_truncated
+    arr = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    for progressive in (False, True):
+        Image.fromarray(arr).save(tmp_path / "x.jpg", quality=90, progressive=progressive)
+        raw = (tmp_path / "x.jpg").read_bytes()
+        assert not jpeg_truncated(raw) and not jpeg_truncated(raw + b"\0" * 64)
+        assert jpeg_truncated(raw[: len(raw) * 2 // 3]) and jpeg_truncated(raw[:-2])
+    assert not jpeg_truncated(b"\x89PNG....")
+    root = tmp_path / "d"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "trailing.jpg").write_bytes(raw + b"\0" * 64)
+    (root / "a" / "cut.jpg").write_bytes(raw[:-2])
+    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5), "val", CPU, classes=["a"])
+    assert sum(y.shape[0] for _, y in val) == 1 and "cut.jpg: truncated JPEG" in val.bad_files[0]
+
+
 def _bad_folder(tmp_path):
     root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=(10, 10))
     (root / "a" / "zero.jpg").write_bytes(b"")

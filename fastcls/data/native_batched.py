@@ -44,11 +44,14 @@ from .sampler import ShardBatchSampler
 ANTIALIAS_ABOVE = {"on": 1.0, "auto": 2.0, "off": math.inf}
 
 
-def read_bytes(path: str) -> torch.Tensor:
-    """A file's bytes as a uint8 1-D CPU tensor (empty for an empty file)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+def jpeg_truncated(raw: bytes) -> bool:
+    """True for a JPEG cut short: no end-of-image marker (FF D9) after its last start-of-scan
+    (FF DA). libjpeg refuses such files but GPU decoders may return them half grey, so
+    they are caught here, the same for every decoder. (Entropy-coded data cannot contain
+    FF D9: a data FF byte is always followed by 00; trailing bytes after EOI are allowed.)"""
+    if raw[:2] != b"\xff\xd8":
+        return False
+    return raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda")
 
 
 def _is_jpeg(data: torch.Tensor) -> bool:
@@ -184,6 +187,8 @@ class FileBytes(Dataset):
                 raw = f.read()
         except OSError as e:
             return torch.empty(0, dtype=torch.uint8), label, idx, f"{type(e).__name__}: {e}", None
+        if jpeg_truncated(raw):
+            return torch.empty(0, dtype=torch.uint8), label, idx, "truncated JPEG (no end-of-image marker)", None
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
         crop = None
         if self.train and raw:
@@ -285,15 +290,13 @@ class BatchedNativeLoader:
         errors = []
         for _ in range(_REPLACEMENT_TRIES):
             j = int(rng.integers(len(self.samples)))
-            path, label = self.samples[j]
-            try:
-                (img,), (err,) = decode_batch([read_bytes(path)], self.device, self._nvdecoder())
-            except OSError as e:
-                img, err = None, f"{type(e).__name__}: {e}"
-            if img is not None:
-                return img, label, rng
-            errors.append(f"{path}: {err}")
-            self._account([f"{path}: {err}"])
+            data, label, _, err, _ = self.loader.dataset[(j, epoch)]  # same read + checks
+            if err is None:
+                (img,), (err,) = decode_batch([data], self.device, self._nvdecoder())
+                if img is not None:
+                    return img, label, rng
+            errors.append(f"{self.samples[j][0]}: {err}")
+            self._account(errors[-1:])
         raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode: {errors}")
 
     def _process(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
