@@ -141,8 +141,9 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
         images = nvdecoder(datas)
         alone = [i for i, im in enumerate(images) if im is None]
     else:
-        jpeg = [i for i, d in enumerate(datas) if _is_jpeg(d)]
-        alone = [i for i in range(len(datas)) if not _is_jpeg(datas[i])]
+        is_jpeg = [_is_jpeg(d) for d in datas]
+        jpeg = [i for i, j in enumerate(is_jpeg) if j]
+        alone = [i for i, j in enumerate(is_jpeg) if not j]
         if jpeg:
             try:
                 out = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
