@@ -8,8 +8,9 @@ DataLoader workers only read file bytes. The main process then, per batch:
    grayscale and CMYK come out RGB; a file the batch decoder refuses (PNG named .jpg, a
    JPEG flavour nvJPEG lacks) is decoded alone on the CPU (torchvision, then PIL) and
    moved to the device;
-2. samples each crop box on the CPU from the decoded size with the per-sample generator
-   (seed, epoch, index): the same boxes and flips as the PIL-worker path;
+2. uses the crop box and flip each worker drew on the CPU from the header's image size
+   with the per-sample generator (seed, epoch, index): the same boxes and flips as the
+   PIL-worker path (redrawn here only if the decoded size differs or for a replacement);
 3. runs ONE fused kernel for the ragged batch (kernels/resized_crop.py: crop -> bilinear
    resize, antialias per `data.antialias` -> flip -> normalize -> cast -> channels_last):
    Triton on CUDA, the torch reference on CPU.
@@ -322,7 +323,8 @@ class BatchedNativeLoader:
             h, w = img.shape[1], img.shape[2]
             if self.train:
                 if crop is None or crop[5:] != (h, w):  # header size unknown or not the decoded one
-                    rng = rng or np.random.default_rng((self.seed, epoch, idx))
+                    if rng is None:
+                        rng = np.random.default_rng((self.seed, epoch, idx))
                     crop = (*sample_rrc(w, h, self.scale, self.ratio, rng), bool(rng.random() < self.hflip))
                 b, win = rrc_box(*crop[:4], (self.size, self.size))
                 flips.append(crop[4])
