@@ -19,9 +19,14 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
-        "test": ["pytest", "pytest-timeout", "timm"],  # timm: reference for mixup/cutmix tests
+        # nvImageCodec: GPU batch decode on the hardware JPEG engines (torch built for CUDA 12 / 13)
+        "nvimgcodec": ["nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
+        "nvimgcodec-cu13": ["nvidia-nvimgcodec-cu13", "nvidia-nvjpeg"],
+        # timm: reference for the mixup/cutmix tests; nvidia-nvimgcodec-cu12 (32 MB, no CUDA
+        # needed) so CI tests its CPU-only decode path
+        "test": ["pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12"],
         "all": ["nvidia-dali-cuda120", "ffcv", "numba", "opencv-python-headless",
-                "pytest", "pytest-timeout", "timm"],
+                "pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
     },
     entry_points={"console_scripts": ["fastcls-train=fastcls.train:main"]},
 )

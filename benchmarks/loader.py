@@ -91,8 +91,11 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="ImageFolder root (e.g. /d/train)")
     src.add_argument("--demo", action="store_true", help="use the embedded demo dataset")
-    p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma list; unavailable ones are reported and skipped")
+    p.add_argument("--backends", default=",".join(
+                       b for n in BACKENDS for b in (("native:workers", "native:batched") if n == "native" else (n,))),
+                   help="comma list; unavailable ones are reported and skipped; native:workers|batched "
+                        "picks data.native_decode (plain native = auto), native:batched:torchvision|"
+                        "nvimgcodec also data.decoder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2)
@@ -125,7 +128,11 @@ def main(argv=None) -> int:
 
     rows, skipped = [], {}
     for name in args.backends.split(","):
-        tree["data"]["backend"] = name
+        backend, _, rest = name.partition(":")
+        decode, _, decoder = rest.partition(":")
+        tree["data"]["backend"] = backend
+        tree["data"]["native_decode"] = decode or "auto"
+        tree["data"]["decoder"] = decoder or "auto"
         try:
             cfg = config_from_dict(tree, "benchmark")
             loader = build_loader(cfg, "train", device)

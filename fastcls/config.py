@@ -29,6 +29,9 @@ SCHEDULES = ("cosine", "piecewise", "constant")
 LR_SCALING = ("linear", "sqrt", "none")
 AMP_MODES = ("bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
+NATIVE_DECODE = ("auto", "workers", "batched")  # native backend: PIL workers | batched decode + kernel
+ANTIALIAS = ("auto", "on", "off")               # batched path's resize filter when downscaling
+DECODERS = ("auto", "nvimgcodec", "torchvision")  # batched path's decoder
 
 
 class ConfigError(ValueError):
@@ -75,6 +78,9 @@ class DataConfig:
     exclude: str = ""                     # file listing images to skip (fastcls.data.check --exclude-out)
     synthetic_images: int = 12800         # epoch length of the synthetic backend
     dali: DaliConfig = field(default_factory=DaliConfig)  # data.backend=dali only
+    native_decode: str = "auto"           # auto (batched on CUDA, workers on CPU) | workers | batched
+    antialias: str = "auto"               # batched path: on | off | auto (only when downscaling > 2x)
+    decoder: str = "auto"                 # batched path: auto (nvimgcodec if installed) | nvimgcodec | torchvision
 
 
 @dataclass(frozen=True)
@@ -303,6 +309,9 @@ def validate(cfg: Config) -> None:
     _choice("schedule.name", s.name, SCHEDULES)
     _choice("train.amp", t.amp, AMP_MODES)
     _choice("train.device", t.device, DEVICES)
+    _choice("data.native_decode", d.native_decode, NATIVE_DECODE)
+    _choice("data.antialias", d.antialias, ANTIALIAS)
+    _choice("data.decoder", d.decoder, DECODERS)
     names = model_names()
     if cfg.model.name not in names:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; valid choices: "

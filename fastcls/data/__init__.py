@@ -92,6 +92,13 @@ def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0
             world_size=world_size, seed=cfg.train.seed,
             prefetch_queue_depth=d.dali.prefetch_queue_depth,
             hw_decoder_load=d.dali.hw_decoder_load)
+    if d.native_decode == "batched" or (d.native_decode == "auto" and device.type == "cuda"):
+        from .native_batched import BatchedNativeLoader
+        return BatchedNativeLoader(
+            index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,
+            scale=d.rrc.scale, ratio=d.rrc.ratio, hflip=d.hflip, workers=d.workers,
+            max_bad_fraction=d.max_bad_fraction, device=device, dtype=dtype, rank=rank,
+            world_size=world_size, seed=cfg.train.seed, antialias=d.antialias, decoder=d.decoder)
     from .native import NativeLoader
     return NativeLoader(
         index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,

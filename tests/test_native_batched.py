@@ -1,0 +1,277 @@
+"""The native backend's batched path (data.native_decode=batched): byte-reading workers,
+one batched decode, one fused crop/resize/normalize kernel; end to end through
+build_loader on CPU (torch reference kernel), on CUDA with nvJPEG + Triton (gpu tests)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
+from conftest import make_folder, write_image
+from fastcls.config import ConfigError, config_from_dict
+from fastcls.data import DatasetError, build_loader
+from fastcls.data.native import MEAN, STD, NativeLoader
+from fastcls.data.native_batched import BatchedNativeLoader
+from fastcls.train import main
+
+CPU = torch.device("cpu")
+try:
+    import nvidia.nvimgcodec  # noqa: F401
+    HAVE_NV = True
+except ImportError:
+    HAVE_NV = False
+# Both batch decoders are tested on CPU; CI installs nvImageCodec through the test extra.
+DECODER = pytest.mark.parametrize("decoder", [
+    "torchvision", pytest.param("nvimgcodec", marks=pytest.mark.skipif(not HAVE_NV, reason="pip install 'fastcls[nvimgcodec]'"))])
+M = torch.tensor(MEAN).view(3, 1, 1)
+S = torch.tensor(STD).view(3, 1, 1)
+LO = min((0 - m) / s for m, s in zip(MEAN, STD))
+HI = max((255 - m) / s for m, s in zip(MEAN, STD))
+
+
+def make_cfg(train, val="", **data):
+    tree = {"model": {"name": "resnet_tiny", "num_classes": 3},
+            "data": {"train": str(train), "val": str(val), "batch_size": 4, "image_size": 32,
+                     "val_resize": 36, "workers": 0, "native_decode": "batched", **data}}
+    return config_from_dict(tree)
+
+
+def smooth_folder(root, n=6, fmt="PNG"):
+    """Smooth gradients (interpolation differences stay small), 2 classes."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for i in range(n):
+            w, h = int(rng.integers(40, 130)), int(rng.integers(40, 130))
+            yy, xx = np.mgrid[0:h, 0:w]
+            phase = rng.uniform(0, 6)
+            arr = np.stack([127 + 120 * np.sin(xx / w * 3 + phase), 127 + 120 * np.cos(yy / h * 2 + phase),
+                            (xx + yy) * 255 / (w + h)], -1).astype(np.uint8)
+            p = root / c / f"{i:02d}.{fmt.lower().replace('jpeg', 'jpg')}"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(p, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return root
+
+
+# ---------------------------------------------------------------- selection and contract
+
+def test_native_decode_knob_selects_the_path(folder):
+    assert isinstance(build_loader(make_cfg(folder, native_decode="auto"), "train", CPU), NativeLoader)
+    assert isinstance(build_loader(make_cfg(folder, native_decode="workers"), "train", CPU), NativeLoader)
+    assert isinstance(build_loader(make_cfg(folder), "train", CPU), BatchedNativeLoader)
+    with pytest.raises(ConfigError, match="data.native_decode: unknown name 'gpu'; valid choices: auto, workers, batched"):
+        make_cfg(folder, native_decode="gpu")
+    with pytest.raises(ConfigError, match="data.antialias"):
+        make_cfg(folder, antialias="yes")
+    with pytest.raises(ConfigError, match="data.decoder: unknown name 'nvjpeg'"):
+        make_cfg(folder, decoder="nvjpeg")
+    auto = build_loader(make_cfg(folder), "train", CPU)
+    assert auto.decoder == ("nvimgcodec" if HAVE_NV else "torchvision")
+
+
+@pytest.mark.skipif(HAVE_NV, reason="checks the message when nvImageCodec is missing")
+def test_nvimgcodec_missing_says_how_to_install(folder):
+    with pytest.raises(DatasetError, match=r"nvImageCodec is not installed; run: pip install 'fastcls\[nvimgcodec\]'"):
+        build_loader(make_cfg(folder, decoder="nvimgcodec"), "train", CPU)
+
+
+@DECODER
+@pytest.mark.parametrize("workers,dtype", [(0, torch.float32), (2, torch.bfloat16)])
+def test_batched_contract(folder, workers, dtype, decoder):
+    cfg = make_cfg(folder, folder, workers=workers, decoder=decoder)
+    loader = build_loader(cfg, "train", CPU, dtype=dtype)
+    assert loader.classes == ["a", "b", "c"] and len(loader) == 18 // 4
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    seen = []
+    for x, y in batches:
+        assert x.shape == (4, 3, 32, 32) and x.dtype == dtype and x.device == CPU
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == torch.int64 and y.shape == (4,)
+        assert x.float().min() >= LO - 0.02 and x.float().max() <= HI + 0.02
+        seen += y.tolist()
+    assert loader.bad_files == [] and len(seen) == 16
+    val = build_loader(cfg, "val", CPU, dtype=dtype, classes=loader.classes)
+    labels = torch.cat([y for _, y in val])
+    assert labels.tolist() == [0] * 7 + [1] * 5 + [2] * 6  # folder order, every image once
+
+
+def test_train_crops_match_pil_workers_path(tmp_path):
+    """Same seed -> same boxes and flips as the PIL path; pixels agree up to the
+    resampling filter (PNG: identical decoded pixels; PIL's box resize vs torch's)."""
+    root = smooth_folder(tmp_path / "d")
+    ours = build_loader(make_cfg(root, batch_size=3, antialias="on"), "train", CPU)
+    pil = build_loader(make_cfg(root, batch_size=3, native_decode="workers"), "train", CPU)
+    for epoch in (0, 1):
+        ours.set_epoch(epoch)
+        pil.set_epoch(epoch)
+        for (x, y), (xp, yp) in zip(ours, pil, strict=True):
+            assert torch.equal(y, yp)
+            diff = ((x - xp) * S).abs()  # back to 0..255 units
+            assert diff.mean() < 1.0, diff.mean()  # a wrong box/flip gives tens
+    # and a different epoch really draws different crops
+    ours.set_epoch(0)
+    a = next(iter(ours))[0]
+    ours.set_epoch(1)
+    assert not torch.allclose(a, next(iter(ours))[0])
+
+
+@DECODER
+def test_val_matches_torchvision_resize_center_crop(tmp_path, decoder):
+    root = smooth_folder(tmp_path / "v", fmt="JPEG")
+    val = build_loader(make_cfg(root, root, antialias="on", batch_size=5, decoder=decoder), "val", CPU,
+                       classes=["a", "b"])
+    assert val.decoder == decoder
+    x = torch.cat([b for b, _ in val])
+    tf = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32)])
+    for i, (path, _) in enumerate(val.samples):
+        img = decode_jpeg(torch.frombuffer(bytearray(open(path, "rb").read()), dtype=torch.uint8),
+                          mode=ImageReadMode.RGB)
+        ref = (tf(img.float()) - M) / S
+        # same decoder, same filter: float32 summation order only (stated: 1e-4 normalized)
+        torch.testing.assert_close(x[i], ref, rtol=0, atol=1e-4)
+
+
+def test_antialias_modes_differ_only_when_downscaling(tmp_path):
+    root = smooth_folder(tmp_path / "d", n=2)
+    xs = {aa: torch.cat([b for b, _ in build_loader(make_cfg(root, root, antialias=aa, image_size=8,
+                                                             val_resize=8), "val", CPU, classes=["a", "b"])])
+          for aa in ("on", "off", "auto")}
+    assert not torch.allclose(xs["on"], xs["off"])  # 40-130 px -> 8 px: > 2x down everywhere
+    torch.testing.assert_close(xs["auto"], xs["on"])
+
+
+# ---------------------------------------------------------------- odd and bad files
+
+@DECODER
+def test_grayscale_cmyk_png_tiny_decode_as_rgb(tmp_path, decoder):
+    rng = np.random.default_rng(0)
+    write_image(tmp_path / "a" / "gray.jpg", rng, mode="L")
+    smooth_folder(tmp_path.parent / (tmp_path.name + "_s"), n=1, fmt="PNG")
+    Image.open(tmp_path.parent / (tmp_path.name + "_s") / "a" / "00.png").convert("CMYK").save(tmp_path / "a" / "cmyk.jpg", quality=95)
+    write_image(tmp_path / "a" / "png_named.jpg", rng, fmt="PNG")
+    write_image(tmp_path / "a" / "tiny.jpg", rng, size=(1, 1))
+    write_image(tmp_path / "a" / "z.bmp", rng, fmt="BMP")
+    cfg = make_cfg(tmp_path, tmp_path, batch_size=5, antialias="on", decoder=decoder)
+    val = build_loader(cfg, "val", CPU, classes=["a"])
+    (x, y), = list(val)
+    assert x.shape == (5, 3, 32, 32) and val.bad_files == []
+    gray = x[1] * S + M  # sorted: cmyk, gray, png_named, tiny, z
+    torch.testing.assert_close(gray[0], gray[1], atol=1e-3, rtol=0)
+    pil = v2.functional.pil_to_tensor(Image.open(tmp_path / "a" / "cmyk.jpg").convert("RGB")).float()
+    ref = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32)])(pil)
+    assert ((x[0] * S + M) - ref).abs().mean() < 1.0  # CMYK->RGB like PIL (inverted: ~100)
+    train = build_loader(cfg, "train", CPU)
+    assert [tuple(b.shape) for b, _ in train] == [(5, 3, 32, 32)] and train.bad_files == []
+
+
+def test_truncation_check_keeps_valid_jpegs(tmp_path):
+    """Truncated JPEGs are caught before decode (GPU decoders may not refuse them); valid
+    baseline/progressive JPEGs, with or without bytes after the end marker, pass."""
+    from fastcls.data.native_batched import jpeg_truncated
+    arr = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    for progressive in (False, True):
+        Image.fromarray(arr).save(tmp_path / "x.jpg", quality=90, progressive=progressive)
+        raw = (tmp_path / "x.jpg").read_bytes()
+        assert not jpeg_truncated(raw) and not jpeg_truncated(raw + b"\0" * 64)
+        assert jpeg_truncated(raw[: len(raw) * 2 // 3]) and jpeg_truncated(raw[:-2])
+    assert not jpeg_truncated(b"\x89PNG....")
+    root = tmp_path / "d"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "trailing.jpg").write_bytes(raw + b"\0" * 64)
+    (root / "a" / "cut.jpg").write_bytes(raw[:-2])
+    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5), "val", CPU, classes=["a"])
+    assert sum(y.shape[0] for _, y in val) == 1 and "cut.jpg: truncated JPEG" in val.bad_files[0]
+
+
+def _bad_folder(tmp_path):
+    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=(10, 10))
+    (root / "a" / "zero.jpg").write_bytes(b"")
+    (root / "a" / "text.jpg").write_text("not an image")
+    good = (root / "b" / "00.jpg").read_bytes()
+    (root / "b" / "trunc.jpg").write_bytes(good[: len(good) // 3])
+    return root
+
+
+@DECODER
+def test_bad_files_counted_and_replaced_in_train(tmp_path, decoder):
+    root = _bad_folder(tmp_path)
+    loader = build_loader(make_cfg(root, max_bad_fraction=0.5, batch_size=23, decoder=decoder), "train", CPU)
+    (x, y), = list(loader)
+    assert x.shape[0] == 23 and torch.isfinite(x).all()
+    names = sorted(p.split(":")[0].rsplit("/", 1)[1] for p in loader.bad_files)
+    assert names == ["text.jpg", "trunc.jpg", "zero.jpg"]
+
+
+@DECODER
+def test_bad_files_dropped_in_eval_and_limit(tmp_path, decoder):
+    root = _bad_folder(tmp_path)
+    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5, decoder=decoder), "val", CPU, classes=["a", "b"])
+    assert sum(y.shape[0] for _, y in val) == 20 and len(val.bad_files) == 3
+    strict = build_loader(make_cfg(root, root, max_bad_fraction=0.0), "val", CPU, classes=["a", "b"])
+    with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*(zero|text|trunc)\.jpg"):
+        list(strict)
+
+
+# ---------------------------------------------------------------- resume, training
+
+def test_set_epoch_start_step_yields_the_epoch_tail(folder):
+    loader = build_loader(make_cfg(folder, batch_size=3), "train", CPU)
+    loader.set_epoch(2)
+    full = list(loader)
+    loader.set_epoch(2, start_step=3)
+    tail = list(loader)
+    assert len(loader) == 6 and len(tail) == 3
+    for (a, ya), (b, yb) in zip(full[3:], tail, strict=True):
+        assert torch.equal(ya, yb) and torch.equal(a, b)
+    assert len(list(loader)) == 6  # the offset applies to one iteration only
+    with pytest.raises(ValueError, match="start_step"):
+        loader.set_epoch(0, start_step=7)
+
+
+def test_trainer_runs_on_batched_path(tmp_path):
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "r"
+    rc = main(["pipelines/demo.yaml", f"data.train={data}", f"data.val={data}", "data.demo=false",
+               "model.num_classes=3", "data.batch_size=4", "data.image_size=32", "data.val_resize=32",
+               "data.workers=0", "data.native_decode=batched", "train.progress=false", f"train.out_dir={out}",
+               "train.epochs=1", "train.amp=off"])
+    assert rc == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["val_images"] == 18 and math.isfinite(row["train_loss"])
+
+
+# ---------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@DECODER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_batched_matches_cpu_batched(tmp_path, dtype, decoder):
+    """nvJPEG + Triton kernel on CUDA vs libjpeg + torch reference on CPU, same boxes."""
+    root = smooth_folder(tmp_path / "d", fmt="JPEG")
+    dev = torch.device("cuda")
+    gpu = build_loader(make_cfg(root, root, batch_size=4, workers=2, decoder=decoder), "train", dev, dtype=dtype)
+    cpu = build_loader(make_cfg(root, root, batch_size=4, workers=2, decoder="torchvision"), "train", CPU)
+    for (x, y), (xc, yc) in zip(gpu, cpu, strict=True):
+        assert x.device.type == "cuda" and x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y.cpu(), yc)
+        # nvJPEG's IDCT/upsampling differs from libjpeg-turbo's by a level or two
+        assert ((x.float().cpu() - xc) * S).abs().mean() < 2.0
+    val = build_loader(make_cfg(root, root, batch_size=4, decoder=decoder), "val", dev, classes=gpu.classes)
+    assert sum(y.shape[0] for _, y in val) == 12
+
+
+@pytest.mark.gpu
+@DECODER
+def test_cuda_bad_and_odd_files(tmp_path, decoder):
+    root = _bad_folder(tmp_path)
+    rng = np.random.default_rng(0)
+    write_image(root / "a" / "gray.jpg", rng, mode="L")
+    write_image(root / "a" / "cmyk.jpg", rng, mode="CMYK")
+    write_image(root / "a" / "png_named.jpg", rng, fmt="PNG")
+    dev = torch.device("cuda")
+    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5, decoder=decoder), "val", dev, classes=["a", "b"])
+    assert sum(y.shape[0] for _, y in val) == 23 and len(val.bad_files) == 3
