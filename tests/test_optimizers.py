@@ -13,6 +13,16 @@ from fastcls.optim import build_optimizer, param_groups, use_apex
 ROOT_PIPE = "pipelines/demo.yaml"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def tiny(seed=0):
     torch.manual_seed(seed)
     # no bias before the BN: its gradient is ~0 and Adam would amplify rounding noise
