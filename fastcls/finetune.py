@@ -149,3 +149,25 @@ def lr_warning(cfg: Config, train_images: Optional[int]) -> Optional[str]:
             f"{cfg.optim.base_batch} (= {lr256:.3g} at batch 256) looks too large: the guide "
             f"suggests ~{rec:.2g} at batch 256 for this dataset size (0.001 below 1k images, "
             f"0.01 above 100k; TRICKS.md §9)")
+
+
+def fill_momentum_buffers(optimizer: torch.optim.Optimizer) -> int:
+    """Give every SGD parameter without a momentum buffer a zero one; returns how many.
+
+    After a frozen phase only the classifier has buffers, and torch's fused SGD cannot
+    step a mix of initialized and missing buffers. With dampening 0 a zero buffer gives
+    exactly torch's first step (buf = grad), so this changes no result."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return 0
+    n = 0
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        if group.get("dampening", 0) != 0:
+            raise ValueError("fill_momentum_buffers: exact only without dampening")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                n += 1
+    return n

@@ -157,6 +157,8 @@ def train(cfg: Config, dist: DistInfo) -> dict:
     resume_path = ckpt.find_resume(cfg.train.resume, out_dir)
     if resume_path is not None:
         start_epoch, step, best_top1 = ckpt.restore(resume_path, model, optimizer, scaler, classes)
+        if start_epoch >= cfg.model.freeze_epochs > 0:  # saved while frozen: classifier-only state
+            finetune.fill_momentum_buffers(optimizer)
         log.info(f"resumed from {resume_path}: epoch {start_epoch}, step {step}, "
                  f"lr {lr_at(step):.4g}")
 
@@ -178,6 +180,7 @@ def train(cfg: Config, dist: DistInfo) -> dict:
     for epoch in range(start_epoch, cfg.train.epochs):
         if frozen and epoch >= cfg.model.freeze_epochs:
             finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, False)
+            finetune.fill_momentum_buffers(optimizer)
             model, frozen = wrap_for_training(raw_model, cfg, dist), False  # DDP sees all params
             log.info(f"epoch {epoch + 1}: backbone unfrozen (model.freeze_epochs={cfg.model.freeze_epochs})")
         train_loader.set_epoch(epoch)
