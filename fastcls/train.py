@@ -141,6 +141,9 @@ def train(cfg: Config, dist: DistInfo) -> dict:
         warning = finetune.lr_warning(cfg, res.train_images)
         if warning:
             log.warn(warning)
+    elif cfg.model.freeze_epochs:
+        log.warn(f"model.freeze_epochs={cfg.model.freeze_epochs} without model.pretrained: "
+                 f"the frozen backbone is randomly initialized")
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
