@@ -82,6 +82,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _sug(v: float) -> str:
+    """A suggested value, rounded to 2 significant digits (3.3e-05, not 3.33333e-05)."""
+    return f"{v:.2g}"
+
+
 def diagnose(train_top1: float, val_top1: float, cfg: Config, source: str = "running") -> Diagnosis:
     """Verdict and the guide's knobs with their current values, as one line."""
     gap = train_top1 - val_top1
@@ -91,7 +96,7 @@ def diagnose(train_top1: float, val_top1: float, cfg: Config, source: str = "run
     head = f"train top-1 {train_top1:.2f}% ({source}) vs val {val_top1:.2f}% (gap {gap:+.2f})"
     if gap > cfg.train.diagnose_overfit_gap:
         verdict = "overfitting"
-        knobs = [f"raise optim.weight_decay (l2_decay, now {_fmt(wd)}; e.g. {_fmt(wd * 2 or 1e-4)})"]
+        knobs = [f"raise optim.weight_decay (l2_decay, now {_fmt(wd)}; e.g. {_sug(wd * 2 or 1e-4)})"]
         if ls < 0.1:
             knobs.append(f"augment.label_smoothing (now {_fmt(ls)}; e.g. 0.1)")
         knobs.append("more augmentation (augment.*; enabled now: " + (", ".join(augs) or "none") + ")")
@@ -102,12 +107,12 @@ def diagnose(train_top1: float, val_top1: float, cfg: Config, source: str = "run
         verdict = "underfitting"
         knobs = []
         if wd > 0:
-            knobs.append(f"lower optim.weight_decay (l2_decay, now {_fmt(wd)}; e.g. {_fmt(wd / 3)})")
+            knobs.append(f"lower optim.weight_decay (l2_decay, now {_fmt(wd)}; e.g. {_sug(wd / 3)})")
         if augs:
             knobs.append("fewer augmentations (enabled now: " + ", ".join(augs) + ")")
         if d.rrc.scale[0] < 0.35:
             knobs.append(f"larger crop area data.rrc.scale (now {_fmt(d.rrc.scale)}; "
-                         f"e.g. [{_fmt(min(0.35, d.rrc.scale[0] * 2.5))}, 1.0])")
+                         f"e.g. [{_sug(min(0.35, d.rrc.scale[0] * 2.5))}, 1.0])")
         if d.rrc.ratio[0] < 0.8 or d.rrc.ratio[1] > 1.25:
             knobs.append(f"weaker stretch data.rrc.ratio (now {_fmt(d.rrc.ratio)}; e.g. [0.8, 1.25])")
         if ls > 0:
