@@ -238,3 +238,24 @@ def test_optim_config_errors(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT_PIPE, [override])
     assert needle in str(e.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_on_cuda(name):
+    """CUDA params: torch fused kernels (or apex's when importable, optim.impl=auto)."""
+    from fastcls.optim import _APEX, apex_available
+    model = tiny().cuda()
+    opt = build_optimizer(OptimConfig(name=name, weight_decay=1e-4), model, LRS[name])
+    if apex_available() and name in _APEX:
+        assert type(opt).__module__.startswith("apex.")
+    x, y = (t.cuda() for t in data())
+    losses = []
+    for _ in range(30):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    losses = torch.stack(losses).tolist()
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.9 * losses[0]
