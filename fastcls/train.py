@@ -199,11 +199,8 @@ def train(cfg: Config, dist: DistInfo) -> dict:
                             classes=classes, best_top1=best_top1, config=to_dict(cfg), is_best=is_best)
         if val is not None:
             record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
-            fit = None
-            if fit_source != "off":  # TRICKS.md §8, see fastcls/diagnose.py
-                train_top1 = stats["train_top1"] if fit_source == "running" else \
-                    evaluate(eval_model, clean_loader, autocast, dist)["val_top1"]
-                fit = diagnose(train_top1, val["val_top1"], cfg, fit_source)
+            fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg, dist)
+            if fit is not None:
                 record.update(fit.as_record())
             log.metrics(record, quiet=("fit_advice",))
             if fit is not None:
@@ -230,6 +227,17 @@ def clean_train_loader(cfg: Config, device, dist: DistInfo, dtype, classes):
     `clean` fit diagnosis; every image counted once across ranks."""
     return build_loader(cfg, "val", device, rank=dist.rank, world_size=dist.world_size, dtype=dtype,
                         classes=classes, path=dataset_paths(cfg)[0])
+
+
+def diagnose_fit(source: str, stats: dict, val: dict, eval_model, clean_loader, autocast,
+                 cfg: Config, dist: DistInfo):
+    """TRICKS.md §8 (fastcls/diagnose.py): the verdict from this epoch's running train
+    accuracy, or from a clean pass over the training images; None when off."""
+    if source == "off":
+        return None
+    train_top1 = stats["train_top1"] if source == "running" else \
+        evaluate(eval_model, clean_loader, autocast, dist)["val_top1"]
+    return diagnose(train_top1, val["val_top1"], cfg, source)
 
 
 def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: int, epoch: int,
