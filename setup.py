@@ -15,6 +15,7 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "timm>=0.9",           # models: ResNet-D (ResNet50_vd), timm:<name>; optimizers: LARS, LAMB
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],

@@ -24,9 +24,13 @@ import yaml
 # Names picked in YAML. Registries live next to their implementations; these tuples are
 # the single source of valid names so that config validation needs no heavy imports.
 BACKENDS = ("native", "synthetic", "dali", "ffcv")
-OPTIMIZERS = ("sgd",)
-SCHEDULES = ("cosine", "piecewise", "constant")
-LR_SCALING = ("linear", "sqrt", "none")
+OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw", "adadelta", "lars", "lamb")
+SCHEDULES = ("cosine", "piecewise", "constant", "polynomial", "exponential")
+LR_SCALING = ("linear", "sqrt", "none", "auto")
+OPTIM_IMPLS = ("auto", "torch", "apex")
+DIAGNOSE_MODES = ("auto", "running", "clean", "off")
+# lr_scaling=auto: linear for the momentum methods, sqrt for the adaptive ones (issue 7).
+ADAPTIVE_OPTIMIZERS = ("rmsprop", "adam", "adamw", "adadelta", "lamb")
 AMP_MODES = ("bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 NATIVE_DECODE = ("auto", "workers", "batched")  # native backend: PIL workers | batched decode + kernel
@@ -58,6 +62,8 @@ class ModelConfig:
     num_classes: int = 1000
     channels_last: bool = True
     compile: bool = False
+    pretrained: str = ""              # fine-tuning: fastcls checkpoint or torchvision/timm state_dict
+    freeze_epochs: int = 0            # fine-tuning: train only the classifier for N epochs
 
 
 @dataclass(frozen=True)
@@ -165,11 +171,17 @@ class OptimConfig:
     name: str = "sgd"
     lr: float = 0.1                 # LR for base_batch images; scaled to the global batch
     base_batch: int = 256
-    lr_scaling: str = "linear"      # linear (Goyal et al. 2017) | sqrt | none
+    lr_scaling: str = "auto"        # linear (Goyal et al. 2017) | sqrt | none | auto (linear for sgd/lars, sqrt for adaptive)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4      # coupled L2 (torch SGD), Paddle's l2_decay
     no_decay_norm_bias: bool = False  # exclude params with ndim <= 1 from weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw, lamb
+    eps: Optional[float] = None       # None: the optimizer's default (1e-8; lamb 1e-6; adadelta 1e-6)
+    alpha: float = 0.99               # rmsprop: smoothing of the squared-gradient average (Paddle's rho)
+    rho: float = 0.9                  # adadelta: smoothing of the running averages
+    trust_coeff: float = 0.001        # lars: eta of You et al. 2017
+    impl: str = "auto"                # auto (apex's fused kernels when importable, on CUDA) | torch | apex
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,8 @@ class ScheduleConfig:
     final_lr_factor: float = 0.0      # cosine ends at this fraction of the peak LR
     milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # epochs (piecewise)
     gamma: float = 0.1                # piecewise decay factor per milestone
+    power: float = 1.0                # polynomial: (1 - t/T) ** power
+    exp_gamma: float = 0.97           # exponential: LR factor per epoch (applied continuously per step)
 
 
 @dataclass(frozen=True)
@@ -193,6 +207,9 @@ class TrainConfig:
     eval_every: int = 1               # epochs
     log_every: int = 50               # steps; the only host<->device syncs in the loop
     progress: bool = True             # tqdm bar on rank 0
+    diagnose: str = "auto"            # fit diagnosis after each evaluation: auto|running|clean|off
+    diagnose_overfit_gap: float = 5.0  # train top-1 - val top-1 above this: overfitting
+    diagnose_underfit_gap: float = 1.0  # val top-1 - train top-1 above this: underfitting
 
 
 @dataclass(frozen=True)
@@ -300,12 +317,14 @@ def _choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and name checks that the types alone cannot express."""
-    from .models import model_names  # lazy: keeps `--print-config` errors cheap
+    from .models import is_model_name, model_names  # lazy: keeps `--print-config` errors cheap
 
     d, o, s, t = cfg.data, cfg.optim, cfg.schedule, cfg.train
     _choice("data.backend", d.backend, BACKENDS)
     _choice("optim.name", o.name, OPTIMIZERS)
     _choice("optim.lr_scaling", o.lr_scaling, LR_SCALING)
+    _choice("optim.impl", o.impl, OPTIM_IMPLS)
+    _choice("train.diagnose", t.diagnose, DIAGNOSE_MODES)
     _choice("schedule.name", s.name, SCHEDULES)
     _choice("train.amp", t.amp, AMP_MODES)
     _choice("train.device", t.device, DEVICES)
@@ -313,7 +332,7 @@ def validate(cfg: Config) -> None:
     _choice("data.antialias", d.antialias, ANTIALIAS)
     _choice("data.decoder", d.decoder, DECODERS)
     names = model_names()
-    if cfg.model.name not in names:
+    if not is_model_name(cfg.model.name):
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; valid choices: "
                           f"{', '.join(names)}")
 
@@ -355,6 +374,19 @@ def validate(cfg: Config) -> None:
     positive("optim.base_batch", o.base_batch)
     fraction("optim.momentum", o.momentum)
     positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    for i, b in enumerate(o.betas):
+        if not 0.0 <= b < 1.0:
+            raise ConfigError(f"optim.betas[{i}]: must be in [0, 1), got {b}")
+    if o.eps is not None:
+        positive("optim.eps", o.eps)
+    fraction("optim.alpha", o.alpha)
+    fraction("optim.rho", o.rho)
+    positive("optim.trust_coeff", o.trust_coeff)
+    positive("model.freeze_epochs", cfg.model.freeze_epochs, allow_zero=True)
+    positive("schedule.power", s.power)
+    positive("schedule.exp_gamma", s.exp_gamma)
+    positive("train.diagnose_overfit_gap", t.diagnose_overfit_gap, allow_zero=True)
+    positive("train.diagnose_underfit_gap", t.diagnose_underfit_gap, allow_zero=True)
     if o.nesterov and o.momentum == 0:
         raise ConfigError("optim.nesterov: needs optim.momentum > 0")
     positive("schedule.warmup_epochs", s.warmup_epochs, allow_zero=True)
@@ -457,11 +489,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 # Keys of which a recipe sets one: an override of either replaces the recipe's choice.
 _EITHER = (("data", "batch_size", "global_batch_size"),)
+# Accepted spellings -> the schema's key. `optim.l2_decay` is Paddle's name (the guide's).
+ALIASES = {("optim", "l2_decay"): "weight_decay"}
+
+
+def normalize_aliases(tree: dict, source: str = "config") -> dict:
+    """Rename alias keys in place (optim.l2_decay -> optim.weight_decay); both is an error."""
+    for (section, alias), canonical in ALIASES.items():
+        node = tree.get(section)
+        if isinstance(node, dict) and alias in node:
+            if canonical in node:
+                raise ConfigError(f"{source}: {section}.{alias} is an alias of {section}.{canonical}; "
+                                  f"set only one of them")
+            node[canonical] = node.pop(alias)
+    return tree
 
 
 def apply_overrides(tree: dict, overrides: typing.Sequence[str]) -> dict:
+    normalize_aliases(tree)
     for text in overrides:
         parts, value = parse_override(text)
+        if len(parts) == 2 and tuple(parts) in ALIASES:
+            parts = [parts[0], ALIASES[tuple(parts)]]
         for section, a, b in _EITHER:
             if len(parts) == 2 and parts[0] == section and parts[1] in (a, b) and \
                     isinstance(tree.get(section), dict):
@@ -478,6 +527,7 @@ def apply_overrides(tree: dict, overrides: typing.Sequence[str]) -> dict:
 
 def config_from_dict(tree: dict, source: str = "<dict>") -> Config:
     try:
+        normalize_aliases(tree)
         cfg = _build(Config, tree, "")
         validate(cfg)
     except ConfigError as e:
@@ -538,7 +588,7 @@ class Resolved:
             "global_batch_size": self.global_batch_size,
             "lr_effective": self.lr,
             "lr_rule": f"{cfg.optim.lr} per {cfg.optim.base_batch} images, "
-                       f"{cfg.optim.lr_scaling} scaling to {self.global_batch_size}",
+                       f"{lr_scaling_rule(cfg.optim)} scaling to {self.global_batch_size}",
             "train_images": self.train_images,
             "steps_per_epoch": spe,
             "total_steps": None if spe is None else spe * cfg.train.epochs,
@@ -546,10 +596,17 @@ class Resolved:
         }
 
 
+def lr_scaling_rule(cfg: OptimConfig) -> str:
+    """The effective rule: `auto` is linear (Goyal et al.) for sgd/lars, sqrt for adaptive ones."""
+    if cfg.lr_scaling == "auto":
+        return "sqrt" if cfg.name in ADAPTIVE_OPTIMIZERS else "linear"
+    return cfg.lr_scaling
+
+
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     """The one place where the LR follows the batch size."""
     k = global_batch / cfg.base_batch
-    factor = {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[cfg.lr_scaling]
+    factor = {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[lr_scaling_rule(cfg)]
     return cfg.lr * factor
 
 

@@ -36,13 +36,15 @@ class RunLog:
         if self.enabled:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
 
-    def metrics(self, record: dict) -> None:
-        """Append one JSON object per evaluation to metrics.jsonl and print a summary line."""
+    def metrics(self, record: dict, quiet: tuple[str, ...] = ()) -> None:
+        """Append one JSON object per evaluation to metrics.jsonl and print a summary line
+        (without the `quiet` keys, which the caller prints on their own line)."""
         if not self.enabled:
             return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()]
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                 if k not in quiet]
         self.info(" | ".join(parts))
 
     def read_metrics(self) -> list[dict]:

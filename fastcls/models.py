@@ -1,7 +1,20 @@
 """Model registry: name -> nn.Module.
 
-Names are torchvision's classification models (`resnet50`, `mobilenet_v3_large`, ...)
-plus the small families below that no library ships at this size.
+Names are torchvision's classification models (`resnet50`, `mobilenet_v3_large`, ...),
+`timm:<name>` for any timm model, the PaddleClas guide's names (TRICKS.md, "The seed's
+model families") mapped onto library implementations, plus the small families below that
+no library ships:
+
+| guide name | built from |
+|---|---|
+| ResNet18/34/50/101/152 | torchvision `resnet*` |
+| ResNet18_vd/34_vd/50_vd/101_vd/152_vd (ResNet-D) | timm `resnet*d` (3-conv stem, avg-pool downsample) |
+| MobileNetV1_x0_25/x0_5/x0_75, MobileNetV1 | `MobileNetV1` below (hand-written: timm only has widths 1.0/1.25) |
+| MobileNetV2_x0_25/x0_5/x0_75, MobileNetV2, _x1_5, _x2_0 | torchvision `mobilenet_v2(width_mult=...)` |
+| MobileNetV3_large/small_x0_35/x0_5/x0_75/x1_0/x1_25 | torchvision `mobilenet_v3_*(width_mult=...)` |
+
+Every builder returns a randomly initialized model: input N×3×H×W float (ImageNet-
+normalized, any H, W >= 32), output N×num_classes logits.
 """
 from __future__ import annotations
 
@@ -50,22 +63,132 @@ class TinyResNet(nn.Module):
         return self.head(self.layers(self.stem(x)))
 
 
-# Our own families; everything else comes from torchvision by name.
+class MobileNetV1(nn.Module):
+    """MobileNetV1 (Howard et al. 2017, arXiv:1704.04861) with a width multiplier `scale`,
+    laid out as PaddleClas's `MobileNetV1_x{scale}`: 3x3/2 conv, 13 depthwise-separable
+    blocks (3x3 depthwise + 1x1 pointwise, each BN + ReLU), global average pool, one FC.
+
+    Hand-written because no maintained library builds the guide's widths (timm registers
+    only `mobilenetv1_100`/`_125`, and torchvision has no V1). Channels are
+    `int(c * scale)`, as PaddleClas does. Parameter counts are asserted against the
+    published figures in tests/test_models.py."""
+
+    # (output channels at scale 1, stride) of the 13 depthwise-separable blocks
+    CFG = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+           (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+
+    def __init__(self, num_classes: int, scale: float = 1.0):
+        super().__init__()
+
+        def cbr(cin, cout, k, stride, groups=1):
+            return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                    nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        cin = int(32 * scale)
+        layers = cbr(3, cin, 3, 2)
+        for c, stride in self.CFG:
+            cout = int(c * scale)
+            layers += cbr(cin, cin, 3, stride, groups=cin) + cbr(cin, cout, 1, 1)
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)))
+
+
+def _widths(prefix: str, widths: dict[str, float], plain: str) -> dict[str, float]:
+    """{"MobileNetV2_x0_25": 0.25, ..., "MobileNetV2": 1.0}: the guide's naming scheme."""
+    out = {f"{prefix}_{suffix}": w for suffix, w in widths.items()}
+    out[plain] = 1.0
+    return out
+
+
+_X = {"x0_25": 0.25, "x0_5": 0.5, "x0_75": 0.75, "x1_0": 1.0}
+_V1 = _widths("MobileNetV1", _X, "MobileNetV1")
+_V2 = _widths("MobileNetV2", {**_X, "x1_5": 1.5, "x2_0": 2.0}, "MobileNetV2")
+_V3X = {"x0_35": 0.35, "x0_5": 0.5, "x0_75": 0.75, "x1_0": 1.0, "x1_25": 1.25}
+_V3 = {f"MobileNetV3_{size}_{suffix}": (f"mobilenet_v3_{size}", w)
+       for size in ("large", "small") for suffix, w in _V3X.items()}
+_RESNETS = ("18", "34", "50", "101", "152")
+
+
+def _guide_models() -> dict[str, Callable[[int], nn.Module]]:
+    tv = torchvision.models.get_model
+    reg: dict[str, Callable[[int], nn.Module]] = {}
+    for depth in _RESNETS:
+        reg[f"ResNet{depth}"] = lambda n, d=depth: tv(f"resnet{d}", weights=None, num_classes=n)
+        # ResNet-D (He et al. 2019, "Bag of Tricks", arXiv:1812.01187) = timm's resnet*d
+        reg[f"ResNet{depth}_vd"] = lambda n, d=depth: _timm(f"resnet{d}d", n)
+    for name, w in _V1.items():
+        reg[name] = lambda n, w=w: MobileNetV1(n, scale=w)
+    for name, w in _V2.items():
+        reg[name] = lambda n, w=w: tv("mobilenet_v2", weights=None, num_classes=n, width_mult=w)
+    for name, (arch, w) in _V3.items():
+        reg[name] = lambda n, a=arch, w=w: tv(a, weights=None, num_classes=n, width_mult=w)
+    return reg
+
+
+def _timm(name: str, num_classes: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError:  # a dependency (setup.py); say how to fix a broken environment
+        raise ValueError(f"model {name!r} needs timm: pip install timm") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:6]}*")[:10]
+        raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+# Our own families; everything else comes from torchvision / timm by name.
 _OWN: dict[str, Callable[[int], nn.Module]] = {
     "resnet_tiny": lambda num_classes: TinyResNet(num_classes),
+    **_guide_models(),
 }
+GUIDE_MODELS = sorted(k for k in _OWN if k != "resnet_tiny")
+TIMM_PREFIX = "timm:"
 
 
 @lru_cache(maxsize=1)
 def model_names() -> list[str]:
+    """Every valid `model.name` except the open-ended `timm:<name>` (listed as `timm:<name>`)."""
     tv = torchvision.models.list_models(module=torchvision.models)
-    return sorted(set(_OWN) | set(tv))
+    return sorted(set(_OWN) | set(tv)) + [f"{TIMM_PREFIX}<name>"]
+
+
+def is_model_name(name: str) -> bool:
+    """Cheap check for config validation: timm names are checked when the model is built."""
+    if name.startswith(TIMM_PREFIX):
+        return len(name) > len(TIMM_PREFIX)
+    return name in model_names()
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
     """Randomly initialized model `name` with a `num_classes`-way classifier."""
     if name in _OWN:
         return _OWN[name](num_classes)
-    if name not in model_names():
+    if name.startswith(TIMM_PREFIX):
+        return _timm(name[len(TIMM_PREFIX):], num_classes)
+    if not is_model_name(name):
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(model_names())}")
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    """The final classification layer: timm's `get_classifier()`, else the last Linear or
+    Conv2d whose output width is `num_classes` (torchvision `fc`/`classifier[-1]`, ours)."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get) and isinstance(get(), nn.Module) and any(True for _ in get().parameters()):
+        return get()
+    found = None
+    for m in model.modules():
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes) or \
+                (isinstance(m, nn.Conv2d) and m.out_channels == num_classes):
+            found = m
+    if found is None:
+        raise ValueError(f"no classifier layer with {num_classes} outputs in {type(model).__name__}")
+    return found

@@ -22,7 +22,9 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
+from . import finetune
 from .augment import build_augmenter, dominant_label
+from .diagnose import diagnose, train_acc_source
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
 from .data import DatasetError, build_loader, dataset_paths, read_exclude, scan_folder
 from .dist import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed, world_size_from_env
@@ -74,6 +76,9 @@ def print_config(cfg: Config, world_size: int) -> int:
     sys.stdout.write(yaml.safe_dump(resolved_tree(cfg, res), sort_keys=False))
     if note:
         print(f"# steps_per_epoch unknown: {note}")
+    warning = finetune.lr_warning(cfg, n)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
 
 
@@ -135,7 +140,16 @@ def train(cfg: Config, dist: DistInfo) -> dict:
              f"| out {out_dir}")
 
     # ------------------------------------------------------------------ model
-    model = build_model(cfg.model.name, cfg.model.num_classes).to(device)
+    model = build_model(cfg.model.name, cfg.model.num_classes)
+    if cfg.model.pretrained:  # fine-tuning (TRICKS.md §9); a resume below overrides it
+        log.info(str(finetune.load_pretrained(model, cfg.model.pretrained, cfg.model.num_classes)))
+        warning = finetune.lr_warning(cfg, res.train_images)
+        if warning:
+            log.warn(warning)
+    elif cfg.model.freeze_epochs:
+        log.warn(f"model.freeze_epochs={cfg.model.freeze_epochs} without model.pretrained: "
+                 f"the frozen backbone is randomly initialized")
+    model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(cfg.train.seed + dist.rank)  # per-rank stream for dropout etc.
@@ -154,21 +168,32 @@ def train(cfg: Config, dist: DistInfo) -> dict:
     resume_path = ckpt.find_resume(cfg.train.resume, out_dir)
     if resume_path is not None:
         start_epoch, step, best_top1 = ckpt.restore(resume_path, model, optimizer, scaler, classes)
+        if start_epoch >= cfg.model.freeze_epochs > 0:  # saved while frozen: classifier-only state
+            finetune.fill_momentum_buffers(optimizer)
         log.info(f"resumed from {resume_path}: epoch {start_epoch}, step {step}, "
                  f"lr {lr_at(step):.4g}")
 
     # ------------------------------------------------------------------ wrap
     raw_model = eval_model = model
-    if dist.distributed:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Frozen before the DDP wrap: DDP then leaves the frozen params out of its reducer.
+    frozen = start_epoch < cfg.model.freeze_epochs and \
+        finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, True) > 0
+    model = wrap_for_training(raw_model, cfg, dist)
     if cfg.model.compile:
-        model = torch.compile(model)
         eval_model = torch.compile(eval_model)
+    fit_source = train_acc_source(cfg)
+    clean_loader = clean_train_loader(cfg, device, dist, data_dtype, classes) \
+        if fit_source == "clean" else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     # ------------------------------------------------------------------ loop
     record: dict = {}
     for epoch in range(start_epoch, cfg.train.epochs):
+        if frozen and epoch >= cfg.model.freeze_epochs:
+            finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, False)
+            finetune.fill_momentum_buffers(optimizer)
+            model, frozen = wrap_for_training(raw_model, cfg, dist), False  # DDP sees all params
+            log.info(f"epoch {epoch + 1}: backbone unfrozen (model.freeze_epochs={cfg.model.freeze_epochs})")
         train_loader.set_epoch(epoch)
         stats, step = train_one_epoch(model, train_loader, optimizer, scaler, criterion, lr_at,
                                       step, epoch, autocast, cfg, dist, log, augmenter=augmenter)
@@ -182,11 +207,45 @@ def train(cfg: Config, dist: DistInfo) -> dict:
                             classes=classes, best_top1=best_top1, config=to_dict(cfg), is_best=is_best)
         if val is not None:
             record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
-            log.metrics(record)
+            fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg, dist)
+            if fit is not None:
+                record.update(fit.as_record())
+            log.metrics(record, quiet=("fit_advice",))
+            if fit is not None:
+                log.info(fit.line)
     curves = log.plot()
     log.info(f"done: best val top-1 {best_top1:.2f}% | run folder {out_dir}"
              + (f" | curves {curves}" if curves else ""))
     return record
+
+
+def wrap_for_training(raw_model, cfg: Config, dist: DistInfo):
+    """DDP (over the params that require grad now) and torch.compile around the raw model."""
+    model = raw_model
+    if dist.distributed:
+        device = dist.device
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    return model
+
+
+def clean_train_loader(cfg: Config, device, dist: DistInfo, dtype, classes):
+    """The training images through the validation transform (no augmentation), for the
+    `clean` fit diagnosis; every image counted once across ranks."""
+    return build_loader(cfg, "val", device, rank=dist.rank, world_size=dist.world_size, dtype=dtype,
+                        classes=classes, path=dataset_paths(cfg)[0])
+
+
+def diagnose_fit(source: str, stats: dict, val: dict, eval_model, clean_loader, autocast,
+                 cfg: Config, dist: DistInfo):
+    """TRICKS.md §8 (fastcls/diagnose.py): the verdict from this epoch's running train
+    accuracy, or from a clean pass over the training images; None when off."""
+    if source == "off":
+        return None
+    train_top1 = stats["train_top1"] if source == "running" else \
+        evaluate(eval_model, clean_loader, autocast, dist)["val_top1"]
+    return diagnose(train_top1, val["val_top1"], cfg, source)
 
 
 def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: int, epoch: int,
