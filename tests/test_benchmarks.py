@@ -272,7 +272,7 @@ def test_device_check_smoke(tmp_path):
     assert json.loads((out / "env.json").read_text())["versions"]["torch"]
     assert (out / "pytest_gpu.xml").is_file()
     loader = json.loads((out / "loader_224.json").read_text())
-    assert {"native", "pil_dataloader (baseline)"} <= {r["backend"] for r in loader["results"]}
+    assert {"native:workers", "pil_dataloader (baseline)"} <= {r["backend"] for r in loader["results"]}
     assert loader["dataset"]["name"].startswith("make_jpegs")
     for name in ("resnet50_eager", "resnet18_eager", "resnet50_compiled"):
         t = json.loads((out / f"train_{name}.json").read_text())
