@@ -1,6 +1,5 @@
 """Fit diagnosis (TRICKS.md §8) on crafted metrics, and in a real run's metrics.jsonl."""
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -61,13 +60,11 @@ def test_train_accuracy_source():
     assert train_acc_source(cfg()) == "running"  # auto, no mixing
     assert train_acc_source(cfg("train.diagnose=clean")) == "clean"
     assert train_acc_source(cfg("train.diagnose=off")) == "off"
-    # with a batch-mixing augmentation (issue 6's augment.mixup) auto measures clean accuracy
-    mixed = SimpleNamespace(augment=SimpleNamespace(mixup=SimpleNamespace(mixup_alpha=0.2, cutmix_alpha=0.0)),
-                            train=SimpleNamespace(diagnose="auto"))
-    assert mixing_active(mixed) and train_acc_source(mixed) == "clean"
-    off = SimpleNamespace(augment=SimpleNamespace(mixup=SimpleNamespace(mixup_alpha=0.0, cutmix_alpha=0.0)),
-                          train=SimpleNamespace(diagnose="auto"))
-    assert train_acc_source(off) == "running"
+    # with batch mixing (augment.mixup) auto measures clean accuracy; other augmentations don't
+    for mixed in ("augment.mixup.mixup_alpha=0.2", "augment.mixup.cutmix_alpha=1.0"):
+        assert mixing_active(cfg(mixed)) and train_acc_source(cfg(mixed)) == "clean"
+    assert not mixing_active(cfg("augment.cutout.enabled=true"))
+    assert train_acc_source(cfg("augment.randaugment.enabled=true")) == "running"
 
 
 @pytest.mark.parametrize("mode", ["running", "clean"])
