@@ -54,4 +54,7 @@ if info.rank == 0:
               "moved": (gathered[0] - torch.cat([p.flatten() for p in net().parameters()])).abs().max().item()}
     with open(out, "w") as f:
         json.dump(result, f)
+# Rank 1 would otherwise tear gloo down while rank 0 still trains the single-process
+# reference; seen under load as "terminate called without an active exception" in rank 1.
+tdist.barrier()
 tdist.destroy_process_group()
