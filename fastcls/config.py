@@ -68,6 +68,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01        # undecodable files tolerated per epoch, else fail
     exclude: str = ""                     # file listing images to skip (fastcls.data.check --exclude-out)
     synthetic_images: int = 12800         # epoch length of the synthetic backend
+    timeout: float = 600.0                # s a worker batch may take before the run fails (0: wait forever)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ class TrainConfig:
     eval_every: int = 1               # epochs
     log_every: int = 50               # steps; the only host<->device syncs in the loop
     progress: bool = True             # tqdm bar on rank 0
+    checkpoint_every: int = 0         # steps between mid-epoch checkpoints (0: epoch ends only)
+    keep_checkpoints: int = 3         # last.pt + last.1.pt ... (fallback when the newest is corrupt)
+    deterministic: bool = False       # torch.use_deterministic_algorithms (bitwise resume)
+    slurm_requeue: bool = True        # on SIGUSR1/SIGTERM in a SLURM job: checkpoint + scontrol requeue
 
 
 @dataclass(frozen=True)
@@ -280,6 +285,9 @@ def validate(cfg: Config) -> None:
                           f"({t.epochs})")
     positive("train.eval_every", t.eval_every)
     positive("train.log_every", t.log_every)
+    positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    positive("train.keep_checkpoints", t.keep_checkpoints)
+    positive("data.timeout", d.timeout, allow_zero=True)
 
 
 # --------------------------------------------------------------------------- loading
