@@ -299,12 +299,12 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
             done = i + 1
             break
     bar.close()
-    totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([images_seen])]))
-    loss_sum, correct, count = totals.tolist()
+    totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([images_seen, len(loader.bad_files)])]))
+    loss_sum, correct, count, bad = totals.tolist()
     elapsed = time.perf_counter() - t_epoch
-    if loader.bad_files:
-        log.warn(f"epoch {epoch + 1}: {len(loader.bad_files)} undecodable files skipped "
-                 f"(replaced) on rank {dist.rank}: {loader.bad_files[:5]}")
+    if bad:  # counted over all ranks; names from rank 0 (which alone logs)
+        log.warn(f"epoch {epoch + 1}: {int(bad)} undecodable files skipped (replaced by other "
+                 f"samples) on {dist.world_size} rank(s); rank 0's: {loader.bad_files[:5]}")
     return {"train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1),
             "img_per_s": images_seen * dist.world_size / elapsed,
             "data_stall": 100.0 * wait / elapsed, "epoch_steps": done}, step
