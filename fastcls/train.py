@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 import time
@@ -104,6 +105,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"preempted (rank {dist.rank}): {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     finally:
+        # Free the loaders now (they sit in reference cycles) so their DataLoader workers
+        # shut down cleanly, not via multiprocessing's exit-time terminate(), which a worker
+        # outlives by 30 s (it must survive SLURM's SIGTERM: see data/native.py _worker_init).
+        gc.collect()
         cleanup_distributed()
 
 

@@ -132,7 +132,8 @@ def job_field(job: str, key: str) -> str:
 def test_slurm_preempted_job_is_requeued_and_finishes(slurm, data, reference, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
     sub = subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={log}", "--job-name=fastcls-test",
-                          str(ROOT / "cluster" / "fastcls.sbatch"), *overrides(data, out)],
+                          str(ROOT / "cluster" / "fastcls.sbatch"),
+                          *overrides(data, out, "data.workers=1")],  # worker processes get SLURM's signal too
                          env=dict(env(), FASTCLS_PYTHON=PY, FASTCLS_NPROC_PER_NODE="2"),
                          capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stderr

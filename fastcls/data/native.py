@@ -9,6 +9,7 @@ normalizes and lays it out channels_last (on CUDA on a side stream, one batch ah
 from __future__ import annotations
 
 import math
+import signal
 from typing import Iterator, Optional
 
 import numpy as np
@@ -25,6 +26,7 @@ MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 _REPLACEMENT_TRIES = 10
+_WORKER_TERM_GRACE_S = 30  # a worker outlives SIGTERM this long (see _worker_init)
 
 
 def decode_train(path: str, size: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -111,6 +113,18 @@ def collate_uint8(batch):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # PIL work is single-threaded; don't oversubscribe cores
+    # SLURM signals every process of a job step, DataLoader workers included. Preemption is
+    # the trainer's job (finish the step, checkpoint, shut the workers down): a worker dying
+    # first would crash the step in flight (torch's SIGCHLD handler raises in the trainer).
+    # So SIGUSR1 is ignored, and SIGTERM only arms a 30 s alarm (SLURM's default KillWait):
+    # the worker still ends if nobody shuts it down, e.g. multiprocessing's terminate()+join().
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _term_later)
+
+
+def _term_later(signum, frame) -> None:
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(_WORKER_TERM_GRACE_S)
 
 
 class Normalizer:
