@@ -107,13 +107,14 @@ def _train(args, env, **kw):
                           text=True, timeout=300, **kw)
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, device):
     """A run killed with SIGKILL right after a mid-epoch checkpoint and resumed with
     train.resume=auto ends with exactly the weights, optimizer state and metrics of an
-    uninterrupted run (CPU, deterministic mode: bitwise, no tolerance)."""
+    uninterrupted run (deterministic mode: bitwise, no tolerance)."""
     data = make_folder(tmp_path / "data", per_class=(8, 8, 8))  # 6 steps/epoch
     env = dict(run_env(), OMP_NUM_THREADS="1")
-    common = ["train.epochs=2", "train.checkpoint_every=2"]
+    common = ["train.epochs=2", "train.checkpoint_every=2", f"train.device={device}"]
     ref = _train(run_args(data, tmp_path / "ref", *common), env)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
