@@ -172,6 +172,13 @@ def train(cfg: Config, dist: DistInfo) -> dict:
         ckpt.restore_state(state, resume_path, model, optimizer, scaler, classes)
         start_epoch, step, best_top1 = state["epoch"], state["step"], state["best_top1"]
         epoch_step = state.get("epoch_step", 0)
+        saved_batch = state.get("global_batch", res.global_batch_size)
+        if saved_batch != res.global_batch_size:  # other world size: same images, other steps
+            epoch_step = epoch_step * saved_batch // res.global_batch_size
+            step = start_epoch * res.steps_per_epoch + epoch_step
+            log.warn(f"checkpoint was written at global batch {saved_batch}, now "
+                     f"{res.global_batch_size}: continuing at step {epoch_step} of the epoch "
+                     f"(not bitwise what an uninterrupted run would do)")
         if epoch_step >= res.steps_per_epoch:
             raise ConfigError(f"train.resume: {resume_path} stopped at step {epoch_step} of an "
                               f"epoch, but an epoch now has {res.steps_per_epoch} steps")
@@ -188,6 +195,7 @@ def train(cfg: Config, dist: DistInfo) -> dict:
             state = ckpt.make_state(raw_model, optimizer, scaler, epoch=epoch, epoch_step=epoch_step,
                                     step=step, classes=classes, best_top1=best_top1,
                                     config=to_dict(cfg), rng=rng)
+            state["global_batch"] = res.global_batch_size  # to map epoch_step to another world size
             last_ckpt[0] = str(ckpt.save_checkpoint(out_dir, state, keep=cfg.train.keep_checkpoints,
                                                     is_best=is_best))
 

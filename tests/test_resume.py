@@ -206,3 +206,20 @@ def test_slurm_environment_without_torchrun():
     assert env_from_slurm({**env, "SLURM_STEP_NUM_TASKS": "1"}) == {}  # one task
     batch_script = {k: v for k, v in env.items() if k != "SLURM_STEP_NUM_TASKS"}
     assert env_from_slurm(batch_script) == {}  # a plain python in the batch script: one process
+
+
+def test_mid_epoch_resume_at_another_global_batch_maps_the_position(tmp_path, capsys):
+    """A mid-epoch checkpoint resumed with another global batch (another world size)
+    continues after the same number of images, with a warning that it is not exact."""
+    data = make_folder(tmp_path / "data", per_class=(8, 8, 8))  # 24 images: 6 steps of 4
+    base = ["train.epochs=1", "train.checkpoint_every=2", "train.deterministic=false"]
+    assert main(run_args(data, tmp_path / "a", *base)) == 0
+    mid = ckpt.load(tmp_path / "a" / "last.1.pt")
+    assert (mid["epoch"], mid["epoch_step"], mid["global_batch"]) == (0, 4, 4)
+    capsys.readouterr()
+    assert main(run_args(data, tmp_path / "b", *base, "data.batch_size=8",
+                         f"train.resume={tmp_path / 'a' / 'last.1.pt'}")) == 0
+    out = capsys.readouterr()
+    assert "global batch 4, now 8: continuing at step 2 of the epoch" in out.err
+    assert "epoch 1, step 2 of it, global step 2" in out.out
+    assert ckpt.load(tmp_path / "b" / "last.pt")["step"] == 3
