@@ -1,15 +1,25 @@
-"""Checkpoints: written atomically, read back with plain-type unpickling only.
+"""Checkpoints: written atomically, verified on load, the last K kept.
 
 A checkpoint is a dict: `model` (unwrapped state_dict), `optimizer`, `scaler` (or None),
-`epoch` (the next epoch to run), `step` (global optimizer steps done), `classes`,
-`best_top1`, `config` (the resolved config as a plain dict).
+`epoch` (the epoch to run next, or the one in progress when `epoch_step` > 0),
+`epoch_step` (steps of that epoch already done: > 0 for a mid-epoch checkpoint),
+`step` (global optimizer steps done = the schedule position), `classes`, `best_top1`,
+`config` (the resolved config as a plain dict) and `rng` (one RNG-state dict per rank,
+see fastcls.resume). The loader's position is (epoch, epoch_step): every backend replays
+an epoch's order from (seed, epoch) and seeks with `set_epoch(epoch, start_step)`.
+
+Files in the run folder: `last.pt` (newest), `last.1.pt` ... `last.{K-1}.pt` (older, K =
+train.keep_checkpoints), `best.pt`; each with a `NAME.sha256` sidecar in `sha256sum`
+format. Loading checks the digest and unpickles (plain types only); `train.resume=auto`
+takes the newest checkpoint that passes and warns about each one that does not.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,18 +27,57 @@ import torch.nn as nn
 from .data.folder import DatasetError
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated, corrupt or not a fastcls checkpoint."""
+
+
+class _HashingWriter:
+    """File wrapper that hashes what torch.save writes (no second pass over the file)."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`: a crash
-    at any point leaves either the old file or the new one, never a half-written one."""
+    at any point leaves either the old file or the new one, never a half-written one.
+    The SHA-256 of the bytes goes to `path.sha256` (written after `path`; a file without
+    a sidecar is still loadable, verified by unpickling only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            w = _HashingWriter(f)
+            torch.save(obj, w)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            _sidecar(path).unlink()  # never pair the new file with the old digest
+        except FileNotFoundError:
+            pass
         os.replace(tmp, path)
+        _write_text_atomic(_sidecar(path), f"{w.h.hexdigest()}  {path.name}\n")
     except BaseException:
         try:
             os.unlink(tmp)
@@ -47,36 +96,129 @@ def load(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def find_resume(resume: str, out_dir: str | os.PathLike) -> Optional[Path]:
-    """`""` -> None; `auto` -> out_dir/last.pt if it exists; else the given path (must exist)."""
+REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "classes")
+
+
+def load_verified(path: str | os.PathLike) -> dict:
+    """Load `path` after checking its `.sha256` sidecar (when present); CheckpointError
+    names the file and what is wrong with it."""
+    path = Path(path)
+    side = _sidecar(path)
+    if side.is_file():
+        want = side.read_text().split()[0] if side.read_text().strip() else ""
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != want:
+            raise CheckpointError(f"{path}: SHA-256 differs from {side.name} (corrupt or truncated)")
+    try:
+        state = load(path)
+    except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError/... for bad files
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not a fastcls checkpoint (keys {REQUIRED_KEYS} expected)")
+    return state
+
+
+def rotated(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """last.pt, last.1.pt, ..., newest first: the files `keep` checkpoints occupy."""
+    d = Path(out_dir)
+    return [d / "last.pt"] + [d / f"last.{i}.pt" for i in range(1, keep)]
+
+
+def candidates(out_dir: str | os.PathLike) -> list[Path]:
+    """Existing last*.pt files of a run folder, newest first (whatever K wrote them)."""
+    d = Path(out_dir)
+    older = sorted((p for p in d.glob("last.*.pt") if p.stem.split(".")[1].isdigit()),
+                   key=lambda p: int(p.stem.split(".")[1]))
+    return [p for p in [d / "last.pt", *older] if p.is_file()]
+
+
+def load_resume(resume: str, out_dir: str | os.PathLike,
+                warn: Callable[[str], None] = print) -> tuple[Optional[Path], Optional[dict]]:
+    """`train.resume` -> (path, state), or (None, None) for a fresh start.
+
+    `""`: fresh. `auto`: the newest checkpoint in `out_dir` that verifies; each one that
+    does not is named in a warning and skipped (fresh start when none is left). A PATH
+    must exist and verify (an error otherwise: the user asked for that file)."""
     if not resume:
-        return None
-    if resume == "auto":
-        p = Path(out_dir) / "last.pt"
-        return p if p.is_file() else None
-    p = Path(resume)
-    if not p.is_file():
-        raise FileNotFoundError(f"train.resume: checkpoint {resume!r} does not exist")
-    return p
+        return None, None
+    if resume != "auto":
+        p = Path(resume)
+        if not p.is_file():
+            raise FileNotFoundError(f"train.resume: checkpoint {resume!r} does not exist")
+        return p, load_verified(p)
+    for p in candidates(out_dir):
+        try:
+            return p, load_verified(p)
+        except CheckpointError as e:
+            warn(f"skipping bad checkpoint: {e}; falling back to the previous one")
+    return None, None
+
+
+def find_resume(resume: str, out_dir: str | os.PathLike) -> Optional[Path]:
+    """`""` -> None; `auto` -> the newest verified last*.pt in out_dir (or None); else the
+    given path (must exist and verify)."""
+    return load_resume(resume, out_dir)[0]
+
+
+def _rotate(out_dir: Path, keep: int) -> None:
+    """Shift last.pt -> last.1.pt -> ... -> last.{keep-1}.pt (the oldest drops off).
+    Each rename is atomic; a crash midway leaves every file whole (resume=auto scans)."""
+    files = rotated(out_dir, keep)
+    for src, dst in zip(reversed(files[:-1]), reversed(files[1:])):
+        if src.is_file():
+            os.replace(src, dst)
+            if _sidecar(src).is_file():
+                os.replace(_sidecar(src), _sidecar(dst))
+            else:
+                _sidecar(dst).unlink(missing_ok=True)
+
+
+def save_checkpoint(out_dir: str | os.PathLike, state: dict, *, keep: int = 1,
+                    is_best: bool = False) -> Path:
+    """Write `state` as out_dir/last.pt (older ones rotated, `keep` in all) and best.pt."""
+    out_dir = Path(out_dir)
+    if keep > 1:
+        _rotate(out_dir, keep)
+    path = out_dir / "last.pt"
+    save_atomic(state, path)
+    if is_best:
+        save_atomic(state, out_dir / "best.pt")
+    return path
 
 
 def save_epoch(out_dir: str | os.PathLike, model: nn.Module, optimizer, scaler, *, epoch: int,
                step: int, classes: Sequence[str], best_top1: float, config: dict,
                is_best: bool) -> None:
     """last.pt every epoch; best.pt too when this epoch's evaluation is the best so far."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None,
-             "epoch": epoch, "step": step, "classes": list(classes),
-             "best_top1": best_top1, "config": config}
-    save_atomic(state, Path(out_dir) / "last.pt")
-    if is_best:
-        save_atomic(state, Path(out_dir) / "best.pt")
+    state = make_state(model, optimizer, scaler, epoch=epoch, step=step, classes=classes,
+                       best_top1=best_top1, config=config)
+    save_checkpoint(out_dir, state, is_best=is_best)
+
+
+def make_state(model: nn.Module, optimizer, scaler, *, epoch: int, step: int,
+               classes: Sequence[str], best_top1: float, config: dict, epoch_step: int = 0,
+               rng: Optional[list] = None) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch, "epoch_step": epoch_step, "step": step, "classes": list(classes),
+            "best_top1": best_top1, "config": config, "rng": rng}
 
 
 def restore(path: str | os.PathLike, model: nn.Module, optimizer, scaler,
             classes: Sequence[str]) -> tuple[int, int, float]:
     """Load a checkpoint into model/optimizer/scaler; returns (epoch, step, best_top1)."""
-    state = load(path)
+    state = load_verified(path)
+    restore_state(state, path, model, optimizer, scaler, classes)
+    return state["epoch"], state["step"], state["best_top1"]
+
+
+def restore_state(state: dict, path, model: nn.Module, optimizer, scaler,
+                  classes: Sequence[str]) -> None:
+    """Load a verified checkpoint dict into model/optimizer/scaler."""
     if state["classes"] != list(classes):
         raise DatasetError(f"train.resume: {path} was trained on other classes "
                            f"({len(state['classes'])}) than data.train ({len(classes)})")
@@ -84,4 +226,3 @@ def restore(path: str | os.PathLike, model: nn.Module, optimizer, scaler,
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return state["epoch"], state["step"], state["best_top1"]

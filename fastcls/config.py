@@ -87,6 +87,7 @@ class DataConfig:
     native_decode: str = "auto"           # auto (batched on CUDA, workers on CPU) | workers | batched
     antialias: str = "auto"               # batched path: on | off | auto (only when downscaling > 2x)
     decoder: str = "auto"                 # batched path: auto (nvimgcodec if installed) | nvimgcodec | torchvision
+    timeout: float = 600.0                # s a worker batch may take before the run fails (0: wait forever)
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,10 @@ class TrainConfig:
     diagnose: str = "auto"            # fit diagnosis after each evaluation: auto|running|clean|off
     diagnose_overfit_gap: float = 5.0  # train top-1 - val top-1 above this: overfitting
     diagnose_underfit_gap: float = 1.0  # val top-1 - train top-1 above this: underfitting
+    checkpoint_every: int = 0         # steps between mid-epoch checkpoints (0: epoch ends only)
+    keep_checkpoints: int = 3         # last.pt + last.1.pt ... (fallback when the newest is corrupt)
+    deterministic: bool = False       # torch.use_deterministic_algorithms (bitwise resume)
+    slurm_requeue: bool = True        # on SIGUSR1/SIGTERM in a SLURM job: checkpoint + scontrol requeue
 
 
 @dataclass(frozen=True)
@@ -402,6 +407,9 @@ def validate(cfg: Config) -> None:
                           f"({t.epochs})")
     positive("train.eval_every", t.eval_every)
     positive("train.log_every", t.log_every)
+    positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    positive("train.keep_checkpoints", t.keep_checkpoints)
+    positive("data.timeout", d.timeout, allow_zero=True)
     validate_augment(cfg.augment)
 
 

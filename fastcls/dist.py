@@ -1,12 +1,17 @@
-"""Process group from the torchrun environment; rank helpers.
+"""Process group from the torchrun environment (or SLURM's); rank helpers.
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Without them the
-run is a single process and no process group is created.
+run is a single process and no process group is created. Launched by `srun` with one task
+per GPU and no torchrun, the same variables are derived from SLURM's (`env_from_slurm`).
+The GPU is LOCAL_RANK modulo the visible devices, so a per-task CUDA_VISIBLE_DEVICES
+(`--gpus-per-task=1`: one device each) and a shared one (`--gpus-per-node=8`) both work.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as tdist
@@ -41,8 +46,44 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM hostlist: `gpu[07-09,12],cpu3` -> `gpu07`.
+
+    Written here rather than calling `scontrol show hostnames` so a process needs no SLURM
+    client; only the first name is needed (the rendezvous host, as sbatch scripts use)."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def env_from_slurm(environ: Mapping[str, str]) -> dict[str, str]:
+    """torch.distributed variables for a process started by `srun` without torchrun.
+
+    Empty when torchrun already set RANK or when this is not a multi-task `srun` step
+    (SLURM_STEP_NUM_TASKS is set by srun only, not in the batch script itself, where one
+    plain `python -m fastcls.train` must stay a single process). MASTER_PORT defaults to
+    20000 + job id mod 20000 so that jobs sharing a node differ."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    ntasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if ntasks <= 1:
+        return {}
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
+    job = int(environ.get("SLURM_JOB_ID", "0"))
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(ntasks),
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodelist),
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + job % 20000)}
+
+
 def setup_distributed(device_pref: str = "auto") -> DistInfo:
-    """Create the process group (NCCL on GPU, gloo on CPU) when launched by torchrun."""
+    """Create the process group (NCCL on GPU, gloo on CPU) when launched by torchrun (or
+    by srun, one task per process: see env_from_slurm)."""
+    os.environ.update(env_from_slurm(os.environ))
     world = world_size_from_env()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,12 +29,16 @@ from .augment import build_augmenter, dominant_label
 from .diagnose import diagnose, train_acc_source
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
 from .data import DatasetError, build_loader, dataset_paths, read_exclude, scan_folder
-from .dist import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed, world_size_from_env
+from .dist import (DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed,
+                   world_size_from_env)
+from .guard import LossGuard, NonFiniteLoss
 from .log import RunLog
 from .loss import SmoothedCrossEntropy
 from .metrics import topk_correct
 from .models import build_model
 from .optim import build_optimizer
+from .preempt import EXIT_PREEMPTED, Preempted, Preemption, slurm_requeue
+from .resume import gather_rng_states, restore_rng_states
 from .schedule import build_schedule
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -95,10 +101,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         train(cfg, dist)
         return 0
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error (rank {dist.rank}): {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"error (rank {dist.rank}): {e}", file=sys.stderr)
+        return 1
+    except Preempted as e:
+        print(f"preempted (rank {dist.rank}): {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     finally:
+        # Free the loaders now (they sit in reference cycles) so their DataLoader workers
+        # shut down cleanly, not via multiprocessing's exit-time terminate(), which a worker
+        # outlives by 30 s (it must survive SLURM's SIGTERM: see data/native.py _worker_init).
+        gc.collect()
         cleanup_distributed()
 
 
@@ -114,6 +130,10 @@ def train(cfg: Config, dist: DistInfo) -> dict:
     # Loader output dtype: the AMP dtype on GPU halves the bytes moved; fp32 on CPU.
     data_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else torch.float32
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP broadcasts anyway)
+    if cfg.train.deterministic:  # bitwise-reproducible kernels (slower on GPU)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
     # ------------------------------------------------------------------ data
     train_loader = build_loader(cfg, "train", device, rank=dist.rank, world_size=dist.world_size,
@@ -164,14 +184,49 @@ def train(cfg: Config, dist: DistInfo) -> dict:
         log.info(f"augment on {device}: {' -> '.join(augmenter.names)}")
 
     # ------------------------------------------------------------------ resume
-    start_epoch, step, best_top1 = 0, 0, -1.0
-    resume_path = ckpt.find_resume(cfg.train.resume, out_dir)
-    if resume_path is not None:
-        start_epoch, step, best_top1 = ckpt.restore(resume_path, model, optimizer, scaler, classes)
+    start_epoch, epoch_step, step, best_top1 = 0, 0, 0, -1.0
+    resume_path, state = ckpt.load_resume(cfg.train.resume, out_dir, warn=log.warn)
+    if state is not None:
+        ckpt.restore_state(state, resume_path, model, optimizer, scaler, classes)
+        start_epoch, step, best_top1 = state["epoch"], state["step"], state["best_top1"]
+        epoch_step = state.get("epoch_step", 0)
+        saved_batch = state.get("global_batch", res.global_batch_size)
+        if saved_batch != res.global_batch_size:  # other world size: same images, other steps
+            epoch_step = epoch_step * saved_batch // res.global_batch_size
+            step = start_epoch * res.steps_per_epoch + epoch_step
+            log.warn(f"checkpoint was written at global batch {saved_batch}, now "
+                     f"{res.global_batch_size}: continuing at step {epoch_step} of the epoch "
+                     f"(not bitwise what an uninterrupted run would do)")
+        if epoch_step >= res.steps_per_epoch:
+            raise ConfigError(f"train.resume: {resume_path} stopped at step {epoch_step} of an "
+                              f"epoch, but an epoch now has {res.steps_per_epoch} steps")
         if start_epoch >= cfg.model.freeze_epochs > 0:  # saved while frozen: classifier-only state
             finetune.fill_momentum_buffers(optimizer)
-        log.info(f"resumed from {resume_path}: epoch {start_epoch}, step {step}, "
-                 f"lr {lr_at(step):.4g}")
+        if not restore_rng_states(state.get("rng"), dist):
+            log.warn("checkpoint has no RNG states for this number of processes: fresh RNG streams")
+        log.info(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {epoch_step} of it, "
+                 f"global step {step}, lr {lr_at(step):.4g}")
+    last_ckpt = [str(resume_path) if resume_path else None]
+
+    def save(epoch: int, epoch_step: int, step: int, is_best: bool = False) -> None:
+        """Checkpoint on rank 0 (the RNG gather is a collective: every rank calls this)."""
+        rng = gather_rng_states(dist)
+        if dist.is_main:
+            state = ckpt.make_state(raw_model, optimizer, scaler, epoch=epoch, epoch_step=epoch_step,
+                                    step=step, classes=classes, best_top1=best_top1,
+                                    config=to_dict(cfg), rng=rng)
+            state["global_batch"] = res.global_batch_size  # to map epoch_step to another world size
+            last_ckpt[0] = str(ckpt.save_checkpoint(out_dir, state, keep=cfg.train.keep_checkpoints,
+                                                    is_best=is_best))
+
+    def preempted(epoch: int, epoch_step: int, step: int) -> Preempted:
+        save(epoch, epoch_step, step)
+        barrier()  # the checkpoint is on disk before anyone is requeued or exits
+        where = f"epoch {epoch + 1}, step {epoch_step} of it"
+        requeued = dist.is_main and cfg.train.slurm_requeue and slurm_requeue(log.warn)
+        log.warn(f"{stop.requested or 'signal'} received: checkpoint at {where} in {last_ckpt[0]}; "
+                 + ("SLURM job requeued" if requeued else "resume with train.resume=auto"))
+        return Preempted(f"checkpoint at {where}")
 
     # ------------------------------------------------------------------ wrap
     raw_model = eval_model = model
@@ -188,31 +243,40 @@ def train(cfg: Config, dist: DistInfo) -> dict:
 
     # ------------------------------------------------------------------ loop
     record: dict = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if frozen and epoch >= cfg.model.freeze_epochs:
-            finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, False)
-            finetune.fill_momentum_buffers(optimizer)
-            model, frozen = wrap_for_training(raw_model, cfg, dist), False  # DDP sees all params
-            log.info(f"epoch {epoch + 1}: backbone unfrozen (model.freeze_epochs={cfg.model.freeze_epochs})")
-        train_loader.set_epoch(epoch)
-        stats, step = train_one_epoch(model, train_loader, optimizer, scaler, criterion, lr_at,
-                                      step, epoch, autocast, cfg, dist, log, augmenter=augmenter)
-        val, is_best = None, False
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            val = evaluate(eval_model, val_loader, autocast, dist)
-            is_best = val["val_top1"] > best_top1
-            best_top1 = max(best_top1, val["val_top1"])
-        if dist.is_main:  # every epoch: a preempted run loses at most one epoch
-            ckpt.save_epoch(out_dir, raw_model, optimizer, scaler, epoch=epoch + 1, step=step,
-                            classes=classes, best_top1=best_top1, config=to_dict(cfg), is_best=is_best)
-        if val is not None:
-            record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
-            fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg, dist)
-            if fit is not None:
-                record.update(fit.as_record())
-            log.metrics(record, quiet=("fit_advice",))
-            if fit is not None:
-                log.info(fit.line)
+    guard = LossGuard(device, scaler_skips=scaler is not None)
+    with Preemption(dist, check_every=cfg.train.log_every) as stop:  # SIGUSR1/SIGTERM handlers
+        for epoch in range(start_epoch, cfg.train.epochs):
+            if frozen and epoch >= cfg.model.freeze_epochs:
+                finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, False)
+                finetune.fill_momentum_buffers(optimizer)
+                model, frozen = wrap_for_training(raw_model, cfg, dist), False  # DDP sees all params
+                log.info(f"epoch {epoch + 1}: backbone unfrozen "
+                         f"(model.freeze_epochs={cfg.model.freeze_epochs})")
+            first = epoch_step if epoch == start_epoch else 0
+            train_loader.set_epoch(epoch, first)
+            stats, step = train_one_epoch(
+                model, train_loader, optimizer, scaler, criterion, lr_at, step, epoch, autocast, cfg,
+                dist, log, augmenter=augmenter, start_step=first, stop=stop, guard=guard, last_ckpt=last_ckpt,
+                save=lambda i, s, e=epoch: save(e, i, s))
+            done = stats.pop("epoch_steps")
+            if done < len(train_loader):
+                raise preempted(epoch, done, step)
+            val, is_best = None, False
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                val = evaluate(eval_model, val_loader, autocast, dist)
+                is_best = val["val_top1"] > best_top1
+                best_top1 = max(best_top1, val["val_top1"])
+            save(epoch + 1, 0, step, is_best)  # every epoch, + every train.checkpoint_every steps
+            if val is not None:
+                record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
+                fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg, dist)
+                if fit is not None:
+                    record.update(fit.as_record())
+                log.metrics(record, quiet=("fit_advice",))
+                if fit is not None:
+                    log.info(fit.line)
+            if epoch + 1 < cfg.train.epochs and stop.agreed_now():  # signal during evaluation
+                raise preempted(epoch + 1, 0, step)
     curves = log.plot()
     log.info(f"done: best val top-1 {best_top1:.2f}% | run folder {out_dir}"
              + (f" | curves {curves}" if curves else ""))
@@ -249,7 +313,14 @@ def diagnose_fit(source: str, stats: dict, val: dict, eval_model, clean_loader, 
 
 
 def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: int, epoch: int,
-                    autocast, cfg: Config, dist: DistInfo, log: RunLog, augmenter=None) -> tuple[dict, int]:
+                    autocast, cfg: Config, dist: DistInfo, log: RunLog, augmenter=None, *,
+                    start_step: int = 0,
+                    stop: Optional[Preemption] = None, guard: Optional[LossGuard] = None,
+                    last_ckpt: Optional[list] = None, save=None) -> tuple[dict, int]:
+    """Steps start_step..len(loader)-1 of `epoch` (the loader was set to start there).
+    Returns (stats, global step); stats["epoch_steps"] < len(loader) when `stop` agreed
+    on a preemption signal. `save(epoch_step, step)` is called every
+    train.checkpoint_every steps; `guard` stops the run on a NaN/inf loss."""
     model.train()
     device = dist.device
     # Running sums stay on the device: reading them is a sync, done every log_every steps.
@@ -257,8 +328,10 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
     images_seen, wait, t_epoch = 0, 0.0, time.perf_counter()
     win_images, win_wait, t_win = 0, 0.0, t_epoch
     bar = log.bar(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
+    bar.update(start_step)
     it = iter(loader)
-    for i in range(len(loader)):
+    done = len(loader)
+    for i in range(start_step, len(loader)):
         t0 = time.perf_counter()
         images, labels = next(it)
         dt = time.perf_counter() - t0
@@ -281,6 +354,8 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
         else:
             loss.backward()
             optimizer.step()
+        if guard is not None:
+            guard.observe(loss, step)
         n = labels.shape[0]
         sums[0] += loss.detach().double() * n
         sums[1] += (logits.detach().argmax(1) == dominant_label(targets)).sum()  # mixed: larger share
@@ -294,17 +369,25 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
                             img_s=f"{win_images * dist.world_size / (now - t_win):.0f}",
                             stall=f"{100 * win_wait / (now - t_win):.0f}%", refresh=False)
             win_images, win_wait, t_win = 0, 0.0, now
+            if guard is not None:
+                guard.check(lr_at, last_ckpt[0] if last_ckpt else None)
         bar.update(1)
+        every = cfg.train.checkpoint_every
+        if save is not None and every and (i + 1) % every == 0 and i + 1 < len(loader):
+            save(i + 1, step)
+        if stop is not None and i + 1 < len(loader) and stop.agreed(i):
+            done = i + 1
+            break
     bar.close()
-    totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([images_seen])]))
-    loss_sum, correct, count = totals.tolist()
+    totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([images_seen, len(loader.bad_files)])]))
+    loss_sum, correct, count, bad = totals.tolist()
     elapsed = time.perf_counter() - t_epoch
-    if loader.bad_files:
-        log.warn(f"epoch {epoch + 1}: {len(loader.bad_files)} undecodable files skipped "
-                 f"(replaced) on rank {dist.rank}: {loader.bad_files[:5]}")
-    return {"train_loss": loss_sum / count, "train_top1": 100.0 * correct / count,
+    if bad:  # counted over all ranks; names from rank 0 (which alone logs)
+        log.warn(f"epoch {epoch + 1}: {int(bad)} undecodable files skipped (replaced by other "
+                 f"samples) on {dist.world_size} rank(s); rank 0's: {loader.bad_files[:5]}")
+    return {"train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1),
             "img_per_s": images_seen * dist.world_size / elapsed,
-            "data_stall": 100.0 * wait / elapsed}, step
+            "data_stall": 100.0 * wait / elapsed, "epoch_steps": done}, step
 
 
 @torch.no_grad()

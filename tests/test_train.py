@@ -93,6 +93,7 @@ def test_ddp_gloo_equals_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["world_size"] == 2
+    assert r["lr_ddp"] == r["lr_single"] == pytest.approx(0.1)  # LR follows the global batch
     assert r["moved"] > 1e-3  # the steps did change the weights
     assert r["rank_diff"] == 0.0  # DDP: identical weights on both ranks
     assert r["single_diff"] < 1e-5, r  # and equal to one process on the global batch

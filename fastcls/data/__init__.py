@@ -104,7 +104,7 @@ def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0
         index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,
         scale=d.rrc.scale, ratio=d.rrc.ratio, hflip=d.hflip, workers=d.workers,
         pin_memory=d.pin_memory, max_bad_fraction=d.max_bad_fraction, device=device,
-        dtype=dtype, rank=rank, world_size=world_size, seed=cfg.train.seed)
+        dtype=dtype, rank=rank, world_size=world_size, seed=cfg.train.seed, timeout=d.timeout)
 
 
 __all__ = ["build_loader", "dataset_paths", "DatasetError", "read_exclude", "scan_folder"]

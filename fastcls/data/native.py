@@ -9,6 +9,7 @@ normalizes and lays it out channels_last (on CUDA on a side stream, one batch ah
 from __future__ import annotations
 
 import math
+import signal
 from typing import Iterator, Optional
 
 import numpy as np
@@ -25,6 +26,7 @@ MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 _REPLACEMENT_TRIES = 10
+_WORKER_TERM_GRACE_S = 30  # a worker outlives SIGTERM this long (see _worker_init)
 
 
 def decode_train(path: str, size: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -111,6 +113,18 @@ def collate_uint8(batch):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # PIL work is single-threaded; don't oversubscribe cores
+    # SLURM signals every process of a job step, DataLoader workers included. Preemption is
+    # the trainer's job (finish the step, checkpoint, shut the workers down): a worker dying
+    # first would crash the step in flight (torch's SIGCHLD handler raises in the trainer).
+    # So SIGUSR1 is ignored, and SIGTERM only arms a 30 s alarm (SLURM's default KillWait):
+    # the worker still ends if nobody shuts it down, e.g. multiprocessing's terminate()+join().
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _term_later)
+
+
+def _term_later(signum, frame) -> None:
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(_WORKER_TERM_GRACE_S)
 
 
 class Normalizer:
@@ -135,7 +149,7 @@ class NativeLoader:
     def __init__(self, index: FolderIndex, *, train: bool, batch_size: int, image_size: int,
                  val_resize: int, scale, ratio, hflip: float, workers: int, pin_memory: bool,
                  max_bad_fraction: float, device: torch.device, dtype: torch.dtype,
-                 rank: int, world_size: int, seed: int):
+                 rank: int, world_size: int, seed: int, timeout: float = 0.0):
         self.classes = index.classes
         self.empty_classes = index.empty_classes
         self.excluded = index.excluded
@@ -148,7 +162,9 @@ class NativeLoader:
             self.dataset, batch_sampler=self.sampler, num_workers=workers,
             collate_fn=collate_uint8, pin_memory=pin_memory and device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=_worker_init if workers > 0 else None)
+            worker_init_fn=_worker_init if workers > 0 else None,
+            timeout=timeout if workers > 0 else 0)  # a hung filesystem: an error, not a hang
+        self.timeout = timeout if workers > 0 else 0
         self.normalize = Normalizer(device, dtype)
         self.max_bad_fraction = max_bad_fraction
         self.bad_files: list[str] = []   # failures seen in the current epoch on this rank
@@ -161,8 +177,10 @@ class NativeLoader:
         """Images this rank yields per epoch (train: full batches only)."""
         return self.sampler.num_images
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Reshuffle for `epoch`; the next iteration starts at batch `start_step` of it
+        (mid-epoch resume: the sampler slices its order, nothing is decoded to skip)."""
+        self.sampler.set_epoch(epoch, start_step)
 
     def _account(self, errors: list[str]) -> None:
         if not errors:
@@ -181,14 +199,30 @@ class NativeLoader:
         if self.device.type == "cuda":
             yield from self._iter_cuda()
             return
-        for images, labels, errors in self.loader:
+        for images, labels, errors in self._batches():
             self._account(errors)
             yield self.normalize(images), labels
+
+    def _batches(self):
+        """The DataLoader's batches; its timeout becomes a DatasetError naming data.timeout."""
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if self.timeout and "timed out" in str(e):
+                    raise DatasetError(f"no batch from the data workers for data.timeout="
+                                       f"{self.timeout:g} s (hung filesystem or stuck decode?); "
+                                       f"raise data.timeout or set 0 to wait forever") from None
+                raise
+            yield batch
 
     def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Copy + normalize batch k+1 on a side stream while the model runs batch k."""
         stream = torch.cuda.Stream(self.device)
-        it = iter(self.loader)
+        it = self._batches()
 
         def stage() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
             try:

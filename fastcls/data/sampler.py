@@ -6,6 +6,8 @@ then full batches only (the partial last batch is dropped).
 Evaluation: rank r takes the contiguous slice [r*N//world, (r+1)*N//world), in order, and
 keeps its partial last batch: every image is evaluated exactly once, with no padding.
 Batches are lists of (index, epoch) so a worker-side dataset can seed per sample.
+`set_epoch(e, start_step=k)` makes the next iteration start at batch k of epoch e's order
+(mid-epoch resume): the permutation is recomputed and sliced, no batch is decoded to skip.
 """
 from __future__ import annotations
 
@@ -19,9 +21,13 @@ class ShardBatchSampler:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
         self.train, self.seed, self.epoch = train, seed, 0
+        self.start_step = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Epoch `epoch`'s order; the next iteration yields batches start_step..len-1."""
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step {start_step} outside 0..{len(self)} batches per epoch")
+        self.epoch, self.start_step = epoch, start_step
 
     def indices(self) -> np.ndarray:
         """This rank's sample indices for the current epoch, in iteration order."""
@@ -47,5 +53,6 @@ class ShardBatchSampler:
 
     def __iter__(self):
         idx = self.indices().tolist()
-        for i in range(0, len(idx), self.batch_size):
+        start, self.start_step = self.start_step * self.batch_size, 0  # one iteration only
+        for i in range(start, len(idx), self.batch_size):
             yield [(j, self.epoch) for j in idx[i:i + self.batch_size]]

@@ -21,6 +21,7 @@ class SyntheticLoader:
                                   device=device).to(dtype, memory_format=torch.channels_last)
         self.labels = torch.randint(0, num_classes, (batch_size,), generator=g, device=device)
         self.bad_files: list[str] = []
+        self.start_step = 0
 
     def __len__(self) -> int:
         return self.steps
@@ -29,9 +30,13 @@ class SyntheticLoader:
     def num_images(self) -> int:
         return self.steps * self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        pass  # the data is the same every epoch by design
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The data is the same every epoch by design; only the start step matters."""
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step} outside 0..{self.steps} batches per epoch")
+        self.start_step = start_step
 
     def __iter__(self):
-        for _ in range(self.steps):
+        start, self.start_step = self.start_step, 0  # one iteration only
+        for _ in range(start, self.steps):
             yield self.images, self.labels
