@@ -98,7 +98,8 @@ def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0
             index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,
             scale=d.rrc.scale, ratio=d.rrc.ratio, hflip=d.hflip, workers=d.workers,
             max_bad_fraction=d.max_bad_fraction, device=device, dtype=dtype, rank=rank,
-            world_size=world_size, seed=cfg.train.seed, antialias=d.antialias, decoder=d.decoder)
+            world_size=world_size, seed=cfg.train.seed, antialias=d.antialias, decoder=d.decoder,
+            timeout=d.timeout)
     from .native import NativeLoader
     return NativeLoader(
         index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,

@@ -143,6 +143,23 @@ class Normalizer:
         return x.to(self.dtype, memory_format=torch.channels_last)
 
 
+def batches_with_timeout(it, timeout: float):
+    """Batches of a DataLoader iterator `it`; a worker timeout becomes a DatasetError that
+    names data.timeout."""
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if timeout and "timed out" in str(e):
+                raise DatasetError(f"no batch from the data workers for data.timeout="
+                                   f"{timeout:g} s (hung filesystem or stuck decode?); "
+                                   f"raise data.timeout or set 0 to wait forever") from None
+            raise
+        yield batch
+
+
 class NativeLoader:
     """The data interface (DESIGN.md) over a DataLoader of PIL workers."""
 
@@ -205,19 +222,7 @@ class NativeLoader:
 
     def _batches(self):
         """The DataLoader's batches; its timeout becomes a DatasetError naming data.timeout."""
-        it = iter(self.loader)
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except RuntimeError as e:
-                if self.timeout and "timed out" in str(e):
-                    raise DatasetError(f"no batch from the data workers for data.timeout="
-                                       f"{self.timeout:g} s (hung filesystem or stuck decode?); "
-                                       f"raise data.timeout or set 0 to wait forever") from None
-                raise
-            yield batch
+        return batches_with_timeout(iter(self.loader), self.timeout)
 
     def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Copy + normalize batch k+1 on a side stream while the model runs batch k."""

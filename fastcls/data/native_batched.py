@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DECODERS
 from .crop import sample_rrc
 from .folder import DatasetError, FolderIndex
-from .native import MEAN, STD, NativeLoader, _REPLACEMENT_TRIES
+from .native import MEAN, STD, NativeLoader, _REPLACEMENT_TRIES, _worker_init, batches_with_timeout
 from .sampler import ShardBatchSampler
 
 # data.antialias -> the kernel's `antialias_above` (source/output scale above which the
@@ -212,10 +212,6 @@ def collate_bytes(batch):
     return tuple(list(x) for x in zip(*batch))
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
 class _FromStep:
     """Batch sampler that starts at batch `start` of the wrapped sampler's epoch order
     (mid-epoch resume); skips by iterating indices only, nothing is read or decoded."""
@@ -240,7 +236,7 @@ class BatchedNativeLoader:
                  val_resize: int, scale, ratio, hflip: float, workers: int,
                  max_bad_fraction: float, device: torch.device, dtype: torch.dtype,
                  rank: int, world_size: int, seed: int, antialias: str = "auto",
-                 decoder: str = "auto"):
+                 decoder: str = "auto", timeout: float = 0.0):
         if antialias not in ANTIALIAS_ABOVE:
             raise ValueError(f"antialias must be one of {list(ANTIALIAS_ABOVE)}, got {antialias!r}")
         self.classes = index.classes
@@ -260,7 +256,9 @@ class BatchedNativeLoader:
             FileBytes(index, train, self.scale, self.ratio, hflip, seed),
             batch_sampler=self._batches, num_workers=workers, collate_fn=collate_bytes,
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=_worker_init if workers > 0 else None)
+            worker_init_fn=_worker_init if workers > 0 else None,
+            timeout=timeout if workers > 0 else 0)  # a hung filesystem: an error, not a hang
+        self.timeout = timeout if workers > 0 else 0
         self.max_bad_fraction = max_bad_fraction
         self.bad_files: list[str] = []
 
@@ -354,7 +352,7 @@ class BatchedNativeLoader:
         if self.device.type == "cuda":
             yield from self._iter_cuda()
             return
-        it = iter(self.loader)
+        it = batches_with_timeout(iter(self.loader), self.timeout)
         self._batches.start = 0  # a resumed epoch's offset applies once (iter() took it)
         for batch in it:
             yield self._process(batch)
@@ -363,7 +361,7 @@ class BatchedNativeLoader:
         """Batch k+1 is decoded + cropped on a side stream while the model runs batch k:
         it is staged after batch k was handed out, i.e. after its step was queued."""
         stream = torch.cuda.Stream(self.device)
-        it = iter(self.loader)
+        it = batches_with_timeout(iter(self.loader), self.timeout)
         self._batches.start = 0
 
         def stage() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
