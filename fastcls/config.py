@@ -52,6 +52,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class FFCVConfig:
+    """data.backend=ffcv only (fastcls/data/ffcv_loader.py)."""
+    order: str = "random"       # random | quasi_random (single process; datasets > RAM)
+    os_cache: bool = True       # page cache (shared by ranks) vs FFCV's own process cache
+    batches_ahead: int = 3      # batches decoded ahead of the training step
+
+
+@dataclass(frozen=True)
 class DataConfig:
     backend: str = "native"
     train: str = ""                       # ImageFolder root: train/<class>/*.jpg
@@ -67,6 +75,7 @@ class DataConfig:
     pin_memory: bool = True
     max_bad_fraction: float = 0.01        # undecodable files tolerated per epoch, else fail
     synthetic_images: int = 12800         # epoch length of the synthetic backend
+    ffcv: FFCVConfig = field(default_factory=FFCVConfig)
 
 
 @dataclass(frozen=True)
@@ -259,6 +268,8 @@ def validate(cfg: Config) -> None:
     positive("data.workers", d.workers, allow_zero=True)
     fraction("data.max_bad_fraction", d.max_bad_fraction)
     positive("data.synthetic_images", d.synthetic_images)
+    _choice("data.ffcv.order", d.ffcv.order, ("random", "quasi_random"))
+    positive("data.ffcv.batches_ahead", d.ffcv.batches_ahead)
     fraction("augment.label_smoothing", cfg.augment.label_smoothing)
     positive("optim.lr", o.lr)
     positive("optim.base_batch", o.base_batch)
