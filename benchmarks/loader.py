@@ -4,6 +4,9 @@ same process, no model. Prints a table and writes JSON.
     python benchmarks/loader.py --data /d/train --batch-size 256 --image-size 224 --workers 16
     python benchmarks/loader.py --demo --image-size 64        # the embedded demo data
 
+The ffcv backend is measured on .beton copies of the folder in both write modes, jpg
+(re-encoded JPEG, decoded by libjpeg-turbo) and raw (uint8 pixels, no decode); the
+conversion is not timed and neither is the numba JIT (done when the loader is built).
 img/s is the median over --repeats timed runs of --steps batches each, after --warmup
 batches (worker start-up, numba/cudnn warm-up); on CUDA every timed run ends in a
 synchronize. The ratio column is each backend over the baseline measured in this run,
@@ -16,6 +19,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +30,10 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from fastcls.config import BACKENDS, config_from_dict  # noqa: E402
-from fastcls.data import DatasetError, build_loader, scan_folder  # noqa: E402
+from fastcls.data import DatasetError, build_loader, check_backend, scan_folder  # noqa: E402
+from fastcls.data.convert import ensure_beton  # noqa: E402
+
+FFCV_MODES = ("jpg", "raw")  # .beton write modes measured for the ffcv backend
 from fastcls.dist import pick_device  # noqa: E402
 
 
@@ -132,16 +139,27 @@ def main(argv=None) -> int:
         return 2
 
     rows, skipped = [], {}
+    tmp = tempfile.TemporaryDirectory(prefix="fastcls-bench-")
     for name in args.backends.split(","):
-        tree["data"]["backend"] = name
-        try:
-            cfg = config_from_dict(tree, "benchmark")
-            loader = build_loader(cfg, "train", device)
-        except DatasetError as e:
-            skipped[name] = str(e)
-            print(f"{name:>10}: skipped ({e})", file=sys.stderr)
-            continue
-        rows.append({"backend": name, **time_loader(loader, args, device)})
+        # ffcv reads .beton files: the folder is converted (not timed) once per write mode
+        variants = [(f"ffcv ({m})", m) for m in FFCV_MODES] if name == "ffcv" else [(name, None)]
+        for label, mode in variants:
+            tree["data"]["backend"] = name
+            tree["data"]["train"] = folder
+            try:
+                cfg = config_from_dict(tree, "benchmark")
+                if mode is not None:
+                    check_backend(name)
+                    tree["data"]["train"] = ensure_beton(folder, f"{tmp.name}/{mode}.beton",
+                                                         write_mode=mode)
+                    cfg = config_from_dict(tree, "benchmark")
+                loader = build_loader(cfg, "train", device)
+            except DatasetError as e:
+                skipped[name] = str(e)
+                print(f"{name:>10}: skipped ({e})", file=sys.stderr)
+                break
+            rows.append({"backend": label, **time_loader(loader, args, device)})
+    tree["data"]["train"] = folder
     if not args.no_baseline:
         rows.append({"backend": "pil_dataloader (baseline)",
                      **time_loader(pil_baseline(folder, args, device), args, device)})
