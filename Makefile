@@ -11,7 +11,7 @@ demo: install
 	$(PYTHON) -m fastcls.train pipelines/demo.yaml
 
 test:
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,ffcv]'
 	$(PYTHON) -m pytest tests
 
 bench: install

@@ -110,6 +110,29 @@ def _shard_order(sampler: ShardBatchSampler):
     return ShardOrder()
 
 
+def _quasi_random_order():
+    """FFCV's QUASI_RANDOM order, made a function of (seed, epoch): upstream shuffles its
+    page table in place, so asking for the same epoch twice (a resume) gave another order."""
+    from ffcv.traversal_order.quasi_random import QuasiRandom
+
+    class ReproducibleQuasiRandom(QuasiRandom):
+        def __init__(self):  # QuasiRandom.__init__ runs in __call__, with the loader
+            pass
+
+        def __call__(self, loader):
+            QuasiRandom.__init__(self, loader)
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            pages = self.page_to_samples_array.copy()
+            try:
+                return super().sample_order(epoch)
+            finally:
+                self.page_to_samples_array = pages
+
+    return ReproducibleQuasiRandom()
+
+
 class FFCVLoader:
     """The data interface (DESIGN.md) over an FFCV `Loader` reading one `.beton`.
 
@@ -144,7 +167,7 @@ class FFCVLoader:
         ffcv = import_ffcv()
         from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
                                           RandomResizedCropRGBImageDecoder)
-        from ffcv.loader import Loader, OrderOption
+        from ffcv.loader import Loader
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         size = (image_size, image_size)
@@ -166,7 +189,7 @@ class FFCVLoader:
         self.dataset_size = n
         if order == "quasi_random" and train:
             self._order = None
-            ffcv_order = OrderOption.QUASI_RANDOM
+            ffcv_order = _quasi_random_order()
         else:
             self._order = _shard_order(self.sampler)
             ffcv_order = self._order
