@@ -20,7 +20,7 @@ Compiler.set_enabled(False)
 beton, out = sys.argv[1], sys.argv[2]
 dist = setup_distributed("cpu")
 cfg = config_from_dict({"model": {"name": "resnet_tiny", "num_classes": 3},
-                        "data": {"backend": "ffcv", "train": beton, "val": beton, "batch_size": 4,
+                        "data": {"backend": "ffcv", "train": beton, "val": beton, "batch_size": 3,
                                  "image_size": 16, "val_resize": 16, "workers": 1}})
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3) * 255
