@@ -87,6 +87,15 @@ def index_beton(tmp_path_factory):
     return tmp / "train.beton"
 
 
+@pytest.fixture(scope="module")
+def folder_beton(tmp_path_factory):
+    """conftest's 3-class noise-JPEG folder (7, 5, 6 images) and its jpg-mode .beton."""
+    tmp = tmp_path_factory.mktemp("ffcv_folder")
+    src = make_folder(tmp / "train")
+    convert(src, tmp / "train.beton", "--write-mode", "jpg")
+    return src, tmp / "train.beton"
+
+
 # ---------------------------------------------------------------- conversion
 
 def test_convert_writes_beton_and_class_list(tmp_path):
@@ -161,10 +170,8 @@ def test_writer_worker_failure_aborts_without_a_file(tmp_path):
 
 # ---------------------------------------------------------------- the data interface
 
-def test_ffcv_contract(tmp_path, nojit):
-    src = make_folder(tmp_path / "train")
-    beton = tmp_path / "train.beton"
-    convert(src, beton, "--write-mode", "jpg")
+def test_ffcv_contract(folder_beton, nojit):
+    _, beton = folder_beton
     threads = torch.get_num_threads()
     cfg = make_cfg(beton, beton, workers=2)
     loader = build_loader(cfg, "train", CPU)
@@ -209,11 +216,9 @@ def test_val_matches_torchvision_resize_center_crop(tmp_path, nojit):
     assert (unnormalize(x)[0] - ref).abs().mean() < 2.0
 
 
-def test_same_order_as_native_and_set_epoch(tmp_path, nojit):
+def test_same_order_as_native_and_set_epoch(folder_beton, nojit):
     """The epoch order is (seed, epoch)-seeded and the native backend's; start_step seeks."""
-    src = make_folder(tmp_path / "train")
-    beton = tmp_path / "train.beton"
-    convert(src, beton)
+    src, beton = folder_beton
     ffcv = build_loader(make_cfg(beton), "train", CPU)
     native = build_loader(make_cfg(src, backend="native", workers=0), "train", CPU)
 
@@ -271,8 +276,10 @@ def test_two_rank_sharding_gloo_disjoint_and_complete(index_beton, tmp_path):
 
 # ---------------------------------------------------------------- crops
 
-def _coord_beton(tmp_path, n=48, size=256) -> Path:
+@pytest.fixture(scope="module")
+def coord_beton(tmp_path_factory, n=48, size=256) -> Path:
     """Images whose R = x and G = y pixel coordinate, stored raw (exact)."""
+    tmp_path = tmp_path_factory.mktemp("ffcv_coord")
     yy, xx = np.mgrid[0:size, 0:size]
     arr = np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
     (tmp_path / "c" / "a").mkdir(parents=True)
@@ -302,8 +309,8 @@ def _ks(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(fa - fb).max())
 
 
-def test_rrc_distribution_matches_torchvision(tmp_path, nojit):
-    beton = _coord_beton(tmp_path)
+def test_rrc_distribution_matches_torchvision(coord_beton, nojit):
+    beton = coord_beton
     scale, ratio, out = (0.25, 1.0), (0.5, 2.0), 32
     cfg = make_cfg(beton, image_size=out, batch_size=16, hflip=0.0,
                    rrc={"scale": list(scale), "ratio": list(ratio)})
@@ -332,8 +339,8 @@ def test_rrc_distribution_matches_torchvision(tmp_path, nojit):
     assert np.exp(got[:, 1]).min() > ratio[0] * 0.9 and np.exp(got[:, 1]).max() < ratio[1] * 1.1
 
 
-def test_flip(tmp_path, nojit):
-    beton = _coord_beton(tmp_path, n=8)
+def test_flip(coord_beton, nojit):
+    beton = coord_beton
     for p, sign in ((0.0, 1), (1.0, -1)):
         cfg = make_cfg(beton, image_size=16, batch_size=8, hflip=p, rrc={"scale": [1.0, 1.0],
                                                                           "ratio": [1.0, 1.0]})
@@ -386,3 +393,22 @@ def test_loader_benchmark_has_ffcv_jpg_and_raw(folder, tmp_path):
     rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
     assert {"ffcv (jpg)", "ffcv (raw)", "pil_dataloader (baseline)"} == set(rows)
     assert all(r["img_per_s"] > 0 for r in rows.values())
+
+
+@pytest.mark.gpu
+def test_ffcv_cuda_contract(folder_beton):
+    _, beton = folder_beton
+    dev = torch.device("cuda", 0)
+    cfg = make_cfg(beton, beton)
+    loader = build_loader(cfg, "train", dev, dtype=torch.bfloat16)
+    batches = [(x.clone(), y.clone()) for x, y in loader]
+    assert len(batches) == len(loader) == 4
+    for x, y in batches:
+        assert x.device == dev and x.dtype == torch.bfloat16 and x.shape == (4, 3, 32, 32)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert y.device == dev and y.dtype == torch.int64
+    val = build_loader(cfg, "val", dev, classes=loader.classes)
+    cpu_val = build_loader(cfg, "val", CPU, classes=loader.classes)
+    for (xg, yg), (xc, yc) in zip(val, cpu_val):
+        torch.testing.assert_close(xg.cpu(), xc, atol=1e-5, rtol=0)
+        assert yg.cpu().tolist() == yc.tolist()
