@@ -140,19 +140,26 @@ def main(argv=None) -> int:
 
     rows, skipped = [], {}
     tmp = tempfile.TemporaryDirectory(prefix="fastcls-bench-")
-    for name in args.backends.split(","):
+    betons, names = {}, args.backends.split(",")
+    if "ffcv" in names:  # convert first: forking after numba's threads started warns
+        try:
+            check_backend("ffcv")
+            betons = {m: ensure_beton(folder, f"{tmp.name}/{m}.beton", write_mode=m)
+                      for m in FFCV_MODES}
+        except DatasetError as e:
+            skipped["ffcv"] = str(e)
+            print(f"{'ffcv':>10}: skipped ({e})", file=sys.stderr)
+            names.remove("ffcv")
+    for name in names:
         # ffcv reads .beton files: the folder is converted (not timed) once per write mode
         variants = [(f"ffcv ({m})", m) for m in FFCV_MODES] if name == "ffcv" else [(name, None)]
         for label, mode in variants:
             tree["data"]["backend"] = name
             tree["data"]["train"] = folder
             try:
-                cfg = config_from_dict(tree, "benchmark")
                 if mode is not None:
-                    check_backend(name)
-                    tree["data"]["train"] = ensure_beton(folder, f"{tmp.name}/{mode}.beton",
-                                                         write_mode=mode)
-                    cfg = config_from_dict(tree, "benchmark")
+                    tree["data"]["train"] = betons[mode]
+                cfg = config_from_dict(tree, "benchmark")
                 loader = build_loader(cfg, "train", device)
             except DatasetError as e:
                 skipped[name] = str(e)
