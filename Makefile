@@ -11,7 +11,7 @@ demo: install
 	$(PYTHON) -m fastcls.train pipelines/demo.yaml
 
 test:
-	$(PIP) install -e '.[test,dali]'  # dali: CI tests the real DALI CPU graph (~420 MB wheel)
+	$(PIP) install -e '.[test,dali,ffcv]'  # CI tests the real DALI CPU graph (~420 MB wheel) and FFCV
 	$(PYTHON) -m pytest tests
 
 bench: install

@@ -19,14 +19,18 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
-        "ffcv": ["ffcv", "numba", "opencv-python-headless"],
+        # ffcv==1.0.2: the backend uses its TraversalOrder/Loader internals (ffcv_loader.py);
+        # ffcv itself pulls opencv-python, numba and pytorch_pfn_extras and builds against the
+        # system's libturbojpeg/libopencv (apt packages, README). numba>=0.59: first release
+        # that supports numpy 2; numba caps numpy itself (0.68: numpy<2.6).
+        "ffcv": ["ffcv==1.0.2", "numba>=0.59", "pillow", "torch"],
         # nvImageCodec: GPU batch decode on the hardware JPEG engines (torch built for CUDA 12 / 13)
         "nvimgcodec": ["nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
         "nvimgcodec-cu13": ["nvidia-nvimgcodec-cu13", "nvidia-nvjpeg"],
         # timm: reference for the mixup/cutmix tests; nvidia-nvimgcodec-cu12 (32 MB, no CUDA
         # needed) so CI tests its CPU-only decode path
         "test": ["pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12"],
-        "all": ["nvidia-dali-cuda120", "ffcv", "numba", "opencv-python-headless",
+        "all": ["nvidia-dali-cuda120", "ffcv==1.0.2", "numba>=0.59",
                 "pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
     },
     entry_points={"console_scripts": ["fastcls-train=fastcls.train:main"]},

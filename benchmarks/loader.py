@@ -4,6 +4,9 @@ same process, no model. Prints a table and writes JSON.
     python benchmarks/loader.py --data /d/train --batch-size 256 --image-size 224 --workers 16
     python benchmarks/loader.py --demo --image-size 64        # the embedded demo data
 
+The ffcv backend is measured on .beton copies of the folder in both write modes, jpg
+(re-encoded JPEG, decoded by libjpeg-turbo) and raw (uint8 pixels, no decode); the
+conversion is not timed and neither is the numba JIT (done when the loader is built).
 img/s is the median over --repeats timed runs of --steps batches each, after --warmup
 batches (worker start-up, numba/cudnn warm-up); on CUDA every timed run ends in a
 synchronize. The ratio column is each backend over the baseline measured in this run,
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +29,10 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 
 from common import dataset_info, machine_info, now_utc, versions, write_json  # noqa: E402
 from fastcls.config import BACKENDS, config_from_dict  # noqa: E402
-from fastcls.data import DatasetError, build_loader, scan_folder  # noqa: E402
+from fastcls.data import DatasetError, build_loader, check_backend, scan_folder  # noqa: E402
+from fastcls.data.convert import ensure_beton  # noqa: E402
+
+FFCV_MODES = ("jpg", "raw")  # .beton write modes measured for the ffcv backend
 from fastcls.dist import pick_device  # noqa: E402
 
 
@@ -127,20 +134,38 @@ def main(argv=None) -> int:
         return 2
 
     rows, skipped = [], {}
-    for name in args.backends.split(","):
-        backend, _, rest = name.partition(":")
-        decode, _, decoder = rest.partition(":")
-        tree["data"]["backend"] = backend
-        tree["data"]["native_decode"] = decode or "auto"
-        tree["data"]["decoder"] = decoder or "auto"
+    tmp = tempfile.TemporaryDirectory(prefix="fastcls-bench-")
+    betons, names = {}, args.backends.split(",")
+    if "ffcv" in names:  # convert first: forking after numba's threads started warns
         try:
-            cfg = config_from_dict(tree, "benchmark")
-            loader = build_loader(cfg, "train", device)
+            check_backend("ffcv")
+            betons = {m: ensure_beton(folder, f"{tmp.name}/{m}.beton", write_mode=m)
+                      for m in FFCV_MODES}
         except DatasetError as e:
-            skipped[name] = str(e)
-            print(f"{name:>10}: skipped ({e})", file=sys.stderr)
-            continue
-        rows.append({"backend": name, **time_loader(loader, args, device)})
+            skipped["ffcv"] = str(e)
+            print(f"{'ffcv':>10}: skipped ({e})", file=sys.stderr)
+            names.remove("ffcv")
+    for name in names:
+        # ffcv reads .beton files: the folder is converted (not timed) once per write mode
+        variants = [(f"ffcv ({m})", m) for m in FFCV_MODES] if name == "ffcv" else [(name, None)]
+        backend, _, rest = name.partition(":")   # native:batched:nvimgcodec
+        decode, _, decoder = rest.partition(":")
+        for label, mode in variants:
+            tree["data"]["backend"] = backend
+            tree["data"]["native_decode"] = decode or "auto"
+            tree["data"]["decoder"] = decoder or "auto"
+            tree["data"]["train"] = folder
+            try:
+                if mode is not None:
+                    tree["data"]["train"] = betons[mode]
+                cfg = config_from_dict(tree, "benchmark")
+                loader = build_loader(cfg, "train", device)
+            except DatasetError as e:
+                skipped[name] = str(e)
+                print(f"{name:>10}: skipped ({e})", file=sys.stderr)
+                break
+            rows.append({"backend": label, **time_loader(loader, args, device)})
+    tree["data"]["train"] = folder
     if not args.no_baseline:
         rows.append({"backend": "pil_dataloader (baseline)",
                      **time_loader(pil_baseline(folder, args, device), args, device)})

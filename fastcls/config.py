@@ -67,6 +67,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class FFCVConfig:
+    """data.backend=ffcv only (fastcls/data/ffcv_loader.py)."""
+    order: str = "random"       # random | quasi_random (single process; datasets > RAM)
+    os_cache: bool = True       # page cache (shared by ranks) vs FFCV's own process cache
+    batches_ahead: int = 3      # batches decoded ahead of the training step
+
+
+@dataclass(frozen=True)
 class DataConfig:
     backend: str = "native"
     train: str = ""                       # ImageFolder root: train/<class>/*.jpg
@@ -88,6 +96,7 @@ class DataConfig:
     antialias: str = "auto"               # batched path: on | off | auto (only when downscaling > 2x)
     decoder: str = "auto"                 # batched path: auto (nvimgcodec if installed) | nvimgcodec | torchvision
     timeout: float = 600.0                # s a worker batch may take before the run fails (0: wait forever)
+    ffcv: FFCVConfig = field(default_factory=FFCVConfig)
 
 
 @dataclass(frozen=True)
@@ -374,6 +383,8 @@ def validate(cfg: Config) -> None:
     positive("data.synthetic_images", d.synthetic_images)
     fraction("data.dali.hw_decoder_load", d.dali.hw_decoder_load)
     positive("data.dali.prefetch_queue_depth", d.dali.prefetch_queue_depth)
+    _choice("data.ffcv.order", d.ffcv.order, ("random", "quasi_random"))
+    positive("data.ffcv.batches_ahead", d.ffcv.batches_ahead)
     fraction("augment.label_smoothing", cfg.augment.label_smoothing)
     positive("optim.lr", o.lr)
     positive("optim.base_batch", o.base_batch)

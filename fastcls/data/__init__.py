@@ -21,9 +21,10 @@ from .folder import DatasetError, read_exclude, scan_folder
 
 SPLITS = ("train", "val")
 
-# Backends that arrive with their own issues: the install command when the package is
-# missing, a clear "not yet" when it is installed.
-_PENDING = {
+# Backends of this version that need an optional package: the install command when missing.
+_OPTIONAL = {
+    "dali": ("nvidia.dali", "pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
+                            "pip install nvidia-dali-cuda130)"),
     "ffcv": ("ffcv", "apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
                      "pip install 'fastcls[ffcv]'"),
 }
@@ -37,26 +38,12 @@ def dataset_paths(cfg: Config) -> tuple[str, str]:
     return cfg.data.train, cfg.data.val
 
 
-# Backends that need an optional package: the install command when it is missing.
-_REQUIRES = {
-    "dali": ("nvidia.dali", "pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
-                            "pip install nvidia-dali-cuda130)"),
-}
-
-
 def check_backend(name: str) -> None:
-    if name in _REQUIRES:
-        module, install = _REQUIRES[name]
+    if name in _OPTIONAL:
+        module, install = _OPTIONAL[name]
         if importlib.util.find_spec(module.split(".")[0]) is None or \
                 importlib.util.find_spec(module) is None:
             raise DatasetError(f"data.backend={name}: {module} is not installed; run: {install}")
-    if name in _PENDING:
-        module, install = _PENDING[name]
-        if importlib.util.find_spec(module.split(".")[0]) is None or \
-                importlib.util.find_spec(module) is None:
-            raise DatasetError(f"data.backend={name}: {module} is not installed; run: {install}")
-        raise DatasetError(f"data.backend={name}: not available yet in this fastcls version; "
-                           f"use data.backend=native")
 
 
 def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0,
@@ -79,6 +66,10 @@ def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0
         return SyntheticLoader(num_images=n, batch_size=batch, world_size=world_size,
                                image_size=d.image_size, num_classes=cfg.model.num_classes,
                                device=device, dtype=dtype, seed=cfg.train.seed + rank, classes=names)
+    if d.backend == "ffcv":
+        from .ffcv_loader import build_ffcv_loader
+        return build_ffcv_loader(cfg, split, device, batch_size=batch, rank=rank,
+                                 world_size=world_size, dtype=dtype, classes=classes, path=path)
     if path is None:
         path = dataset_paths(cfg)[SPLITS.index(split)]
     index = scan_folder(path, key=f"data.{split}", classes=classes if not train else None,
