@@ -280,6 +280,9 @@ def train(cfg: Config, dist: DistInfo) -> dict:
     curves = log.plot()
     log.info(f"done: best val top-1 {best_top1:.2f}% | run folder {out_dir}"
              + (f" | curves {curves}" if curves else ""))
+    # Ranks leave together: a gloo rank tearing the group down while rank 0 still plots or
+    # writes was seen aborting ("terminate called without an active exception").
+    barrier()
     return record
 
 

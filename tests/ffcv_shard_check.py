@@ -48,4 +48,5 @@ tdist.all_gather_object(everyone, mine)
 if dist.rank == 0:
     with open(out, "w") as f:
         json.dump({"world_size": dist.world_size, "ranks": everyone}, f)
+tdist.barrier()  # nobody tears gloo down while a peer still works (seen: SIGABRT in rank 1)
 tdist.destroy_process_group()

@@ -27,4 +27,5 @@ tdist.all_gather_object(out, {"rank": info.rank, "stopped_at": stopped_at, "sign
 if info.rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
+tdist.barrier()  # nobody tears gloo down while a peer still works (seen: SIGABRT in rank 1)
 tdist.destroy_process_group()

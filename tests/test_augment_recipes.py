@@ -1,6 +1,5 @@
 """The guide's augmentation recipes (pipelines/guide/resnet50_aug_*.yaml) load, validate and
 build the intended chain; augment config errors name the key."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import PY, ROOT, make_folder, run_env, write_image
+from conftest import PY, ROOT, make_folder, run_env
 from fastcls.config import config_from_dict, load_config
 from fastcls.data import DatasetError, build_loader
 from fastcls.data.native import MEAN, STD

@@ -1,7 +1,6 @@
 """Exact resume after SIGKILL mid-epoch, mid-epoch loader seek, verified and rotated
 checkpoints with fallback, NaN/inf stop, preemption agreement across ranks, SLURM env."""
 import json
-import os
 import signal
 import subprocess
 import time
