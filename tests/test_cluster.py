@@ -74,9 +74,12 @@ def worker_pids(parent: int) -> list[int]:
     return kids
 
 
-@pytest.mark.xfail(reason="flaky here (~2 runs in 5): after the SIGKILL the restarted workers "
-                   "sometimes fail in gloo's connectFullMesh ('Connection refused') and torchrun "
-                   "gives up; not understood yet, see README 'torchrun elastic'", strict=False)
+# Opt-in (FASTCLS_ELASTIC_TEST=1), not in CI: about 2 runs in 5 on a 2-core host, a worker
+# restarted after the SIGKILL fails in gloo's connectFullMesh ("Connection refused") or
+# waits in it for minutes; cause not found yet (issue 8 stays open for it; README "torchrun
+# elastic"). When it passes, the final weights are bitwise those of an uninterrupted run.
+@pytest.mark.skipif(os.environ.get("FASTCLS_ELASTIC_TEST") != "1",
+                    reason="known flaky/hanging elastic restart; set FASTCLS_ELASTIC_TEST=1 to run")
 def test_torchrun_max_restarts_resumes_after_a_rank_is_killed(data, reference, tmp_path):
     out = tmp_path / "elastic"
     proc = subprocess.Popen([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
