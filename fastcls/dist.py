@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Mapping
+from datetime import timedelta
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as tdist
@@ -93,8 +95,41 @@ def setup_distributed(device_pref: str = "auto") -> DistInfo:
     if world > 1 and not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        store = restart_scoped_store(os.environ, world)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
         tdist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank, local_rank, world, device)
+
+
+# torchrun's c10d rendezvous hosts one TCPStore in the agent and hands it to the workers
+# (TORCHELASTIC_USE_AGENT_STORE=True). Up to at least torch 2.14 that store lives as long as
+# the agent and init_process_group puts no per-restart prefix on its keys, so after
+# `--max-restarts` restarts the workers a restarted rank can read the gloo/NCCL address a
+# dead rank of the previous attempt left there and fail with "Connection refused" (or wait on
+# a reused port) -- pytorch/pytorch#135712. Workaround, written here because torch offers
+# none from the worker side: scope the keys by TORCHELASTIC_RESTART_COUNT. That count is the
+# same on every rank only when one agent started them all (one node); across nodes the agents
+# count restarts separately, so there the agent must not share its store:
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (cluster/fastcls.sbatch sets it) -- warned below.
+def restart_scoped_store(environ: Mapping[str, str], world: int) -> Optional["tdist.Store"]:
+    """A store for init_process_group whose keys are private to this torchrun restart, or
+    None to let torch create the usual one."""
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) <= 0:
+        return None
+    if int(environ.get("GROUP_WORLD_SIZE", "1") or 1) > 1:
+        if environ.get("RANK") == "0":
+            warnings.warn("torchrun --max-restarts over several nodes with the agent's shared "
+                          "store: a restarted rank can read a dead rank's address "
+                          "(pytorch/pytorch#135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                          "for torchrun (cluster/fastcls.sbatch does)", stacklevel=2)
+        return None
+    from torch.distributed.constants import default_pg_timeout
+    client = tdist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), world,
+                            is_master=False, timeout=timedelta(seconds=default_pg_timeout.total_seconds()))
+    return tdist.PrefixStore(f"fastcls/restart_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def cleanup_distributed() -> None:

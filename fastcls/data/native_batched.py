@@ -26,7 +26,6 @@ normalized; labels int64 on `device`.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import math
 from typing import Iterator, Optional
 
@@ -212,20 +211,6 @@ def collate_bytes(batch):
     return tuple(list(x) for x in zip(*batch))
 
 
-class _FromStep:
-    """Batch sampler that starts at batch `start` of the wrapped sampler's epoch order
-    (mid-epoch resume); skips by iterating indices only, nothing is read or decoded."""
-
-    def __init__(self, sampler: ShardBatchSampler):
-        self.sampler, self.start = sampler, 0
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.start)
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.start, None)
-
-
 class BatchedNativeLoader:
     """The data interface (DESIGN.md): byte-reading workers + batched decode + one fused
     crop/resize/normalize kernel per batch. Same boxes as the PIL path for the same seed."""
@@ -251,10 +236,9 @@ class BatchedNativeLoader:
         self._nv: Optional[NvImageCodecDecoder] = None  # created on first use, main process only
         self.sampler = ShardBatchSampler(len(index.samples), batch_size, rank, world_size,
                                          train=train, seed=seed)
-        self._batches = _FromStep(self.sampler)
         self.loader = DataLoader(
             FileBytes(index, train, self.scale, self.ratio, hflip, seed),
-            batch_sampler=self._batches, num_workers=workers, collate_fn=collate_bytes,
+            batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_bytes,
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=_worker_init if workers > 0 else None,
             timeout=timeout if workers > 0 else 0)  # a hung filesystem: an error, not a hang
@@ -270,11 +254,9 @@ class BatchedNativeLoader:
         return self.sampler.num_images
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Next iteration yields batches start_step..len-1 of epoch `epoch`'s order."""
-        if not 0 <= start_step <= len(self.sampler):
-            raise ValueError(f"start_step {start_step} outside 0..{len(self.sampler)}")
-        self.sampler.set_epoch(epoch)
-        self._batches.start = start_step
+        """Next iteration yields batches start_step..len-1 of epoch `epoch`'s order (the
+        sampler slices its order: nothing is read or decoded to skip)."""
+        self.sampler.set_epoch(epoch, start_step)
 
     # ------------------------------------------------------------------ one batch
 
@@ -353,7 +335,6 @@ class BatchedNativeLoader:
             yield from self._iter_cuda()
             return
         it = batches_with_timeout(iter(self.loader), self.timeout)
-        self._batches.start = 0  # a resumed epoch's offset applies once (iter() took it)
         for batch in it:
             yield self._process(batch)
 
@@ -362,7 +343,6 @@ class BatchedNativeLoader:
         it is staged after batch k was handed out, i.e. after its step was queued."""
         stream = torch.cuda.Stream(self.device)
         it = batches_with_timeout(iter(self.loader), self.timeout)
-        self._batches.start = 0
 
         def stage() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
             try:
