@@ -184,12 +184,13 @@ def train(cfg: Config, dist: DistInfo) -> dict:
         log.info(f"augment on {device}: {' -> '.join(augmenter.names)}")
 
     # ------------------------------------------------------------------ resume
-    start_epoch, epoch_step, step, best_top1 = 0, 0, 0, -1.0
+    start_epoch, epoch_step, step, best_top1, carry = 0, 0, 0, -1.0, None
     resume_path, state = ckpt.load_resume(cfg.train.resume, out_dir, warn=log.warn)
     if state is not None:
         ckpt.restore_state(state, resume_path, model, optimizer, scaler, classes)
         start_epoch, step, best_top1 = state["epoch"], state["step"], state["best_top1"]
         epoch_step = state.get("epoch_step", 0)
+        carry = state.get("epoch_sums") if epoch_step else None  # the epoch's stats so far
         saved_batch = state.get("global_batch", res.global_batch_size)
         if saved_batch != res.global_batch_size:  # other world size: same images, other steps
             epoch_step = epoch_step * saved_batch // res.global_batch_size
@@ -208,19 +209,24 @@ def train(cfg: Config, dist: DistInfo) -> dict:
                  f"global step {step}, lr {lr_at(step):.4g}")
     last_ckpt = [str(resume_path) if resume_path else None]
 
-    def save(epoch: int, epoch_step: int, step: int, is_best: bool = False) -> None:
-        """Checkpoint on rank 0 (the RNG gather is a collective: every rank calls this)."""
+    def save(epoch: int, epoch_step: int, step: int, is_best: bool = False,
+             epoch_sums: Optional[list] = None) -> None:
+        """Checkpoint on rank 0 (the RNG gather is a collective: every rank calls this).
+        Mid-epoch, `epoch_sums` (loss sum, correct, images over all ranks so far) let the
+        resumed run report the whole epoch's train_loss/train_top1."""
         rng = gather_rng_states(dist)
         if dist.is_main:
             state = ckpt.make_state(raw_model, optimizer, scaler, epoch=epoch, epoch_step=epoch_step,
                                     step=step, classes=classes, best_top1=best_top1,
                                     config=to_dict(cfg), rng=rng)
             state["global_batch"] = res.global_batch_size  # to map epoch_step to another world size
+            if epoch_step:
+                state["epoch_sums"] = epoch_sums
             last_ckpt[0] = str(ckpt.save_checkpoint(out_dir, state, keep=cfg.train.keep_checkpoints,
                                                     is_best=is_best))
 
-    def preempted(epoch: int, epoch_step: int, step: int) -> Preempted:
-        save(epoch, epoch_step, step)
+    def preempted(epoch: int, epoch_step: int, step: int, epoch_sums=None) -> Preempted:
+        save(epoch, epoch_step, step, epoch_sums=epoch_sums)
         barrier()  # the checkpoint is on disk before anyone is requeued or exits
         where = f"epoch {epoch + 1}, step {epoch_step} of it"
         requeued = dist.is_main and cfg.train.slurm_requeue and slurm_requeue(log.warn)
@@ -257,10 +263,11 @@ def train(cfg: Config, dist: DistInfo) -> dict:
             stats, step = train_one_epoch(
                 model, train_loader, optimizer, scaler, criterion, lr_at, step, epoch, autocast, cfg,
                 dist, log, augmenter=augmenter, start_step=first, stop=stop, guard=guard, last_ckpt=last_ckpt,
-                save=lambda i, s, e=epoch: save(e, i, s))
-            done = stats.pop("epoch_steps")
+                save=lambda i, s, sums, e=epoch: save(e, i, s, epoch_sums=sums),
+                carry=carry if epoch == start_epoch else None)
+            done, sums = stats.pop("epoch_steps"), stats.pop("epoch_sums")
             if done < len(train_loader):
-                raise preempted(epoch, done, step)
+                raise preempted(epoch, done, step, sums)
             val, is_best = None, False
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 val = evaluate(eval_model, val_loader, autocast, dist)
@@ -319,15 +326,21 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
                     autocast, cfg: Config, dist: DistInfo, log: RunLog, augmenter=None, *,
                     start_step: int = 0,
                     stop: Optional[Preemption] = None, guard: Optional[LossGuard] = None,
-                    last_ckpt: Optional[list] = None, save=None) -> tuple[dict, int]:
+                    last_ckpt: Optional[list] = None, save=None,
+                    carry: Optional[list] = None) -> tuple[dict, int]:
     """Steps start_step..len(loader)-1 of `epoch` (the loader was set to start there).
     Returns (stats, global step); stats["epoch_steps"] < len(loader) when `stop` agreed
-    on a preemption signal. `save(epoch_step, step)` is called every
-    train.checkpoint_every steps; `guard` stops the run on a NaN/inf loss."""
+    on a preemption signal, stats["epoch_sums"] = [loss sum, correct, images] over all ranks.
+    `save(epoch_step, step, epoch_sums)` is called every train.checkpoint_every steps (all
+    ranks); `guard` stops the run on a NaN/inf loss. `carry` = epoch_sums of the steps before
+    start_step (a resumed epoch), so the epoch's train_loss/train_top1 cover all its steps."""
     model.train()
     device = dist.device
     # Running sums stay on the device: reading them is a sync, done every log_every steps.
-    sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss * n, correct
+    # [loss * n, correct, images]; a resumed epoch's earlier totals count once, on rank 0.
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    if carry is not None and dist.is_main:
+        sums += sums.new_tensor(carry)
     images_seen, wait, t_epoch = 0, 0.0, time.perf_counter()
     win_images, win_wait, t_win = 0, 0.0, t_epoch
     bar = log.bar(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
@@ -362,6 +375,7 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
         n = labels.shape[0]
         sums[0] += loss.detach().double() * n
         sums[1] += (logits.detach().argmax(1) == dominant_label(targets)).sum()  # mixed: larger share
+        sums[2] += n
         step += 1
         images_seen += n
         win_images += n
@@ -377,12 +391,12 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
         bar.update(1)
         every = cfg.train.checkpoint_every
         if save is not None and every and (i + 1) % every == 0 and i + 1 < len(loader):
-            save(i + 1, step)
+            save(i + 1, step, all_reduce_sum(sums.clone()).tolist())
         if stop is not None and i + 1 < len(loader) and stop.agreed(i):
             done = i + 1
             break
     bar.close()
-    totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([images_seen, len(loader.bad_files)])]))
+    totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([len(loader.bad_files)])]))
     loss_sum, correct, count, bad = totals.tolist()
     elapsed = time.perf_counter() - t_epoch
     if bad:  # counted over all ranks; names from rank 0 (which alone logs)
@@ -390,7 +404,8 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
                  f"samples) on {dist.world_size} rank(s); rank 0's: {loader.bad_files[:5]}")
     return {"train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1),
             "img_per_s": images_seen * dist.world_size / elapsed,
-            "data_stall": 100.0 * wait / elapsed, "epoch_steps": done}, step
+            "data_stall": 100.0 * wait / elapsed, "epoch_steps": done,
+            "epoch_sums": [loss_sum, correct, count]}, step
 
 
 @torch.no_grad()

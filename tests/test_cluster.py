@@ -49,6 +49,13 @@ def assert_same_weights(a_path, b_path):
     assert a["epoch"] == b["epoch"] == EPOCHS and a["step"] == b["step"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # ... and the same per-epoch train stats, the interrupted epoch's included (the all-reduce
+    # groups the float64 sums differently after a resume: equal to rounding).
+    ra, rb = rows(Path(a_path).parent), rows(Path(b_path).parent)
+    assert [r["epoch"] for r in rb] == list(range(1, EPOCHS + 1))
+    for x, y in zip(ra, rb):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-12), (x, y)
+        assert y["train_top1"] == pytest.approx(x["train_top1"], rel=1e-12), (x, y)
 
 
 @pytest.fixture(scope="module")

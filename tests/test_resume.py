@@ -149,6 +149,9 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, device):
     rb = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rb] == [1, 2]
     assert rb[-1]["val_loss"] == ra[-1]["val_loss"] and rb[-1]["lr"] == ra[-1]["lr"]
+    # The resumed epoch's train stats cover all its steps (the checkpoint carries the sums).
+    assert [(r["train_loss"], r["train_top1"]) for r in rb] == \
+        [(r["train_loss"], r["train_top1"]) for r in ra]
 
 
 def test_resume_restores_rng_streams(tmp_path):
