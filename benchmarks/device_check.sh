@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent GPU machine (see README "Benchmarks" and the shared
 # device/README.md: Python 3.12, torch 2.11, no DALI unless .dali4/install.sh is sourced,
-# project not installed). Under 6 minutes; every result as JSON under $OUT:
+# project not installed). About 6 minutes; every result as JSON under $OUT. It is the only GPU
+# script: the DALI and native-batched/kernel measurements of issues 3 and 5 are steps here.
 #
 #   OUT=/tmp/out bash benchmarks/device_check.sh                 # on the GPU machine
 #   source .dali4/install.sh && bash benchmarks/device_check.sh   # ... with DALI
 #   OUT=/tmp/smoke bash benchmarks/device_check.sh --smoke       # same steps, tiny, on CPU
 #
-# Steps, in order, each under its own time limit (clipped to what is left of BUDGET_S, 340 s
+# Steps, in order, each under its own time limit (clipped to what is left of BUDGET_S, 360 s
 # by default); a step that fails or times out is recorded and the next one runs:
-#   env -> make_jpegs -> pytest -m gpu -> loader.py 224px -> train.py ResNet-50 eager,
-#   ResNet-18, ResNet-50 torch.compile (last: the slowest and least certain).
-# $OUT gets env.json, pytest_gpu.xml, loader_224.json, train_*.json, one .log per step and
-# summary.json (each step's exit code and seconds, the headline numbers); a table is printed last.
-# Environment: OUT (default bench_out/device), PYTHON (python3), BUDGET_S (340),
+#   env -> make_jpegs -> pytest -m gpu -> kernels.py (fused crop kernel vs per-image loop)
+#   -> loader.py 224px (every installed backend: native PIL workers, native batched, DALI,
+#   ffcv; PIL baseline) -> train.py ResNet-50 eager on native, ResNet-50 on DALI (when DALI
+#   imports; else recorded "absent", not failed), ResNet-18, ResNet-50 torch.compile (last:
+#   the slowest and least certain).
+# $OUT gets env.json, pytest_gpu.xml, kernels.json, loader_224.json, train_*.json, one .log
+# per step and summary.json (each step's exit code and seconds, the headline numbers); a
+# table is printed last. Environment: OUT (default bench_out/device), PYTHON (python3), BUDGET_S (360),
 # BENCH_DATA (JPEG folder, default /tmp/fastcls_bench_jpegs; reused when its manifest matches),
 # DRY_RUN=1 (print each step's command to stdout and $OUT/commands.txt instead of running it).
 set -uo pipefail
@@ -27,7 +31,7 @@ case "${1:-}" in
 esac
 OUT=${OUT:-bench_out/device}
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-340}
+BUDGET_S=${BUDGET_S:-360}
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # the project is not installed there
@@ -43,6 +47,7 @@ if (( SMOKE )); then
   JPEGS=(--classes 2 --per-class 6 --workers 2)
   DEV=(train.device=cpu train.amp=off data.workers=1 data.image_size=32 data.val_resize=32)
   LOADER=(--batch-size 4 --image-size 32 --workers 1 --warmup 1 --steps 2 --repeats 1 --device cpu)
+  KERNELS=(--device cpu --batch 4 --size 32 --min-side 40 --max-side 64 --dtype fp32 --warmup 1 --steps 1 --repeats 1)
   # The demo's resnet_tiny stands in for ResNet-50/18 (the same code path; a ResNet-50 step
   # on a busy 2-core CPU takes seconds).
   R50=(model.name=resnet_tiny data.global_batch_size=2); R18=("${R50[@]}")
@@ -56,6 +61,7 @@ else
   JPEGS=(--classes 100 --per-class 52 --workers "$(nproc)")
   DEV=(data.workers=16)
   LOADER=(--batch-size 256 --image-size 224 --workers 16 --warmup 5 --steps 20 --repeats 3 --device cuda)
+  KERNELS=(--device cuda --batch 256 --size 224 --warmup 3 --steps 10 --repeats 3)
   R50=(data.global_batch_size=256); R18=(data.global_batch_size=512)
   TIMING=(--warmup 10 --steps 25 --repeats 3)
   COMPILE_ENV=()
@@ -121,12 +127,21 @@ export -f env_info gpu_tests  # `timeout` runs programs: the functions run in a 
 export PY OUT
 step env 30 bash -c env_info
 step make_jpegs 60 "$PY" benchmarks/make_jpegs.py --out "$DATA" "${JPEGS[@]}"
-step pytest_gpu 75 bash -c gpu_tests
+step pytest_gpu 120 bash -c gpu_tests
+step kernels 30 "$PY" benchmarks/kernels.py "${KERNELS[@]}" --out "$OUT/kernels.json"
 step loader_224 75 "$PY" benchmarks/loader.py --data "$DATA/train" "${LOADER[@]}" \
   --out "$OUT/loader_224.json"
 step train_resnet50_eager 60 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
   data.train="$DATA/train" "${DEV[@]}" "${R50[@]}" "${TIMING[@]}" \
   --out "$OUT/train_resnet50_eager.json"
+if [[ -n ${DRY_RUN:-} ]] || "$PY" -c "import nvidia.dali" 2> /dev/null; then
+  step train_resnet50_dali 60 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
+    data.backend=dali data.train="$DATA/train" "${DEV[@]}" "${R50[@]}" "${TIMING[@]}" \
+    --out "$OUT/train_resnet50_dali.json"
+else  # not an error: the GPU machine has no DALI unless .dali4/install.sh was sourced
+  printf '%s\t%s\t%s\n' train_resnet50_dali absent 0 >> "$OUT/steps.tsv"
+  echo "== train_resnet50_dali: absent (DALI does not import; source .dali4/install.sh first)"
+fi
 step train_resnet18_eager 45 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
   model.name=resnet18 data.train="$DATA/train" "${DEV[@]}" "${R18[@]}" "${TIMING[@]}" \
   --out "$OUT/train_resnet18_eager.json"
@@ -148,13 +163,19 @@ def load(name):
     p = out / name
     return json.loads(p.read_text()) if p.is_file() else None
 env = load("env.json") or {}
+kernels = load("kernels.json")
+if kernels:
+    for r in kernels["results"]:
+        rows.append((f"kernel 224px: {r['impl']}", f"{r['img_per_s']:,.0f} img/s",
+                     f"x loop {r['speedup_vs_loop']:.2f}" if "speedup_vs_loop" in r else ""))
 loader = load("loader_224.json")
 if loader:
     for r in loader["results"]:
         if r["backend"] != "synthetic":
             rows.append((f"loader 224px: {r['backend']}", f"{r['img_per_s']:,.0f} img/s",
                          f"x PIL {r['ratio_vs_pil']:.2f}" if r.get("ratio_vs_pil") else ""))
-for name in ("train_resnet50_eager", "train_resnet18_eager", "train_resnet50_compiled"):
+for name in ("train_resnet50_eager", "train_resnet50_dali", "train_resnet18_eager",
+             "train_resnet50_compiled"):
     t = load(name + ".json")
     if not t:
         continue
@@ -165,7 +186,7 @@ for name in ("train_resnet50_eager", "train_resnet18_eager", "train_resnet50_com
                  f"{real['img_per_s']:,.1f} img/s" if real else "-",
                  f"x synthetic {t['ratio_real_vs_synthetic']:.3f}, stall {real['data_stall_pct']:.1f}%"
                  if real and t.get("ratio_real_vs_synthetic") else ""))
-failed = [s["step"] for s in steps if s["rc"] != 0]
+failed = [s["step"] for s in steps if s["rc"] not in (0, "absent")]
 summary = {"benchmark": "device_check", "smoke": smoke, "total_seconds": total,
            "device": (env.get("machine") or {}).get("device_name"), "versions": env.get("versions"),
            "steps": steps, "failed": failed,

@@ -252,6 +252,10 @@ def test_table_check_detects_drift(tmp_path):
 
 # --------------------------------------------------------------------------- device_check.sh
 
+STEPS = ["env", "make_jpegs", "pytest_gpu", "kernels", "loader_224", "train_resnet50_eager",
+         "train_resnet50_dali", "train_resnet18_eager", "train_resnet50_compiled"]
+
+
 def test_device_check_smoke(tmp_path):
     """The GPU-machine script's every step, tiny and on the CPU; JSON under $OUT."""
     script = ROOT / "benchmarks" / "device_check.sh"
@@ -265,18 +269,20 @@ def test_device_check_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["smoke"] is True and s["failed"] == [] and s["device"].startswith("CPU")
-    assert [st["step"] for st in s["steps"]] == [
-        "env", "make_jpegs", "pytest_gpu", "loader_224", "train_resnet50_eager",
-        "train_resnet18_eager", "train_resnet50_compiled"]
+    assert [st["step"] for st in s["steps"]] == STEPS
     assert all(st["rc"] == 0 for st in s["steps"])
     assert json.loads((out / "env.json").read_text())["versions"]["torch"]
     assert (out / "pytest_gpu.xml").is_file()
     loader = json.loads((out / "loader_224.json").read_text())
     assert {"native:workers", "pil_dataloader (baseline)"} <= {r["backend"] for r in loader["results"]}
     assert loader["dataset"]["name"].startswith("make_jpegs")
-    for name in ("resnet50_eager", "resnet18_eager", "resnet50_compiled"):
+    kernels = json.loads((out / "kernels.json").read_text())
+    assert [r["impl"] for r in kernels["results"]] == ["fused torch reference", "per-image torch loop"]
+    assert kernels["mean_abs_diff_vs_loop_255"] < 1.0   # the fused kernel agrees with the loop
+    for name, backend in (("resnet50_eager", "native"), ("resnet50_dali", "dali"),
+                          ("resnet18_eager", "native"), ("resnet50_compiled", "native")):
         t = json.loads((out / f"train_{name}.json").read_text())
-        assert [r["backend"] for r in t["results"]] == ["synthetic", "native"]
+        assert [r["backend"] for r in t["results"]] == ["synthetic", backend]
         assert t["ratio_real_vs_synthetic"] > 0
     assert json.loads((out / "train_resnet50_compiled.json").read_text())["settings"]["compile"]
     assert "failed steps: none" in proc.stdout
@@ -296,8 +302,7 @@ def test_device_check_full_commands_are_valid(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cmds = dict(line.split(": ", 1) for line in (out / "commands.txt").read_text().splitlines())
-    assert list(cmds) == ["env", "make_jpegs", "pytest_gpu", "loader_224", "train_resnet50_eager",
-                          "train_resnet18_eager", "train_resnet50_compiled"]
+    assert list(cmds) == STEPS
     seen_models = set()
     for name, line in cmds.items():
         argv = shlex.split(line)
@@ -308,6 +313,8 @@ def test_device_check_full_commands_are_valid(tmp_path):
         for tok in argv[2:]:
             if tok.startswith("--"):
                 assert f'"{tok}"' in source, f"{name}: {script} has no option {tok}"
+        if script == "benchmarks/kernels.py":
+            assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--size") + 1] == "224"
         if script == "benchmarks/loader.py":
             assert argv[argv.index("--device") + 1] == "cuda" and "--out" in argv
         if script == "benchmarks/train.py":
@@ -316,6 +323,7 @@ def test_device_check_full_commands_are_valid(tmp_path):
             cfg = load_config(argv[2], overrides)
             assert cfg.data.image_size == 224 and cfg.train.amp == "bf16" and cfg.model.channels_last
             assert cfg.train.device == "auto" and cfg.data.workers == 16
+            assert cfg.data.backend == ("dali" if name.endswith("_dali") else "native"), name
             seen_models.add((cfg.model.name, cfg.data.global_batch_size, cfg.model.compile))
             assert argv[argv.index("--out") + 1] == str(out / f"{name}.json")
     assert seen_models == {("resnet50", 256, False), ("resnet18", 512, False), ("resnet50", 256, True)}
