@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -112,6 +113,46 @@ def test_torchrun_max_restarts_resumes_after_a_rank_is_killed(data, reference, t
     assert proc.returncode == 0, log[-3000:]
     assert "resumed from" in log, log[-3000:]
     assert rows(out)[-1]["epoch"] == EPOCHS
+    assert_same_weights(reference, out / "last.pt")
+
+
+def test_two_node_torchrun_restarts_after_a_rank_is_killed(data, reference, tmp_path):
+    """Two torchrun agents (two "nodes" on localhost, one process each, c10d rendezvous) as
+    cluster/fastcls.sbatch starts them, with its TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: the
+    second node's rank is SIGKILLed, both agents re-rendezvous (only the failed one counts a
+    restart) and the run ends with the uninterrupted run's weights."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    out = tmp_path / "two_nodes"
+    procs = []
+    for node in range(2):
+        with open(tmp_path / f"node{node}.log", "w") as log_file:
+            procs.append(subprocess.Popen(
+                [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=fastcls-test",
+                 "--max-restarts=1", "-m", "fastcls.train",
+                 *overrides(data, out, "train.checkpoint_every=1", "train.resume=auto")],
+                cwd=ROOT, env=dict(env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), stdout=log_file,
+                stderr=subprocess.STDOUT, start_new_session=True))
+    logs = lambda: "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(2))  # noqa: E731
+    try:
+        wait_for(lambda: len(rows(out)) >= 2 or any(p.poll() is not None for p in procs), 300, "epoch 2")
+        assert all(p.poll() is None for p in procs), logs()
+        (worker,) = worker_pids(procs[1].pid)
+        os.kill(worker, signal.SIGKILL)
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+    assert [p.returncode for p in procs] == [0, 0], logs()
+    assert any("resumed from" in (tmp_path / f"node{n}.log").read_text() for n in range(2)), logs()
     assert_same_weights(reference, out / "last.pt")
 
 
