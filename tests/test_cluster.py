@@ -82,19 +82,35 @@ def worker_pids(parent: int) -> list[int]:
     return kids
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process below it, then reap it. torchrun starts each
+    worker in a session of its own, so killing torchrun's process group would leave the
+    workers running, holding the test's ports and output."""
+    def tree(pid: int) -> list[int]:
+        try:
+            kids = worker_pids(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return []
+        return [pid] + [p for k in kids for p in tree(k)]
+    for pid in tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 # Until fastcls.dist.restart_scoped_store, about 2 runs in 5 failed here: the restarted
 # workers read the dead attempt's gloo addresses from torchrun's shared store ("Connection
 # refused" in connectFullMesh, pytorch/pytorch#135712). --max-restarts=1: one restart must do.
 def test_torchrun_max_restarts_resumes_after_a_rank_is_killed(data, reference, tmp_path):
     out, log_path = tmp_path / "elastic", tmp_path / "elastic.log"
-    # Output to a file and torchrun in its own process group: when something goes wrong, the
-    # whole tree is killed; killing torchrun alone leaves its workers running (a hang).
+    # Output to a file, not a pipe: a worker left running would hold a pipe open (a hang).
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                  "--max-restarts=1", "-m", "fastcls.train",
                                  *overrides(data, out, "train.checkpoint_every=1", "train.resume=auto")],
-                                cwd=ROOT, env=env(), stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                cwd=ROOT, env=env(), stdout=log_file, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: len(rows(out)) >= 2 or proc.poll() is not None, 300, "epoch 2")
         assert proc.poll() is None, log_path.read_text()[-3000:]
@@ -104,11 +120,7 @@ def test_torchrun_max_restarts_resumes_after_a_rank_is_killed(data, reference, t
         os.kill(rank1[0], signal.SIGKILL)
         proc.wait(timeout=300)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_tree(proc)
     log = log_path.read_text()
     assert proc.returncode == 0, log[-3000:]
     assert "resumed from" in log, log[-3000:]
@@ -135,7 +147,7 @@ def test_two_node_torchrun_restarts_after_a_rank_is_killed(data, reference, tmp_
                  "--max-restarts=1", "-m", "fastcls.train",
                  *overrides(data, out, "train.checkpoint_every=1", "train.resume=auto")],
                 cwd=ROOT, env=dict(env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), stdout=log_file,
-                stderr=subprocess.STDOUT, start_new_session=True))
+                stderr=subprocess.STDOUT))
     logs = lambda: "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(2))  # noqa: E731
     try:
         wait_for(lambda: len(rows(out)) >= 2 or any(p.poll() is not None for p in procs), 300, "epoch 2")
@@ -146,11 +158,7 @@ def test_two_node_torchrun_restarts_after_a_rank_is_killed(data, reference, tmp_
             p.wait(timeout=300)
     finally:
         for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+            kill_tree(p)
     assert [p.returncode for p in procs] == [0, 0], logs()
     assert any("resumed from" in (tmp_path / f"node{n}.log").read_text() for n in range(2)), logs()
     assert_same_weights(reference, out / "last.pt")
