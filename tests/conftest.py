@@ -109,6 +109,16 @@ def check_contract(loader, batches=None, *, batch=4, size=32, dtype=torch.float3
     return batches
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     return make_folder(tmp_path / "train")
