@@ -36,24 +36,23 @@ LRS = {"sgd": 0.1, "rmsprop": 0.003, "adam": 0.01, "adamw": 0.01, "adadelta": 1.
 def test_every_optimizer_trains_a_tiny_model(name):
     model = tiny()
     opt = build_optimizer(OptimConfig(name=name, weight_decay=1e-4), model, LRS[name])
-    x, y = data()
-    losses = []
-    for _ in range(30):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _run(model, opt, 30)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.9 * losses[0], (name, losses[0], losses[-1])
 
 
-def _run(model, opt, steps=4):
-    x, y = data()
+def _run(model, opt, steps=4, xy=None):
+    """`steps` full-batch steps on `xy` (default: data()) -> the loss before each step
+    (collected on the device: no host sync in the loop)."""
+    x, y = data() if xy is None else xy
+    losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).tolist()
 
 
 @pytest.mark.parametrize("name, ref", [
@@ -241,13 +240,5 @@ def test_every_optimizer_on_cuda(name):
     opt = build_optimizer(OptimConfig(name=name, weight_decay=1e-4), model, LRS[name])
     if apex_available() and name in _APEX:
         assert type(opt).__module__.startswith("apex.")
-    x, y = (t.cuda() for t in data())
-    losses = []
-    for _ in range(30):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    losses = torch.stack(losses).tolist()
+    losses = _run(model, opt, 30, [t.cuda() for t in data()])
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.9 * losses[0]
