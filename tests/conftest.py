@@ -10,7 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
+from fastcls.config import config_from_dict
+from fastcls.data.base import MEAN, STD
+
 ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+# The value range of ImageNet-normalized 0..255 pixels, over the three channels.
+NORM_LO = min((0 - m) / s for m, s in zip(MEAN, STD))
+NORM_HI = max((255 - m) / s for m, s in zip(MEAN, STD))
+# make_folder()'s default folder (7, 5, 6 images) in scan order: every image once.
+FOLDER_LABELS = [0] * 7 + [1] * 5 + [2] * 6
+BAD_NAMES = ["text.jpg", "trunc.jpg", "zero.jpg"]  # bad_folder()'s undecodable files
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,6 +47,76 @@ def make_folder(root: Path, classes=("a", "b", "c"), per_class=(7, 5, 6), seed=0
         for i in range(n):
             write_image(root / cls / f"{i:02d}.jpg", rng)
     return root
+
+
+def write_odd_images(dirs, rng: np.random.Generator) -> None:
+    """Decodable files that are not plain RGB JPEGs, in the 4 folders `dirs` in turn:
+    gray.jpg (grayscale), cmyk.jpg (CMYK), png_named.jpg (a PNG), tiny.jpg (1x1)."""
+    gray, cmyk, png, tiny = (Path(d) for d in dirs)
+    write_image(gray / "gray.jpg", rng, mode="L")
+    write_image(cmyk / "cmyk.jpg", rng, mode="CMYK")
+    write_image(png / "png_named.jpg", rng, fmt="PNG")
+    write_image(tiny / "tiny.jpg", rng, size=(1, 1))
+
+
+def bad_folder(tmp_path: Path) -> Path:
+    """2 classes of 10 noise JPEGs, plus a/zero.jpg (empty), a/text.jpg (text) and
+    b/trunc.jpg (a third of a JPEG): 23 files, the BAD_NAMES undecodable."""
+    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=(10, 10))
+    (root / "a" / "zero.jpg").write_bytes(b"")
+    (root / "a" / "text.jpg").write_text("not an image")
+    good = (root / "b" / "00.jpg").read_bytes()
+    (root / "b" / "trunc.jpg").write_bytes(good[: len(good) // 3])
+    return root
+
+
+def bad_names(bad_files) -> list[str]:
+    """The sorted file names in a loader's bad_files ("path: reason" strings)."""
+    return sorted(p.split(":")[0].rsplit("/", 1)[1] for p in bad_files)
+
+
+def loader_cfg(train, val="", **data):
+    """A 3-class resnet_tiny config over folders/files `train`, `val`: batches of 4 images
+    32x32 (val: shorter side 36, center crop 32), no workers; `data` overrides."""
+    tree = {"model": {"name": "resnet_tiny", "num_classes": 3},
+            "data": {"train": str(train), "val": str(val), "batch_size": 4, "image_size": 32,
+                     "val_resize": 36, "workers": 0, **data}}
+    return config_from_dict(tree)
+
+
+def unnormalize(x: torch.Tensor) -> torch.Tensor:
+    """Normalized N×3×H×W images -> float pixel values in 0..255 units."""
+    return x.float() * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and device.index in (None, t.device.index)
+
+
+def check_contract(loader, batches=None, *, batch=4, size=32, dtype=torch.float32,
+                   device=CPU, tol=1e-5):
+    """The data interface contract (fastcls.data) on one epoch of `loader` (or on its
+    `batches`, already taken): len(loader) batches, each of images `dtype`
+    batch x 3 x size x size channels_last on `device`, ImageNet-normalized (inside the
+    normalized range of 0..255, +-tol), labels int64 (batch,) on `device`. -> the batches."""
+    batches = list(loader) if batches is None else batches
+    assert len(batches) == len(loader)
+    for x, y in batches:
+        assert x.shape == (batch, 3, size, size) and x.dtype == dtype and _on(x, device)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == torch.int64 and y.shape == (batch,) and _on(y, device)
+        assert x.float().min() >= NORM_LO - tol and x.float().max() <= NORM_HI + tol
+    return batches
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PY, ROOT, make_folder, run_env, write_image
+from conftest import PY, ROOT, make_folder, run_env, write_image, write_odd_images
 from fastcls.data.native import decode_train, decode_val
 from fastcls.train import main
 
@@ -60,10 +60,7 @@ def _matrix(tmp_path):
     """A dataset with every kind of file: 3 classes (one empty), odd-but-fine files, bad files."""
     root = make_folder(tmp_path / "data", classes=("a", "b"), per_class=(12, 12))
     rng = np.random.default_rng(2)
-    write_image(root / "a" / "gray.jpg", rng, mode="L")
-    write_image(root / "a" / "cmyk.jpg", rng, mode="CMYK")
-    write_image(root / "b" / "png_named.jpg", rng, fmt="PNG")
-    write_image(root / "b" / "tiny.jpg", rng, size=(1, 1))
+    write_odd_images([root / "a", root / "a", root / "b", root / "b"], rng)
     good = (root / "a" / "00.jpg").read_bytes()
     bad = {"a/zero.jpg": b"", "a/trunc.jpg": good[: len(good) // 2], "b/text.jpg": b"hello",
            "b/bomb.jpg": bomb_jpeg(good)}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PY, ROOT, make_folder, run_env, write_image
+from conftest import PY, ROOT, make_folder, run_env, write_odd_images
 from fastcls.config import load_config
 from fastcls.data import DatasetError, build_loader, read_exclude, scan_folder
 from fastcls.data.check import check_file, check_paths
@@ -19,10 +19,7 @@ import torch
 def _bad_set(root):
     """Corrupt, truncated, zero-byte and text-named-.jpg files next to good odd ones."""
     rng = np.random.default_rng(1)
-    write_image(root / "a" / "gray.jpg", rng, mode="L")
-    write_image(root / "a" / "cmyk.jpg", rng, mode="CMYK")
-    write_image(root / "b" / "png_named.jpg", rng, fmt="PNG")
-    write_image(root / "b" / "tiny.jpg", rng, size=(1, 1))
+    write_odd_images([root / "a", root / "a", root / "b", root / "b"], rng)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(buf, "JPEG")
     (root / "a" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])

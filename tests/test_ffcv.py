@@ -19,16 +19,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from conftest import PY, ROOT, make_folder, run_env, write_image
-from fastcls.config import config_from_dict
+from conftest import (CPU, FOLDER_LABELS, PY, ROOT, check_contract, loader_cfg, make_folder,
+                      run_env, write_image)
+from conftest import unnormalize as _unnormalize
 from fastcls.data import DatasetError, build_loader
 
 if os.environ.get("FASTCLS_REQUIRE_FFCV") != "1":  # .ci/run sets it: there, missing is a failure
     pytest.importorskip("ffcv", reason="pip install 'fastcls[ffcv]' (see README)")
 
-CPU = torch.device("cpu")
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -50,14 +48,12 @@ def convert(src, out, *args, check=True):
 
 
 def make_cfg(train, val="", **data):
-    tree = {"model": {"name": "resnet_tiny", "num_classes": 3},
-            "data": {"backend": "ffcv", "train": str(train), "val": str(val), "batch_size": 4,
-                     "image_size": 32, "val_resize": 36, "workers": 1, **data}}
-    return config_from_dict(tree)
+    return loader_cfg(train, val, **{"backend": "ffcv", "workers": 1, **data})
 
 
 def unnormalize(x: torch.Tensor) -> torch.Tensor:
-    return (x * STD + MEAN).round()
+    """Normalized images -> whole pixel levels 0..255."""
+    return _unnormalize(x).round()
 
 
 def index_folder(root: Path, per_class=(7, 6, 6)) -> Path:
@@ -181,18 +177,11 @@ def test_ffcv_contract(folder_beton, nojit):
     assert len(loader) == 18 // 4 and loader.num_images == 16
     batches = list(loader)
     assert torch.get_num_threads() == threads
-    assert len(batches) == len(loader)
-    lo = min((0 - m) / s for m, s in zip(MEAN.flatten(), STD.flatten()))
-    hi = max((255 - m) / s for m, s in zip(MEAN.flatten(), STD.flatten()))
-    for x, y in batches:
-        assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and x.device == CPU
-        assert x.is_contiguous(memory_format=torch.channels_last)
-        assert y.dtype == torch.int64 and y.shape == (4,)
-        assert x.min() >= lo - 1e-5 and x.max() <= hi + 1e-5
+    check_contract(loader, batches)
     assert len({id(x) for x, _ in batches}) == len(batches)  # not FFCV's reused buffers
     val = build_loader(cfg, "val", CPU, classes=loader.classes)
     labels = torch.cat([y for _, y in val])
-    assert labels.tolist() == [0] * 7 + [1] * 5 + [2] * 6  # folder order, every image once
+    assert labels.tolist() == FOLDER_LABELS  # folder order, every image once
     assert [len(y) for _, y in val] == [4, 4, 4, 4, 2]  # partial last batch kept
     bf16 = build_loader(cfg, "val", CPU, classes=loader.classes, dtype=torch.bfloat16)
     x16 = next(iter(bf16))[0]
@@ -404,11 +393,8 @@ def test_ffcv_cuda_contract(folder_beton):
     cfg = make_cfg(beton, beton)
     loader = build_loader(cfg, "train", dev, dtype=torch.bfloat16)
     batches = [(x.clone(), y.clone()) for x, y in loader]
-    assert len(batches) == len(loader) == 4
-    for x, y in batches:
-        assert x.device == dev and x.dtype == torch.bfloat16 and x.shape == (4, 3, 32, 32)
-        assert x.is_contiguous(memory_format=torch.channels_last)
-        assert y.device == dev and y.dtype == torch.int64
+    check_contract(loader, batches, dtype=torch.bfloat16, device=dev, tol=0.02)  # bf16 rounding
+    assert len(batches) == 4
     val = build_loader(cfg, "val", dev, classes=loader.classes)
     cpu_val = build_loader(cfg, "val", CPU, classes=loader.classes)
     for (xg, yg), (xc, yc) in zip(val, cpu_val):

@@ -9,21 +9,14 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import make_folder, write_image
+from conftest import (BAD_NAMES, CPU, FOLDER_LABELS, bad_folder, bad_names, check_contract,
+                      make_folder, write_odd_images)
+from conftest import loader_cfg as make_cfg
 from fastcls.config import config_from_dict
 from fastcls.data import DatasetError, build_loader, scan_folder
 from fastcls.data.crop import sample_rrc
 from fastcls.data.native import MEAN, STD, decode_train, decode_val
 from fastcls.data.sampler import ShardBatchSampler
-
-CPU = torch.device("cpu")
-
-
-def make_cfg(train, val="", **data):
-    tree = {"model": {"name": "resnet_tiny", "num_classes": 3},
-            "data": {"train": str(train), "val": str(val), "batch_size": 4, "image_size": 32,
-                     "val_resize": 36, "workers": 0, **data}}
-    return config_from_dict(tree)
 
 
 # ---------------------------------------------------------------- contract
@@ -34,18 +27,10 @@ def test_native_contract(folder, workers):
     loader = build_loader(cfg, "train", CPU)
     assert loader.classes == ["a", "b", "c"]
     assert len(loader) == 18 // 4
-    batches = list(loader)
-    assert len(batches) == len(loader)
-    for x, y in batches:
-        assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and x.device == CPU
-        assert x.is_contiguous(memory_format=torch.channels_last)
-        assert y.dtype == torch.int64 and y.shape == (4,)
-        lo = min((0 - m) / s for m, s in zip(MEAN, STD))
-        hi = max((255 - m) / s for m, s in zip(MEAN, STD))
-        assert x.min() >= lo - 1e-5 and x.max() <= hi + 1e-5
+    check_contract(loader)
     val = build_loader(cfg, "val", CPU, classes=loader.classes)
     labels = torch.cat([y for _, y in val])
-    assert labels.tolist() == [0] * 7 + [1] * 5 + [2] * 6  # folder order, every image once
+    assert labels.tolist() == FOLDER_LABELS  # folder order, every image once
 
 
 def test_val_batch_equals_normalized_decode(folder):
@@ -127,7 +112,7 @@ def test_val_loader_two_ranks_cover_once(folder):
     for r in range(2):
         val = build_loader(cfg, "val", CPU, rank=r, world_size=2, classes=["a", "b", "c"])
         labels += [y for _, y in val]
-    assert torch.cat(labels).tolist() == [0] * 7 + [1] * 5 + [2] * 6
+    assert torch.cat(labels).tolist() == FOLDER_LABELS
 
 
 # ---------------------------------------------------------------- crops vs torchvision
@@ -211,10 +196,7 @@ def test_val_matches_torchvision_resize_center_crop(tmp_path, size):
 
 def test_grayscale_cmyk_png_decode_as_rgb(tmp_path):
     rng = np.random.default_rng(0)
-    write_image(tmp_path / "a" / "gray.jpg", rng, mode="L")
-    write_image(tmp_path / "a" / "cmyk.jpg", rng, mode="CMYK")
-    write_image(tmp_path / "a" / "png_named.jpg", rng, fmt="PNG")
-    write_image(tmp_path / "a" / "tiny.jpg", rng, size=(1, 1))
+    write_odd_images([tmp_path / "a"] * 4, rng)
     cfg = make_cfg(tmp_path, tmp_path)
     val = build_loader(cfg, "val", CPU, classes=["a"])
     (x, y), = list(val)
@@ -223,26 +205,17 @@ def test_grayscale_cmyk_png_decode_as_rgb(tmp_path):
     assert [tuple(b.shape) for b, _ in train] == [(4, 3, 32, 32)] and train.bad_files == []
 
 
-def _bad_folder(tmp_path):
-    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=(10, 10))
-    (root / "a" / "zero.jpg").write_bytes(b"")
-    (root / "a" / "text.jpg").write_text("not an image")
-    good = (root / "b" / "00.jpg").read_bytes()
-    (root / "b" / "trunc.jpg").write_bytes(good[: len(good) // 3])
-    return root
-
-
 def test_bad_files_counted_and_replaced_in_train(tmp_path):
-    root = _bad_folder(tmp_path)
+    root = bad_folder(tmp_path)
     cfg = make_cfg(root, max_bad_fraction=0.5, batch_size=23)
     loader = build_loader(cfg, "train", CPU)
     (x, y), = list(loader)
     assert x.shape[0] == 23  # full batch: failures were replaced
-    assert sorted(p.split(":")[0].rsplit("/", 1)[1] for p in loader.bad_files) == ["text.jpg", "trunc.jpg", "zero.jpg"]
+    assert bad_names(loader.bad_files) == BAD_NAMES
 
 
 def test_bad_files_dropped_in_eval(tmp_path):
-    root = _bad_folder(tmp_path)
+    root = bad_folder(tmp_path)
     cfg = make_cfg(root, root, max_bad_fraction=0.5)
     val = build_loader(cfg, "val", CPU, classes=["a", "b"])
     n = sum(y.shape[0] for _, y in val)
@@ -250,7 +223,7 @@ def test_bad_files_dropped_in_eval(tmp_path):
 
 
 def test_too_many_bad_files_fail_with_names(tmp_path):
-    root = _bad_folder(tmp_path)
+    root = bad_folder(tmp_path)
     cfg = make_cfg(root, root, max_bad_fraction=0.0)
     val = build_loader(cfg, "val", CPU, classes=["a", "b"])
     with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*(zero|text|trunc)\.jpg"):
@@ -292,8 +265,6 @@ def test_native_cuda_contract(folder):
     dev = torch.device("cuda")
     cfg = make_cfg(folder, folder, workers=2)
     loader = build_loader(cfg, "train", dev, dtype=torch.bfloat16)
-    for x, y in loader:
-        assert x.device.type == "cuda" and x.dtype == torch.bfloat16 and y.device.type == "cuda"
-        assert x.is_contiguous(memory_format=torch.channels_last)
+    check_contract(loader, dtype=torch.bfloat16, device=dev, tol=0.02)  # bf16 rounding
     val = build_loader(cfg, "val", dev, classes=loader.classes)
     assert sum(y.shape[0] for _, y in val) == 18

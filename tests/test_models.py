@@ -7,14 +7,7 @@ from fastcls.config import ConfigError, load_config
 from fastcls.models import GUIDE_MODELS, MobileNetV1, build_model, classifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(m: nn.Module) -> int:

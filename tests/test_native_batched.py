@@ -11,14 +11,14 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from conftest import make_folder, write_image
-from fastcls.config import ConfigError, config_from_dict
+from conftest import (BAD_NAMES, CPU, FOLDER_LABELS, bad_folder, bad_names, check_contract,
+                      loader_cfg, make_folder, write_image)
+from fastcls.config import ConfigError
 from fastcls.data import DatasetError, build_loader
 from fastcls.data.native import MEAN, STD, NativeLoader
 from fastcls.data.native_batched import BatchedNativeLoader
 from fastcls.train import main
 
-CPU = torch.device("cpu")
 try:
     import nvidia.nvimgcodec  # noqa: F401
     HAVE_NV = True
@@ -29,15 +29,10 @@ DECODER = pytest.mark.parametrize("decoder", [
     "torchvision", pytest.param("nvimgcodec", marks=pytest.mark.skipif(not HAVE_NV, reason="pip install 'fastcls[nvimgcodec]'"))])
 M = torch.tensor(MEAN).view(3, 1, 1)
 S = torch.tensor(STD).view(3, 1, 1)
-LO = min((0 - m) / s for m, s in zip(MEAN, STD))
-HI = max((255 - m) / s for m, s in zip(MEAN, STD))
 
 
 def make_cfg(train, val="", **data):
-    tree = {"model": {"name": "resnet_tiny", "num_classes": 3},
-            "data": {"train": str(train), "val": str(val), "batch_size": 4, "image_size": 32,
-                     "val_resize": 36, "workers": 0, "native_decode": "batched", **data}}
-    return config_from_dict(tree)
+    return loader_cfg(train, val, **{"native_decode": "batched", **data})
 
 
 def smooth_folder(root, n=6, fmt="PNG"):
@@ -84,19 +79,12 @@ def test_batched_contract(folder, workers, dtype, decoder):
     cfg = make_cfg(folder, folder, workers=workers, decoder=decoder)
     loader = build_loader(cfg, "train", CPU, dtype=dtype)
     assert loader.classes == ["a", "b", "c"] and len(loader) == 18 // 4
-    batches = list(loader)
-    assert len(batches) == len(loader)
-    seen = []
-    for x, y in batches:
-        assert x.shape == (4, 3, 32, 32) and x.dtype == dtype and x.device == CPU
-        assert x.is_contiguous(memory_format=torch.channels_last)
-        assert y.dtype == torch.int64 and y.shape == (4,)
-        assert x.float().min() >= LO - 0.02 and x.float().max() <= HI + 0.02
-        seen += y.tolist()
+    batches = check_contract(loader, dtype=dtype, tol=0.02)
+    seen = [k for _, y in batches for k in y.tolist()]
     assert loader.bad_files == [] and len(seen) == 16
     val = build_loader(cfg, "val", CPU, dtype=dtype, classes=loader.classes)
     labels = torch.cat([y for _, y in val])
-    assert labels.tolist() == [0] * 7 + [1] * 5 + [2] * 6  # folder order, every image once
+    assert labels.tolist() == FOLDER_LABELS  # folder order, every image once
 
 
 def test_train_crops_match_pil_workers_path(tmp_path):
@@ -187,28 +175,18 @@ def test_truncation_check_keeps_valid_jpegs(tmp_path):
     assert sum(y.shape[0] for _, y in val) == 1 and "cut.jpg: truncated JPEG" in val.bad_files[0]
 
 
-def _bad_folder(tmp_path):
-    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=(10, 10))
-    (root / "a" / "zero.jpg").write_bytes(b"")
-    (root / "a" / "text.jpg").write_text("not an image")
-    good = (root / "b" / "00.jpg").read_bytes()
-    (root / "b" / "trunc.jpg").write_bytes(good[: len(good) // 3])
-    return root
-
-
 @DECODER
 def test_bad_files_counted_and_replaced_in_train(tmp_path, decoder):
-    root = _bad_folder(tmp_path)
+    root = bad_folder(tmp_path)
     loader = build_loader(make_cfg(root, max_bad_fraction=0.5, batch_size=23, decoder=decoder), "train", CPU)
     (x, y), = list(loader)
     assert x.shape[0] == 23 and torch.isfinite(x).all()
-    names = sorted(p.split(":")[0].rsplit("/", 1)[1] for p in loader.bad_files)
-    assert names == ["text.jpg", "trunc.jpg", "zero.jpg"]
+    assert bad_names(loader.bad_files) == BAD_NAMES
 
 
 @DECODER
 def test_bad_files_dropped_in_eval_and_limit(tmp_path, decoder):
-    root = _bad_folder(tmp_path)
+    root = bad_folder(tmp_path)
     val = build_loader(make_cfg(root, root, max_bad_fraction=0.5, decoder=decoder), "val", CPU, classes=["a", "b"])
     assert sum(y.shape[0] for _, y in val) == 20 and len(val.bad_files) == 3
     strict = build_loader(make_cfg(root, root, max_bad_fraction=0.0), "val", CPU, classes=["a", "b"])
@@ -267,7 +245,7 @@ def test_cuda_batched_matches_cpu_batched(tmp_path, dtype, decoder):
 @pytest.mark.gpu
 @DECODER
 def test_cuda_bad_and_odd_files(tmp_path, decoder):
-    root = _bad_folder(tmp_path)
+    root = bad_folder(tmp_path)
     rng = np.random.default_rng(0)
     write_image(root / "a" / "gray.jpg", rng, mode="L")
     write_image(root / "a" / "cmyk.jpg", rng, mode="CMYK")

@@ -2,6 +2,7 @@
 implementation with the same arguments; LARS/LAMB equal the papers' update rules written
 out below (trust ratio per tensor, norm/bias excluded)."""
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -11,16 +12,7 @@ from fastcls.config import OPTIMIZERS, ConfigError, OptimConfig, load_config, sc
 from fastcls.optim import build_optimizer, param_groups, use_apex
 
 ROOT_PIPE = "pipelines/demo.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0):
@@ -44,24 +36,23 @@ LRS = {"sgd": 0.1, "rmsprop": 0.003, "adam": 0.01, "adamw": 0.01, "adadelta": 1.
 def test_every_optimizer_trains_a_tiny_model(name):
     model = tiny()
     opt = build_optimizer(OptimConfig(name=name, weight_decay=1e-4), model, LRS[name])
-    x, y = data()
-    losses = []
-    for _ in range(30):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _run(model, opt, 30)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.9 * losses[0], (name, losses[0], losses[-1])
 
 
-def _run(model, opt, steps=4):
-    x, y = data()
+def _run(model, opt, steps=4, xy=None):
+    """`steps` full-batch steps on `xy` (default: data()) -> the loss before each step
+    (collected on the device: no host sync in the loop)."""
+    x, y = data() if xy is None else xy
+    losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).tolist()
 
 
 @pytest.mark.parametrize("name, ref", [
@@ -148,48 +139,48 @@ def _apply(model, opt, grads_per_step):
         opt.step()
 
 
-@pytest.mark.parametrize("no_decay_norm_bias", [False, True])  # lars/lamb exclude them either way
-def test_lars_matches_paper_update(no_decay_norm_bias):
+@contextmanager
+def float64_default():
     torch.set_default_dtype(torch.float64)
     try:
-        model = tiny()
-        grads = _fixed_grads(model, 4)
-        ref = lars_reference(list(model.parameters()), grads, lr=0.5, momentum=0.9, wd=5e-4,
-                             eta=0.002, eps=1e-9)
-        cfg = OptimConfig(name="lars", momentum=0.9, weight_decay=5e-4, trust_coeff=0.002, eps=1e-9,
-                          no_decay_norm_bias=no_decay_norm_bias)
-        _apply(model, build_optimizer(cfg, model, 0.5), grads)
+        yield
     finally:
         torch.set_default_dtype(torch.float32)
-    for got, want in zip(model.parameters(), ref):
+
+
+def _assert_matches_reference(cfg, lr, steps, reference, **ref_args):
+    """`cfg`'s optimizer at `lr`, fed `steps` fixed gradients (float64), leaves the weights
+    `reference(params, grads, lr=lr, **ref_args)` computes."""
+    with float64_default():
+        model = tiny()
+        grads = _fixed_grads(model, steps)
+        ref = reference(list(model.parameters()), grads, lr=lr, **ref_args)
+        _apply(model, build_optimizer(cfg, model, lr), grads)
+    for got, want in zip(model.parameters(), ref, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("no_decay_norm_bias", [False, True])  # lars/lamb exclude them either way
+def test_lars_matches_paper_update(no_decay_norm_bias):
+    cfg = OptimConfig(name="lars", momentum=0.9, weight_decay=5e-4, trust_coeff=0.002, eps=1e-9,
+                      no_decay_norm_bias=no_decay_norm_bias)
+    _assert_matches_reference(cfg, 0.5, 4, lars_reference, momentum=0.9, wd=5e-4, eta=0.002,
+                              eps=1e-9)
 
 
 def test_lamb_matches_paper_update():
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = tiny()
-        grads = _fixed_grads(model, 5)
-        ref = lamb_reference(list(model.parameters()), grads, lr=0.01, b1=0.9, b2=0.99, eps=1e-6, wd=0.05)
-        cfg = OptimConfig(name="lamb", betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
-        _apply(model, build_optimizer(cfg, model, 0.01), grads)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    for got, want in zip(model.parameters(), ref):
-        torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-12)
+    cfg = OptimConfig(name="lamb", betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
+    _assert_matches_reference(cfg, 0.01, 5, lamb_reference, b1=0.9, b2=0.99, eps=1e-6, wd=0.05)
 
 
 def test_trust_ratio_really_differs_from_plain_update():
     # Guards the references above: without the trust ratio the result would differ.
-    torch.set_default_dtype(torch.float64)
-    try:
+    with float64_default():
         model = tiny()
         grads = _fixed_grads(model, 2)
         ref = lars_reference(list(model.parameters()), grads, 0.5, 0.9, 5e-4, 0.002, 1e-9)
         plain = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
         _apply(model, plain, grads)
-    finally:
-        torch.set_default_dtype(torch.float32)
     assert not torch.allclose(next(model.parameters()).detach(), ref[0])
 
 
@@ -249,13 +240,5 @@ def test_every_optimizer_on_cuda(name):
     opt = build_optimizer(OptimConfig(name=name, weight_decay=1e-4), model, LRS[name])
     if apex_available() and name in _APEX:
         assert type(opt).__module__.startswith("apex.")
-    x, y = (t.cuda() for t in data())
-    losses = []
-    for _ in range(30):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    losses = torch.stack(losses).tolist()
+    losses = _run(model, opt, 30, [t.cuda() for t in data()])
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.9 * losses[0]

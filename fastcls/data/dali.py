@@ -38,17 +38,15 @@ epoch in `loader.bad_files` and the run stops with their names once more than
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
+from .base import MEAN, STD, LoaderBase
 from .check import check_file
 from .folder import DatasetError, FolderIndex
-from .native import MEAN, STD
-from .sampler import ShardBatchSampler
 
 INSTALL = ("pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
            "pip install nvidia-dali-cuda130)")
@@ -119,8 +117,11 @@ def build_pipeline(files: list[str], labels: list[int], *, train: bool, batch_si
     return pipe
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     """The data interface (DESIGN.md) over DALI pipelines; see the module docstring."""
+
+    bad_files_fix = ("remove them (python -m fastcls.data.check DIR --exclude-out bad.txt, "
+                     "then data.exclude=bad.txt)")
 
     def __init__(self, index: FolderIndex, *, train: bool, batch_size: int, image_size: int,
                  val_resize: int, scale, ratio, hflip: float, workers: int,
@@ -149,27 +150,15 @@ class DaliLoader:
         self.out_dtype = torch.float16 if dtype in (torch.float16, torch.bfloat16) else torch.float32
         self.rank, self.seed = rank, seed
         self.prefetch_queue_depth, self.hw_decoder_load = prefetch_queue_depth, hw_decoder_load
-        self.sampler = ShardBatchSampler(len(index.samples), batch_size, rank, world_size,
-                                         train=train, seed=seed)
-        self.start_step = 0
+        super().__init__(len(index.samples), batch_size, rank, world_size, train=train, seed=seed)
         self.known_bad: dict[int, str] = {}  # sample index -> reason, for the whole run
-        self.bad_files: list[str] = []       # "path: reason" met this epoch on this rank
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_images(self) -> int:
-        """Images this rank yields per epoch (train: full batches only)."""
-        return self.sampler.num_images
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Next iteration yields batches start_step .. len-1 of `epoch`'s order (exact seek:
         the reader is given the file list from that step on)."""
-        if not 0 <= start_step <= len(self):
+        if not 0 <= start_step <= len(self):  # this backend's wording of the sampler's check
             raise ValueError(f"start_step {start_step} outside 0..{len(self)}")
-        self.sampler.set_epoch(epoch)
-        self.start_step = start_step
+        super().set_epoch(epoch, start_step)
 
     # ------------------------------------------------------------------ file lists
 
@@ -205,18 +194,11 @@ class DaliLoader:
             labels.append(label)
         return files, labels, keep
 
-    def _account(self, order: np.ndarray) -> None:
+    def _count_known_bad(self, order: np.ndarray) -> None:
         """bad_files = the known bad files in this iteration's order; stop past the limit."""
         self.bad_files = [f"{self.samples[i][0]}: {self.known_bad[i]}" for i in order.tolist()
                           if i in self.known_bad]
-        allowed = math.floor(self.max_bad_fraction * self.num_images)
-        if len(self.bad_files) > allowed:
-            shown = "\n  ".join(self.bad_files[:20])
-            raise DatasetError(
-                f"{len(self.bad_files)} undecodable files this epoch on this rank, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction} of {self.num_images} allows; "
-                f"remove them (python -m fastcls.data.check DIR --exclude-out bad.txt, then "
-                f"data.exclude=bad.txt):\n  {shown}")
+        self._check_bad_limit()
 
     def _find_bad(self, error: Exception, order: np.ndarray, step: int) -> dict[int, str]:
         """Sample indices that made DALI fail: the path its message names, else the files of
@@ -244,10 +226,10 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         _, _, _, feed_ndarray = _dali()
         order = self.sampler.indices()
-        steps, step = len(self), self.start_step
-        self.start_step = 0  # a seek applies to one iteration only
+        steps, step = len(self), self.sampler.start_step
+        self.sampler.start_step = 0  # a seek applies to one iteration only
         epoch_order = order[step * self.batch_size:]  # what this iteration yields
-        self._account(epoch_order)
+        self._count_known_bad(epoch_order)
         while step < steps:
             files, labels, keep = self._lists(order)
             lo = step * self.batch_size
@@ -273,7 +255,7 @@ class DaliLoader:
                                 f"fastcls.data.check --strict on the folder. DALI said: "
                                 f"{str(e).strip()[-800:]}") from None
                         self.known_bad.update(found)
-                        self._account(epoch_order)  # counted once per epoch, as native does
+                        self._count_known_bad(epoch_order)  # counted once per epoch, as native does
                         break  # rebuild from `step` with the bad files replaced
                     yield self._to_torch(images, labs, keep[step * self.batch_size:
                                                            (step + 1) * self.batch_size],

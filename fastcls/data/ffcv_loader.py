@@ -31,7 +31,6 @@ unseeded per-thread `np.random` (upstream issue 392), so they differ from run to
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,16 +39,13 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .base import MEAN, STD, LoaderBase
 from .folder import DatasetError
 from .sampler import ShardBatchSampler
 
 INSTALL = ("apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
            "pip install 'fastcls[ffcv]'")
 ORDERS = ("random", "quasi_random")
-
-# ImageNet statistics in 0..255 units (same as native.MEAN/STD).
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 def import_ffcv():
@@ -133,7 +129,7 @@ def _quasi_random_order():
     return ReproducibleQuasiRandom()
 
 
-class FFCVLoader:
+class FFCVLoader(LoaderBase):
     """The data interface (DESIGN.md) over an FFCV `Loader` reading one `.beton`.
 
     Yields (images float N×3×H×W channels_last on `device`, ImageNet-normalized, `dtype`;
@@ -159,9 +155,7 @@ class FFCVLoader:
         self.classes: list[str] = meta["classes"]
         self.empty_classes: list[str] = meta.get("empty_classes", [])
         self.skipped_at_conversion: list[str] = meta.get("skipped", [])
-        self.bad_files: list[str] = []  # the converter removed undecodable files
         self.train, self.batch_size, self.device, self.dtype = train, batch_size, device, dtype
-        self.epoch, self.start_step = 0, 0
         self._threads = torch.get_num_threads()
 
         ffcv = import_ffcv()
@@ -185,7 +179,8 @@ class FFCVLoader:
         image.append(ToTorchImage(channels_last=True, convert_back_int16=False))
 
         n = int(meta["num_samples"])
-        self.sampler = ShardBatchSampler(n, batch_size, rank, world_size, train=train, seed=seed)
+        # bad_files stays empty: the converter removed undecodable files
+        super().__init__(n, batch_size, rank, world_size, train=train, seed=seed)
         self.dataset_size = n
         if order == "quasi_random" and train:
             self._order = None
@@ -233,17 +228,12 @@ class FFCVLoader:
             print(f"ffcv: {split} pipeline compiled in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_images(self) -> int:
-        return self.sampler.num_images
-
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= len(self):
+        """Epoch `epoch`'s order (quasi_random: FFCV's, seeded by it); the next iteration
+        starts at batch `start_step`."""
+        if not 0 <= start_step <= len(self):  # this backend's wording of the sampler's check
             raise ValueError(f"start_step {start_step} outside 0..{len(self)}")
-        self.epoch, self.start_step = epoch, start_step
+        super().set_epoch(epoch, start_step)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N×3×H×W channels_last (FFCV's reused buffer) -> new normalized tensor."""
@@ -253,13 +243,13 @@ class FFCVLoader:
         return x.to(self.dtype, memory_format=torch.channels_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        skip, self.start_step = self.start_step, 0
+        skip, self.sampler.start_step = self.sampler.start_step, 0
         skip_batches = 0
         if self._order is not None:
             self._order.skip = skip * self.batch_size  # seek: the order starts there
         else:
             skip_batches = skip  # QuasiRandom cannot seek: iterate past the first batches
-        self.loader.next_epoch = self.epoch
+        self.loader.next_epoch = self.sampler.epoch
         it = iter(self.loader)
         try:
             for k, (images, labels) in enumerate(it):

@@ -17,13 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .base import MEAN, STD, LoaderBase
 from .crop import center_crop_box, sample_rrc
 from .folder import DatasetError, FolderIndex
-from .sampler import ShardBatchSampler
-
-# ImageNet statistics in 0..255 units.
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 _REPLACEMENT_TRIES = 10
 _WORKER_TERM_GRACE_S = 30  # a worker outlives SIGTERM this long (see _worker_init)
@@ -160,7 +156,7 @@ def batches_with_timeout(it, timeout: float):
         yield batch
 
 
-class NativeLoader:
+class NativeLoader(LoaderBase):
     """The data interface (DESIGN.md) over a DataLoader of PIL workers."""
 
     def __init__(self, index: FolderIndex, *, train: bool, batch_size: int, image_size: int,
@@ -173,8 +169,7 @@ class NativeLoader:
         self.dataset_size = len(index.samples)
         self.train, self.batch_size, self.device = train, batch_size, device
         self.dataset = FolderDataset(index, train, image_size, val_resize, scale, ratio, hflip, seed)
-        self.sampler = ShardBatchSampler(len(index.samples), batch_size, rank, world_size,
-                                         train=train, seed=seed)
+        super().__init__(len(index.samples), batch_size, rank, world_size, train=train, seed=seed)
         self.loader = DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=workers,
             collate_fn=collate_uint8, pin_memory=pin_memory and device.type == "cuda",
@@ -184,32 +179,6 @@ class NativeLoader:
         self.timeout = timeout if workers > 0 else 0
         self.normalize = Normalizer(device, dtype)
         self.max_bad_fraction = max_bad_fraction
-        self.bad_files: list[str] = []   # failures seen in the current epoch on this rank
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_images(self) -> int:
-        """Images this rank yields per epoch (train: full batches only)."""
-        return self.sampler.num_images
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Reshuffle for `epoch`; the next iteration starts at batch `start_step` of it
-        (mid-epoch resume: the sampler slices its order, nothing is decoded to skip)."""
-        self.sampler.set_epoch(epoch, start_step)
-
-    def _account(self, errors: list[str]) -> None:
-        if not errors:
-            return
-        self.bad_files.extend(errors)
-        allowed = math.floor(self.max_bad_fraction * self.num_images)
-        if len(self.bad_files) > allowed:
-            shown = "\n  ".join(self.bad_files[:20])
-            raise DatasetError(
-                f"{len(self.bad_files)} undecodable files this epoch on this rank, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction} of {self.num_images} allows; "
-                f"remove or fix them:\n  {shown}")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.bad_files = []

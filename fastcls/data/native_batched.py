@@ -34,10 +34,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DECODERS
+from .base import MEAN, STD, LoaderBase
 from .crop import sample_rrc
 from .folder import DatasetError, FolderIndex
-from .native import MEAN, STD, NativeLoader, _REPLACEMENT_TRIES, _worker_init, batches_with_timeout
-from .sampler import ShardBatchSampler
+from .native import _REPLACEMENT_TRIES, _worker_init, batches_with_timeout
 
 # data.antialias -> the kernel's `antialias_above` (source/output scale above which the
 # bilinear filter widens like torchvision antialias=True).
@@ -211,11 +211,9 @@ def collate_bytes(batch):
     return tuple(list(x) for x in zip(*batch))
 
 
-class BatchedNativeLoader:
+class BatchedNativeLoader(LoaderBase):
     """The data interface (DESIGN.md): byte-reading workers + batched decode + one fused
     crop/resize/normalize kernel per batch. Same boxes as the PIL path for the same seed."""
-
-    _account = NativeLoader._account  # the bad-file accounting is shared with the PIL path
 
     def __init__(self, index: FolderIndex, *, train: bool, batch_size: int, image_size: int,
                  val_resize: int, scale, ratio, hflip: float, workers: int,
@@ -234,8 +232,7 @@ class BatchedNativeLoader:
         self.antialias_above = ANTIALIAS_ABOVE[antialias]
         self.decoder = resolve_decoder(decoder)  # "nvimgcodec" | "torchvision"
         self._nv: Optional[NvImageCodecDecoder] = None  # created on first use, main process only
-        self.sampler = ShardBatchSampler(len(index.samples), batch_size, rank, world_size,
-                                         train=train, seed=seed)
+        super().__init__(len(index.samples), batch_size, rank, world_size, train=train, seed=seed)
         self.loader = DataLoader(
             FileBytes(index, train, self.scale, self.ratio, hflip, seed),
             batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_bytes,
@@ -244,19 +241,6 @@ class BatchedNativeLoader:
             timeout=timeout if workers > 0 else 0)  # a hung filesystem: an error, not a hang
         self.timeout = timeout if workers > 0 else 0
         self.max_bad_fraction = max_bad_fraction
-        self.bad_files: list[str] = []
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def num_images(self) -> int:
-        return self.sampler.num_images
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Next iteration yields batches start_step..len-1 of epoch `epoch`'s order (the
-        sampler slices its order: nothing is read or decoded to skip)."""
-        self.sampler.set_epoch(epoch, start_step)
 
     # ------------------------------------------------------------------ one batch
 
