@@ -74,7 +74,8 @@ def test_exclude_drops_listed_files_absolute_and_relative(tmp_path):
         read_exclude(str(tmp_path / "missing.txt"))
 
 
-def test_exclude_makes_bad_folder_clean_for_the_loader(tmp_path):
+@pytest.mark.parametrize("decode", ["workers", "batched"])
+def test_exclude_makes_bad_folder_clean_for_the_loader(tmp_path, decode):
     """check --exclude-out, then data.exclude: the loader meets no bad file at all."""
     root = make_folder(tmp_path / "d")
     _bad_set(root)
@@ -83,7 +84,8 @@ def test_exclude_makes_bad_folder_clean_for_the_loader(tmp_path):
                     "--no-progress"], env=run_env(), capture_output=True, timeout=120)
     cfg = load_config(str(ROOT / "pipelines" / "demo.yaml"),
                       [f"data.train={root}", f"data.val={root}", "data.demo=false",
-                       "data.batch_size=4", "data.workers=0", f"data.exclude={out}"])
+                       "data.batch_size=4", "data.workers=0", f"data.exclude={out}",
+                       f"data.native_decode={decode}"])
     loader = build_loader(cfg, "val", torch.device("cpu"))
     seen = sum(len(y) for _, y in loader)
     assert loader.excluded == 4 and seen == 18 + 4 and loader.bad_files == []

@@ -18,11 +18,13 @@ class LoaderBase:
     """Length, images per epoch and epoch seek from `self.sampler`; bad-file accounting.
 
     A loader that counts undecodable files sets `max_bad_fraction`; `bad_files` holds the
-    "path: reason" strings met this epoch on this rank (reset by the loader per iteration).
+    "path: reason" strings met this epoch on this rank (reset by the loader per iteration);
+    `excluded` counts the files data.exclude dropped before the loader saw them.
     `bad_files_fix` ends the too-many-bad-files message: what to do about them."""
 
     max_bad_fraction: float
     bad_files_fix = "remove or fix them"
+    excluded = 0  # files data.exclude dropped from the list (the folder backends set it)
 
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, *, train: bool,
                  seed: int):

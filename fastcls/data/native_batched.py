@@ -233,6 +233,7 @@ class BatchedNativeLoader(LoaderBase):
         self.decoder = resolve_decoder(decoder)  # "nvimgcodec" | "torchvision"
         self._nv: Optional[NvImageCodecDecoder] = None  # created on first use, main process only
         super().__init__(len(index.samples), batch_size, rank, world_size, train=train, seed=seed)
+        self.excluded = index.excluded
         self.loader = DataLoader(
             FileBytes(index, train, self.scale, self.ratio, hflip, seed),
             batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_bytes,
