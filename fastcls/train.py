@@ -64,6 +64,9 @@ def count_train_images(cfg: Config) -> tuple[Optional[int], str]:
     if cfg.data.backend == "synthetic":
         return cfg.data.synthetic_images, ""
     try:
+        if cfg.data.backend == "ffcv":  # the converter's sidecar holds the count (no ffcv import)
+            from .data.ffcv_loader import read_meta
+            return int(read_meta(dataset_paths(cfg)[0], "data.train")["num_samples"]), ""
         return len(scan_folder(dataset_paths(cfg)[0], key="data.train",
                                exclude=read_exclude(cfg.data.exclude)).samples), ""
     except DatasetError as e:

@@ -92,6 +92,18 @@ def folder_beton(tmp_path_factory):
     return src, tmp / "train.beton"
 
 
+def test_print_config_counts_beton_images(folder_beton):
+    """--print-config reads the image count from the .beton's sidecar: steps are known."""
+    import yaml
+    _, beton = folder_beton
+    out = subprocess.run([PY, "-m", "fastcls.train", "pipelines/resnet50_bs256.yaml", "--print-config",
+                          "data.backend=ffcv", f"data.train={beton}", "data.global_batch_size=4"],
+                         cwd=ROOT, capture_output=True, text=True, env=run_env(), check=True)
+    r = yaml.safe_load(out.stdout)["resolved"]
+    assert r["train_images"] == 18 and r["steps_per_epoch"] == 4, out.stdout
+    assert "unknown" not in out.stdout
+
+
 # ---------------------------------------------------------------- conversion
 
 def test_convert_writes_beton_and_class_list(tmp_path):
