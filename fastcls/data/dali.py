@@ -153,13 +153,6 @@ class DaliLoader(LoaderBase):
         super().__init__(len(index.samples), batch_size, rank, world_size, train=train, seed=seed)
         self.known_bad: dict[int, str] = {}  # sample index -> reason, for the whole run
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Next iteration yields batches start_step .. len-1 of `epoch`'s order (exact seek:
-        the reader is given the file list from that step on)."""
-        if not 0 <= start_step <= len(self):  # this backend's wording of the sampler's check
-            raise ValueError(f"start_step {start_step} outside 0..{len(self)}")
-        super().set_epoch(epoch, start_step)
-
     # ------------------------------------------------------------------ file lists
 
     def _replacement(self, idx: int) -> int:

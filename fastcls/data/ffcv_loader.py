@@ -158,7 +158,7 @@ class FFCVLoader(LoaderBase):
         self.train, self.batch_size, self.device, self.dtype = train, batch_size, device, dtype
         self._threads = torch.get_num_threads()
 
-        ffcv = import_ffcv()
+        import_ffcv()  # a clear error when missing; keeps torch.get_num_threads()
         from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
                                           RandomResizedCropRGBImageDecoder)
         from ffcv.loader import Loader
@@ -227,13 +227,6 @@ class FFCVLoader(LoaderBase):
         if verbose and jit:
             print(f"ffcv: {split} pipeline compiled in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Epoch `epoch`'s order (quasi_random: FFCV's, seeded by it); the next iteration
-        starts at batch `start_step`."""
-        if not 0 <= start_step <= len(self):  # this backend's wording of the sampler's check
-            raise ValueError(f"start_step {start_step} outside 0..{len(self)}")
-        super().set_epoch(epoch, start_step)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N×3×H×W channels_last (FFCV's reused buffer) -> new normalized tensor."""
