@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import PY, run_env
+from conftest import PY, ROOT, run_env
 from kernel_cases import (ANTIALIAS, IMAGENET_MEAN, IMAGENET_STD, RRC_CASES, VAL_CASES, make_image,
                           rrc_batch, val_batch)
 from fastcls.kernels.resized_crop import (pack_images, resized_crop_normalize,
@@ -154,3 +154,17 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert [row["impl"] for row in res["results"]] == ["fused torch reference", "per-image torch loop"]
     assert all(row["img_per_s"] > 0 and len(row["runs"]) == 2 for row in res["results"])
     assert res["mean_abs_diff_vs_loop_255"] < 1.0  # same crops, same filter, uint8 rounding only
+
+
+def test_kernels_import_from_a_checkout_without_install(tmp_path):
+    """PYTHONPATH=checkout with no install (the lent GPU machines run device_check.sh so):
+    `fastcls.kernels` is still the checkout's kernels/ folder (fastcls/__init__.py)."""
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path\n"   # drop an editable install's mapping
+            "                    if '__editable__' not in getattr(f, '__module__', '')]\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import fastcls.kernels.resized_crop as r\n"
+            "print(r.__file__)\n")
+    out = subprocess.run([PY, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(ROOT / "kernels" / "resized_crop.py")
