@@ -69,13 +69,16 @@ else
 fi
 
 START=$SECONDS
+# record NAME RC SECONDS: one line of steps.tsv (RC: exit code, "skipped" or "absent").
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$OUT/steps.tsv"; }
+
 # step NAME LIMIT_S CMD...: run CMD with stdout+stderr to $OUT/NAME.log under min(LIMIT_S, what
 # is left of the budget); record "NAME rc seconds" in steps.tsv; show the log's last lines.
 step() {
   local name=$1 limit=$2; shift 2
   local left=$(( BUDGET_S - (SECONDS - START) ))
   if (( left < 15 )); then
-    printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$OUT/steps.tsv"
+    record "$name" skipped 0
     echo "== $name: skipped, budget of ${BUDGET_S}s spent"
     return
   fi
@@ -84,13 +87,13 @@ step() {
   if [[ -n ${DRY_RUN:-} ]]; then  # print the command instead of running it
     printf '%s:' "$name" >> "$OUT/commands.txt"; printf ' %q' "$@" >> "$OUT/commands.txt"
     echo >> "$OUT/commands.txt"; printf '   '; printf ' %q' "$@"; echo
-    printf '%s\t%s\t%s\n' "$name" 0 0 >> "$OUT/steps.tsv"
+    record "$name" 0 0
     return
   fi
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( SECONDS - t0 ))" >> "$OUT/steps.tsv"
+  record "$name" "$rc" "$(( SECONDS - t0 ))"
   tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
   (( rc == 124 || rc == 137 )) && echo "   TIMED OUT after ${limit}s"
   (( rc != 0 )) && echo "   exit code $rc (see $OUT/$name.log)"
@@ -139,7 +142,7 @@ if [[ -n ${DRY_RUN:-} ]] || "$PY" -c "import nvidia.dali" 2> /dev/null; then
     data.backend=dali data.train="$DATA/train" "${DEV[@]}" "${R50[@]}" "${TIMING[@]}" \
     --out "$OUT/train_resnet50_dali.json"
 else  # not an error: the GPU machine has no DALI unless .dali4/install.sh was sourced
-  printf '%s\t%s\t%s\n' train_resnet50_dali absent 0 >> "$OUT/steps.tsv"
+  record train_resnet50_dali absent 0
   echo "== train_resnet50_dali: absent (DALI does not import; source .dali4/install.sh first)"
 fi
 step train_resnet18_eager 45 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \

@@ -12,7 +12,6 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Mapping, Optional
 
 import torch
@@ -128,7 +127,7 @@ def restart_scoped_store(environ: Mapping[str, str], world: int) -> Optional["td
         return None
     from torch.distributed.constants import default_pg_timeout
     client = tdist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), world,
-                            is_master=False, timeout=timedelta(seconds=default_pg_timeout.total_seconds()))
+                            is_master=False, timeout=default_pg_timeout)
     return tdist.PrefixStore(f"fastcls/restart_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 

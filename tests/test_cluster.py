@@ -100,17 +100,24 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-# Until fastcls.dist.restart_scoped_store, about 2 runs in 5 failed here: the restarted
+def start_elastic(launcher: list[str], data, out, log_path: Path, **extra_env) -> subprocess.Popen:
+    """torchrun LAUNCHER... --max-restarts=1 on the demo run, checkpointing every step and
+    resuming automatically. Output to a file, not a pipe: a worker left running would hold
+    a pipe open (a hang)."""
+    with open(log_path, "w") as log_file:
+        return subprocess.Popen([PY, "-m", "torch.distributed.run", *launcher, "--max-restarts=1",
+                                 "-m", "fastcls.train",
+                                 *overrides(data, out, "train.checkpoint_every=1", "train.resume=auto")],
+                                cwd=ROOT, env=dict(env(), **extra_env), stdout=log_file,
+                                stderr=subprocess.STDOUT)
+
+
+# Until fastcls.dist.restart_scoped_store, 3 runs in 9 failed or hung here: the restarted
 # workers read the dead attempt's gloo addresses from torchrun's shared store ("Connection
 # refused" in connectFullMesh, pytorch/pytorch#135712). --max-restarts=1: one restart must do.
 def test_torchrun_max_restarts_resumes_after_a_rank_is_killed(data, reference, tmp_path):
     out, log_path = tmp_path / "elastic", tmp_path / "elastic.log"
-    # Output to a file, not a pipe: a worker left running would hold a pipe open (a hang).
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "--max-restarts=1", "-m", "fastcls.train",
-                                 *overrides(data, out, "train.checkpoint_every=1", "train.resume=auto")],
-                                cwd=ROOT, env=env(), stdout=log_file, stderr=subprocess.STDOUT)
+    proc = start_elastic(["--standalone", "--nproc_per_node=2"], data, out, log_path)
     try:
         wait_for(lambda: len(rows(out)) >= 2 or proc.poll() is not None, 300, "epoch 2")
         assert proc.poll() is None, log_path.read_text()[-3000:]
@@ -138,16 +145,10 @@ def test_two_node_torchrun_restarts_after_a_rank_is_killed(data, reference, tmp_
     port = sock.getsockname()[1]
     sock.close()
     out = tmp_path / "two_nodes"
-    procs = []
-    for node in range(2):
-        with open(tmp_path / f"node{node}.log", "w") as log_file:
-            procs.append(subprocess.Popen(
-                [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=fastcls-test",
-                 "--max-restarts=1", "-m", "fastcls.train",
-                 *overrides(data, out, "train.checkpoint_every=1", "train.resume=auto")],
-                cwd=ROOT, env=dict(env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), stdout=log_file,
-                stderr=subprocess.STDOUT))
+    launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=fastcls-test"]
+    procs = [start_elastic(launcher, data, out, tmp_path / f"node{node}.log",
+                           TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1") for node in range(2)]
     logs = lambda: "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(2))  # noqa: E731
     try:
         wait_for(lambda: len(rows(out)) >= 2 or any(p.poll() is not None for p in procs), 300, "epoch 2")
