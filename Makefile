@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench bench-augment system-packages
 
 install:
 	$(PIP) install -e .
@@ -10,13 +10,19 @@ install:
 demo: install
 	$(PYTHON) -m fastcls.train pipelines/demo.yaml
 
+# The system packages (apt, as root; otherwise the command is printed), then the test extras
+# with the real DALI CPU graph (~420 MB wheel) and FFCV (only when its headers are there;
+# without them the FFCV tests are skipped and say why), then the suite.
 test:
-	$(PIP) install -e '.[test,dali,ffcv]'  # CI tests the real DALI CPU graph (~420 MB wheel) and FFCV
+	@if bash .ci/system-packages.sh; then extras=test,dali,ffcv; else extras=test,dali; fi; \
+	echo "$(PIP) install -e '.[$$extras]'"; $(PIP) install -e ".[$$extras]"
 	$(PYTHON) -m pytest tests
+
+system-packages:
+	bash .ci/system-packages.sh
 
 bench: install
 	$(PYTHON) benchmarks/loader.py --demo
 
-.PHONY: bench-augment
 bench-augment: install
 	$(PYTHON) benchmarks/augment.py

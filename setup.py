@@ -5,8 +5,8 @@ setup(
     version="0.1.0",
     description="Data-pipeline-centric PyTorch trainer for image classification",
     python_requires=">=3.10",
+    # fastcls.kernels is kernels/ through the symlink fastcls/kernels (copied into a wheel)
     packages=["fastcls", "fastcls.data", "fastcls.augment", "fastcls.kernels"],
-    package_dir={"fastcls": "fastcls", "fastcls.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",          # fused SGD on CPU and CUDA, torch.amp.GradScaler(device)
         "torchvision>=0.19",
@@ -21,7 +21,7 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         # ffcv==1.0.2: the backend uses its TraversalOrder/Loader internals (ffcv_loader.py);
         # ffcv itself pulls opencv-python, numba and pytorch_pfn_extras and builds against the
-        # system's libturbojpeg/libopencv (apt packages, README). numba>=0.59: first release
+        # system's libturbojpeg/libopencv (apt packages: .ci/system-packages.sh, docs/development.md). numba>=0.59: first release
         # that supports numpy 2; numba caps numpy itself (0.68: numpy<2.6).
         "ffcv": ["ffcv==1.0.2", "numba>=0.59", "pillow", "torch"],
         # nvImageCodec: GPU batch decode on the hardware JPEG engines (torch built for CUDA 12 / 13)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one prepared check for a lent GPU machine (see README "Benchmarks" and the shared
-# device/README.md: Python 3.12, torch 2.11, no DALI unless .dali4/install.sh is sourced,
-# project not installed). About 6 minutes; every result as JSON under $OUT. It is the only GPU
-# script: the DALI and native-batched/kernel measurements of issues 3 and 5 are steps here.
+# The one prepared check for a lent GPU machine (docs/benchmarks.md: Python 3.12, torch 2.11,
+# no DALI unless .dali4/install.sh is sourced, project not installed). About 6 minutes; every
+# result as JSON under $OUT. It is the only GPU script: the DALI, native-batched and kernel
+# measurements are steps here.
 #
 #   OUT=/tmp/out bash benchmarks/device_check.sh                 # on the GPU machine
 #   source .dali4/install.sh && bash benchmarks/device_check.sh   # ... with DALI

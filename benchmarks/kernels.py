@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from fastcls.data.crop import sample_rrc  # noqa: E402
-from fastcls.data.native import MEAN, STD  # noqa: E402
+from fastcls.data.base import MEAN, STD  # noqa: E402
 from fastcls.data.native_batched import ANTIALIAS_ABOVE  # noqa: E402
 from fastcls.kernels.resized_crop import (build_params, pack_images,  # noqa: E402
                                           resized_crop_normalize, rrc_box)

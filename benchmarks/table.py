@@ -1,11 +1,12 @@
-"""README's performance tables, generated from the committed JSON in benchmarks/results/.
+"""The performance tables of docs/benchmarks.md, generated from the committed JSON in
+benchmarks/results/.
 
     python benchmarks/table.py                 # print the tables
-    python benchmarks/table.py --write         # put them into README.md (between the markers)
-    python benchmarks/table.py --check         # exit 1 if README.md differs (a test runs this)
+    python benchmarks/table.py --write         # put them into docs/benchmarks.md (between the markers)
+    python benchmarks/table.py --check         # exit 1 if docs/benchmarks.md differs (a test runs this)
     python benchmarks/table.py --add bench_out/*.json --write   # file new results, regenerate
 
-Every number README shows is a row of a JSON file in results/ (written by loader.py or
+Every number docs/benchmarks.md shows is a row of a JSON file in results/ (written by loader.py or
 train.py), named DATE_DEVICE_BENCHMARK_TAG.json, so the table cannot drift from the
 measurements. Rows are sorted by file name, i.e. by date, then device.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-README = HERE.parent / "README.md"
+PAGE = HERE.parent / "docs" / "benchmarks.md"
 BEGIN = "<!-- benchmarks/table.py: begin (generated from benchmarks/results/, do not edit) -->"
 END = "<!-- benchmarks/table.py: end -->"
 
@@ -127,10 +128,10 @@ def render(results: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def splice(readme: str, table: str) -> str:
-    if readme.count(BEGIN) != 1 or readme.count(END) != 1:
-        raise ValueError(f"README.md must hold the markers once each:\n{BEGIN}\n{END}")
-    head, rest = readme.split(BEGIN)
+def splice(page: str, table: str) -> str:
+    if page.count(BEGIN) != 1 or page.count(END) != 1:
+        raise ValueError(f"docs/benchmarks.md must hold the markers once each:\n{BEGIN}\n{END}")
+    head, rest = page.split(BEGIN)
     _, tail = rest.split(END)
     return head + table + tail
 
@@ -140,10 +141,10 @@ def main(argv=None) -> int:
     p.add_argument("--add", nargs="+", metavar="JSON", default=[],
                    help="copy these loader.py/train.py results into results/ under their canonical name")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="update README.md")
-    mode.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    mode.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is stale")
     p.add_argument("--results", default=str(RESULTS))
-    p.add_argument("--readme", default=str(README))
+    p.add_argument("--page", default=str(PAGE), help="the page holding the markers")
     args = p.parse_args(argv)
     results_dir = Path(args.results)
     for src in args.add:
@@ -156,19 +157,19 @@ def main(argv=None) -> int:
     if not (args.write or args.check):
         print(table)
         return 0
-    readme = Path(args.readme)
-    old = readme.read_text()
+    page = Path(args.page)
+    old = page.read_text()
     new = splice(old, table)
     if args.check:
         if new != old:
             sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
-                                                       str(readme), "generated"))
-            print(f"\n{readme} is stale: run python benchmarks/table.py --write", file=sys.stderr)
+                                                       str(page), "generated"))
+            print(f"\n{page} is stale: run python benchmarks/table.py --write", file=sys.stderr)
             return 1
-        print(f"{readme}: table up to date ({len(load_results(results_dir))} result files)")
+        print(f"{page}: table up to date ({len(load_results(results_dir))} result files)")
         return 0
-    readme.write_text(new)
-    print(f"wrote the table into {readme}")
+    page.write_text(new)
+    print(f"wrote the table into {page}")
     return 0
 
 

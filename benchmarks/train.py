@@ -14,7 +14,7 @@ start-up), then --repeats timed windows of --steps steps each; the median window
 reported. The real loader streams on through epoch ends, so a folder smaller than
 (warmup + steps x repeats) x batch images includes epoch restarts (counted in the JSON).
 
-Reports img/s of both, real / synthetic (1.0 = the loader costs nothing; DESIGN.md's target
+Reports img/s of both, real / synthetic (1.0 = the loader costs nothing; the project's target
 is >= 0.97) and data stall % (share of the real run's time spent waiting in `next(loader)`).
 The LR is held at the recipe's peak value (the schedule costs nothing measurable).
 JSON (config, device name, torch and backend versions, every window) to --out; a table is
@@ -45,7 +45,7 @@ from fastcls.log import RunLog  # noqa: E402
 from fastcls.loss import SmoothedCrossEntropy  # noqa: E402
 from fastcls.models import build_model  # noqa: E402
 from fastcls.optim import build_optimizer  # noqa: E402
-from fastcls.train import AMP_DTYPES, train_one_epoch  # noqa: E402
+from fastcls.train import AMP_DTYPES, EpochContext, train_one_epoch  # noqa: E402
 
 
 class Window:
@@ -78,18 +78,15 @@ def endless(loader, counter: dict):
             raise DatasetError(f"the loader yielded no batch in epoch {epoch}")
 
 
-def run_backend(name: str, loader, parts: dict, args, cfg, dist: DistInfo) -> dict:
+def run_backend(name: str, loader, ctx: EpochContext, args) -> dict:
     counter = {"epochs_started": 0}
     stream = endless(loader, counter)
-    common = dict(model=parts["model"], optimizer=parts["optimizer"], scaler=parts["scaler"],
-                  criterion=parts["criterion"], lr_at=parts["lr_at"], epoch=0,
-                  autocast=parts["autocast"], cfg=cfg, dist=dist, log=parts["log"])
     t0 = time.perf_counter()
-    train_one_epoch(loader=Window(stream, args.warmup, loader), step=0, **common)
+    train_one_epoch(ctx, Window(stream, args.warmup, loader), epoch=0, step=0)
     warm_s = time.perf_counter() - t0
     rates, stalls = [], []
     for _ in range(args.repeats):
-        stats, _ = train_one_epoch(loader=Window(stream, args.steps, loader), step=0, **common)
+        stats, _ = train_one_epoch(ctx, Window(stream, args.steps, loader), epoch=0, step=0)
         rates.append(stats["img_per_s"])
         stalls.append(stats["data_stall"])
     stream.close()  # ends the loader's iterator (and its workers) before the next backend
@@ -149,17 +146,16 @@ def main(argv=None) -> int:
     model = build_model(cfg.model.name, cfg.model.num_classes).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    parts = {
-        "optimizer": build_optimizer(cfg.optim, model, res.lr),
-        "scaler": torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None,
-        "criterion": SmoothedCrossEntropy(cfg.model.num_classes, cfg.augment.label_smoothing),
-        "lr_at": lambda step: res.lr,
-        "autocast": ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype
-                     else contextlib.nullcontext),
-        "log": RunLog(ROOT / "bench_out", enabled=False),
+    ctx = EpochContext(
         # Compiled once: both backends feed the same shapes and dtype, so no recompilation.
-        "model": torch.compile(model) if cfg.model.compile else model,
-    }
+        model=torch.compile(model) if cfg.model.compile else model,
+        optimizer=build_optimizer(cfg.optim, model, res.lr),
+        scaler=torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None,
+        criterion=SmoothedCrossEntropy(cfg.model.num_classes, cfg.augment.label_smoothing),
+        lr_at=lambda step: res.lr,
+        autocast=((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype
+                  else contextlib.nullcontext),
+        augmenter=None, cfg=cfg, dist=dist, log=RunLog(ROOT / "bench_out", enabled=False))
 
     print(f"benchmarks/train.py: {cfg.model.name} bs {res.batch_size} {cfg.data.image_size}px "
           f"amp {cfg.train.amp} channels_last {cfg.model.channels_last} compile {cfg.model.compile} "
@@ -169,8 +165,8 @@ def main(argv=None) -> int:
         if not args.no_synthetic and cfg.data.backend != "synthetic":
             rows.append(run_backend("synthetic", build_loader(synth_cfg, "train", device,
                                                               dtype=data_dtype),
-                                    parts, args, cfg, dist))
-        rows.append(run_backend(cfg.data.backend, real, parts, args, cfg, dist))
+                                    ctx, args))
+        rows.append(run_backend(cfg.data.backend, real, ctx, args))
     except DatasetError as e:  # e.g. more undecodable files than data.max_bad_fraction
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .data.folder import DatasetError
+from .dist import barrier
+from .preempt import Preempted, slurm_requeue
+from .resume import gather_rng_states
 
 
 class CheckpointError(RuntimeError):
@@ -158,12 +160,6 @@ def load_resume(resume: str, out_dir: str | os.PathLike,
     return None, None
 
 
-def find_resume(resume: str, out_dir: str | os.PathLike) -> Optional[Path]:
-    """`""` -> None; `auto` -> the newest verified last*.pt in out_dir (or None); else the
-    given path (must exist and verify)."""
-    return load_resume(resume, out_dir)[0]
-
-
 def _rotate(out_dir: Path, keep: int) -> None:
     """Shift last.pt -> last.1.pt -> ... -> last.{keep-1}.pt (the oldest drops off).
     Each rename is atomic; a crash midway leaves every file whole (resume=auto scans)."""
@@ -190,15 +186,6 @@ def save_checkpoint(out_dir: str | os.PathLike, state: dict, *, keep: int = 1,
     return path
 
 
-def save_epoch(out_dir: str | os.PathLike, model: nn.Module, optimizer, scaler, *, epoch: int,
-               step: int, classes: Sequence[str], best_top1: float, config: dict,
-               is_best: bool) -> None:
-    """last.pt every epoch; best.pt too when this epoch's evaluation is the best so far."""
-    state = make_state(model, optimizer, scaler, epoch=epoch, step=step, classes=classes,
-                       best_top1=best_top1, config=config)
-    save_checkpoint(out_dir, state, is_best=is_best)
-
-
 def make_state(model: nn.Module, optimizer, scaler, *, epoch: int, step: int,
                classes: Sequence[str], best_top1: float, config: dict, epoch_step: int = 0,
                rng: Optional[list] = None) -> dict:
@@ -208,21 +195,56 @@ def make_state(model: nn.Module, optimizer, scaler, *, epoch: int, step: int,
             "best_top1": best_top1, "config": config, "rng": rng}
 
 
-def restore(path: str | os.PathLike, model: nn.Module, optimizer, scaler,
-            classes: Sequence[str]) -> tuple[int, int, float]:
-    """Load a checkpoint into model/optimizer/scaler; returns (epoch, step, best_top1)."""
-    state = load_verified(path)
-    restore_state(state, path, model, optimizer, scaler, classes)
-    return state["epoch"], state["step"], state["best_top1"]
-
-
 def restore_state(state: dict, path, model: nn.Module, optimizer, scaler,
                   classes: Sequence[str]) -> None:
     """Load a verified checkpoint dict into model/optimizer/scaler."""
     if state["classes"] != list(classes):
-        raise DatasetError(f"train.resume: {path} was trained on other classes "
+        raise CheckpointError(f"train.resume: {path} was trained on other classes "
                            f"({len(state['classes'])}) than data.train ({len(classes)})")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+
+
+class Checkpointer:
+    """The run's checkpoints: `save` (every rank calls it: the RNG gather is a collective;
+    rank 0 writes), the newest path (`last`, named by the NaN guard and the preemption
+    message) and the preemption checkpoint + requeue (`preempted`). `best_top1` is the best
+    val top-1 so far, stored in every checkpoint."""
+
+    def __init__(self, out_dir: Path, *, model: nn.Module, optimizer, scaler, classes: Sequence[str],
+                 config: dict, global_batch: int, keep: int, dist, log, slurm_requeue: bool,
+                 last: Optional[str] = None, best_top1: float = -1.0):
+        self.out_dir, self.model, self.optimizer, self.scaler = out_dir, model, optimizer, scaler
+        self.classes, self.config, self.global_batch, self.keep = list(classes), config, global_batch, keep
+        self.dist, self.log, self.slurm_requeue = dist, log, slurm_requeue
+        self.last, self.best_top1 = last, best_top1
+
+    def save(self, epoch: int, epoch_step: int, step: int, *, is_best: bool = False,
+             epoch_sums: Optional[list] = None) -> None:
+        """Checkpoint (epoch, epoch_step, step). Mid-epoch, `epoch_sums` ([loss sum, correct,
+        images] over all ranks so far) let the resumed run report the whole epoch's
+        train_loss/train_top1. `global_batch` maps epoch_step to another world size."""
+        rng = gather_rng_states(self.dist)
+        if not self.dist.is_main:
+            return
+        state = make_state(self.model, self.optimizer, self.scaler, epoch=epoch, epoch_step=epoch_step,
+                           step=step, classes=self.classes, best_top1=self.best_top1,
+                           config=self.config, rng=rng)
+        state["global_batch"] = self.global_batch
+        if epoch_step:
+            state["epoch_sums"] = epoch_sums
+        self.last = str(save_checkpoint(self.out_dir, state, keep=self.keep, is_best=is_best))
+
+    def preempted(self, signal_name: Optional[str], epoch: int, epoch_step: int, step: int,
+                  epoch_sums: Optional[list] = None):
+        """Write the preemption checkpoint, requeue the SLURM job (rank 0) and return the
+        `Preempted` exception for the caller to raise (main() exits EXIT_PREEMPTED)."""
+        self.save(epoch, epoch_step, step, epoch_sums=epoch_sums)
+        barrier()  # the checkpoint is on disk before anyone is requeued or exits
+        where = f"epoch {epoch + 1}, step {epoch_step} of it"
+        requeued = self.dist.is_main and self.slurm_requeue and slurm_requeue(self.log.warn)
+        self.log.warn(f"{signal_name or 'signal'} received: checkpoint at {where} in {self.last}; "
+                      + ("SLURM job requeued" if requeued else "resume with train.resume=auto"))
+        return Preempted(f"checkpoint at {where}")

@@ -1,4 +1,4 @@
-"""Fit diagnosis after each evaluation (TRICKS.md §8): healthy / overfitting / underfitting.
+"""Fit diagnosis after each evaluation (the guide §8, docs/recipes.md): healthy / overfitting / underfitting.
 
 The guide reads train vs val top-1: train slightly above or equal to val is healthy;
 train >> val is overfitting (more regularization: raise l2_decay, more augmentation,

@@ -1,4 +1,4 @@
-"""Fine-tuning from pretrained weights (TRICKS.md §9).
+"""Fine-tuning from pretrained weights (the guide §9, docs/recipes.md).
 
 - `load_pretrained`: `model.pretrained=PATH` -> weights into a freshly built model. PATH is
   a fastcls checkpoint (`last.pt`/`best.pt`: the state_dict under "model"), a torchvision
@@ -148,7 +148,7 @@ def lr_warning(cfg: Config, train_images: Optional[int]) -> Optional[str]:
     return (f"fine-tuning {train_images} images with optim.lr={cfg.optim.lr:g} per "
             f"{cfg.optim.base_batch} (= {lr256:.3g} at batch 256) looks too large: the guide "
             f"suggests ~{rec:.2g} at batch 256 for this dataset size (0.001 below 1k images, "
-            f"0.01 above 100k; TRICKS.md §9)")
+            f"0.01 above 100k; the guide §9)")
 
 
 def fill_momentum_buffers(optimizer: torch.optim.Optimizer) -> int:

@@ -1,8 +1,8 @@
 """Model registry: name -> nn.Module.
 
 Names are torchvision's classification models (`resnet50`, `mobilenet_v3_large`, ...),
-`timm:<name>` for any timm model, the PaddleClas guide's names (TRICKS.md, "The seed's
-model families") mapped onto library implementations, plus the small families below that
+`timm:<name>` for any timm model, the PaddleClas guide's names (docs/recipes.md,
+"Models by the guide's names") mapped onto library implementations, plus the small families below that
 no library ships:
 
 | guide name | built from |

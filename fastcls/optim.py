@@ -1,4 +1,4 @@
-"""Parameter groups and the optimizer factory (TRICKS.md §1, §4).
+"""Parameter groups and the optimizer factory (the guide §1, §4, docs/recipes.md).
 
 `optim.name` picks one of:
 
@@ -36,7 +36,7 @@ _APEX = {"sgd": "FusedSGD", "adam": "FusedAdam", "adamw": "FusedAdam", "lamb": "
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
-    """Split by structure, not by name (STYLE.md §6): params with ndim <= 1 are the
+    """Split by structure, not by name (as timm and nanoGPT do): params with ndim <= 1 are the
     biases and the norm layers' affine weights, wherever they sit in the model."""
     if not no_decay_norm_bias:
         return [{"params": [p for p in model.parameters() if p.requires_grad],

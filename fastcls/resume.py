@@ -1,6 +1,7 @@
-"""What exact resume needs beyond the weights: every rank's RNG states.
+"""What exact resume needs beyond the weights: where to continue, and every rank's RNG states.
 
-The data order and crops are functions of (seed, epoch, sample) and the loader seeks with
+`resume_point` turns a checkpoint into the position to continue from (epoch, step of it,
+global step), remapped when the global batch changed (another world size). The data order and crops are functions of (seed, epoch, sample) and the loader seeks with
 `set_epoch(epoch, start_step)`, so the loader's position is just (epoch, epoch_step).
 What still depends on history is the global RNGs (dropout, stochastic depth, anything that
 draws from torch's default generator, numpy's or Python's): they are captured per rank at
@@ -9,13 +10,52 @@ the checkpoint and put back on resume, so a resumed run draws the same numbers.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
+from .config import ConfigError
 from .dist import DistInfo
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run continues: `epoch` (in progress when `epoch_step` > 0), `epoch_step`
+    (its steps already done), `step` (global optimizer steps done = the schedule's
+    position), the best val top-1 so far, and the interrupted epoch's [loss sum, correct,
+    images] (`epoch_sums`, None at an epoch boundary). `remapped_from`: the checkpoint's
+    global batch when it differs from the run's (not bitwise what an uninterrupted run
+    would do)."""
+    epoch: int = 0
+    epoch_step: int = 0
+    step: int = 0
+    best_top1: float = -1.0
+    epoch_sums: Optional[list] = None
+    remapped_from: Optional[int] = None
+
+
+def resume_point(state: Optional[dict], global_batch: int, steps_per_epoch: int,
+                 path: object = "the checkpoint") -> ResumePoint:
+    """The position stored in a checkpoint `state` (None: a fresh start) for a run with
+    `global_batch` images per step and `steps_per_epoch` steps. At another global batch the
+    epoch's images already seen stay seen: epoch_step * saved batch // new batch."""
+    if state is None:
+        return ResumePoint()
+    epoch, step, epoch_step = state["epoch"], state["step"], state.get("epoch_step", 0)
+    saved = state.get("global_batch", global_batch)
+    remapped = None
+    if saved != global_batch:
+        epoch_step = epoch_step * saved // global_batch
+        step = epoch * steps_per_epoch + epoch_step
+        remapped = saved
+    if epoch_step >= steps_per_epoch:
+        raise ConfigError(f"train.resume: {path} stopped at step {epoch_step} of an epoch, but "
+                          f"an epoch now has {steps_per_epoch} steps")
+    sums = state.get("epoch_sums") if epoch_step else None
+    return ResumePoint(epoch, epoch_step, step, state["best_top1"], sums, remapped)
 
 
 def rng_state() -> dict:

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the global step (STYLE.md §5).
+"""Learning-rate schedules as pure functions of the global step (timm's rule: step counts are passed in, never tracked here).
 
 `build_schedule(...)` returns `lr_at(step) -> float`, evaluated every iteration:
 an optional linear warmup from `warmup_start_factor * peak` to `peak` over

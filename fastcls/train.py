@@ -15,8 +15,9 @@ import gc
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,8 @@ from .loss import SmoothedCrossEntropy
 from .metrics import topk_correct
 from .models import build_model
 from .optim import build_optimizer
-from .preempt import EXIT_PREEMPTED, Preempted, Preemption, slurm_requeue
-from .resume import gather_rng_states, restore_rng_states
+from .preempt import EXIT_PREEMPTED, Preempted, Preemption
+from .resume import ResumePoint, restore_rng_states, resume_point
 from .schedule import build_schedule
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -65,7 +66,7 @@ def count_train_images(cfg: Config) -> tuple[Optional[int], str]:
         return cfg.data.synthetic_images, ""
     try:
         if cfg.data.backend == "ffcv":  # the converter's sidecar holds the count (no ffcv import)
-            from .data.ffcv_loader import read_meta
+            from .data.beton import read_meta
             return int(read_meta(dataset_paths(cfg)[0], "data.train")["num_samples"]), ""
         return len(scan_folder(dataset_paths(cfg)[0], key="data.train",
                                exclude=read_exclude(cfg.data.exclude)).samples), ""
@@ -79,7 +80,9 @@ def resolved_tree(cfg: Config, res: Resolved) -> dict:
     return tree
 
 
-def print_config(cfg: Config, world_size: int) -> int:
+def print_config(cfg: Config, world_size: int, notes: Sequence[str] = ()) -> int:
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr)
     n, note = count_train_images(cfg)
     res = resolve(cfg, world_size, n)
     sys.stdout.write(yaml.safe_dump(resolved_tree(cfg, res), sort_keys=False))
@@ -93,16 +96,17 @@ def print_config(cfg: Config, world_size: int) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    notes: list[str] = []
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, notes)
         if args.print_config:
-            return print_config(cfg, args.world_size or world_size_from_env())
+            return print_config(cfg, args.world_size or world_size_from_env(), notes)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist = setup_distributed(cfg.train.device)
     try:
-        train(cfg, dist)
+        train(cfg, dist, notes)
         return 0
     except (ConfigError, DatasetError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error (rank {dist.rank}): {e}", file=sys.stderr)
@@ -123,12 +127,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 # ============================================================================ the run
 
-def train(cfg: Config, dist: DistInfo) -> dict:
-    """Run the recipe; returns the last metrics record."""
+def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
+    """Run the recipe; returns the last metrics record. `notes`: lines from load_config."""
     # ------------------------------------------------------------------ setup
     device = dist.device
     out_dir = Path(cfg.train.out_dir or f"runs/{cfg.name}")
     log = RunLog(out_dir, enabled=dist.is_main, progress=cfg.train.progress)
+    for note in notes:
+        log.info(note)
     amp_dtype = AMP_DTYPES[cfg.train.amp]
     # Loader output dtype: the AMP dtype on GPU halves the bytes moved; fp32 on CPU.
     data_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else torch.float32
@@ -139,46 +145,12 @@ def train(cfg: Config, dist: DistInfo) -> dict:
         torch.backends.cudnn.benchmark = False
 
     # ------------------------------------------------------------------ data
-    train_loader = build_loader(cfg, "train", device, rank=dist.rank, world_size=dist.world_size,
-                                dtype=data_dtype)
-    val_loader = build_loader(cfg, "val", device, rank=dist.rank, world_size=dist.world_size,
-                              dtype=data_dtype, classes=train_loader.classes)
+    train_loader, val_loader, res = build_data(cfg, dist, log, data_dtype)
     classes = list(train_loader.classes)
-    if len(classes) > cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.train has "
-                          f"{len(classes)} classes; set model.num_classes={len(classes)}")
-    if len(classes) < cfg.model.num_classes and cfg.data.backend != "synthetic":
-        log.warn(f"model.num_classes={cfg.model.num_classes} > {len(classes)} classes in data.train")
-    for loader, split in ((train_loader, "train"), (val_loader, "val")):
-        if getattr(loader, "excluded", 0):
-            log.info(f"data.exclude: skipped {loader.excluded} listed files in data.{split}")
-    for name in getattr(train_loader, "empty_classes", []):
-        log.warn(f"class folder {name!r} has no images")
-    res = resolve(cfg, dist.world_size, train_loader.dataset_size)
-    assert res.steps_per_epoch == len(train_loader), (res.steps_per_epoch, len(train_loader))
-    log.write_config(resolved_tree(cfg, res))
-    log.info(f"fastcls: {cfg.name} on {device} x{dist.world_size} | {res.train_images} train images, "
-             f"{len(classes)} classes | global batch {res.global_batch_size} "
-             f"({res.batch_size}/process) | lr {res.lr:.4g} | {res.steps_per_epoch} steps/epoch "
-             f"| out {out_dir}")
 
-    # ------------------------------------------------------------------ model
-    model = build_model(cfg.model.name, cfg.model.num_classes)
-    if cfg.model.pretrained:  # fine-tuning (TRICKS.md §9); a resume below overrides it
-        log.info(str(finetune.load_pretrained(model, cfg.model.pretrained, cfg.model.num_classes)))
-        warning = finetune.lr_warning(cfg, res.train_images)
-        if warning:
-            log.warn(warning)
-    elif cfg.model.freeze_epochs:
-        log.warn(f"model.freeze_epochs={cfg.model.freeze_epochs} without model.pretrained: "
-                 f"the frozen backbone is randomly initialized")
-    model = model.to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    torch.manual_seed(cfg.train.seed + dist.rank)  # per-rank stream for dropout etc.
-
-    # ------------------------------------------------------------------ optimizer, schedule, loss
-    optimizer = build_optimizer(cfg.optim, model, res.lr)
+    # ------------------------------------------------------------------ model, optimizer, loss
+    raw_model = build_run_model(cfg, dist, log, res.train_images)
+    optimizer = build_optimizer(cfg.optim, raw_model, res.lr)
     lr_at = build_schedule(cfg.schedule, res.lr, res.steps_per_epoch, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
     criterion = SmoothedCrossEntropy(cfg.model.num_classes, cfg.augment.label_smoothing)
@@ -187,113 +159,133 @@ def train(cfg: Config, dist: DistInfo) -> dict:
         log.info(f"augment on {device}: {' -> '.join(augmenter.names)}")
 
     # ------------------------------------------------------------------ resume
-    start_epoch, epoch_step, step, best_top1, carry = 0, 0, 0, -1.0, None
-    resume_path, state = ckpt.load_resume(cfg.train.resume, out_dir, warn=log.warn)
-    if state is not None:
-        ckpt.restore_state(state, resume_path, model, optimizer, scaler, classes)
-        start_epoch, step, best_top1 = state["epoch"], state["step"], state["best_top1"]
-        epoch_step = state.get("epoch_step", 0)
-        carry = state.get("epoch_sums") if epoch_step else None  # the epoch's stats so far
-        saved_batch = state.get("global_batch", res.global_batch_size)
-        if saved_batch != res.global_batch_size:  # other world size: same images, other steps
-            epoch_step = epoch_step * saved_batch // res.global_batch_size
-            step = start_epoch * res.steps_per_epoch + epoch_step
-            log.warn(f"checkpoint was written at global batch {saved_batch}, now "
-                     f"{res.global_batch_size}: continuing at step {epoch_step} of the epoch "
-                     f"(not bitwise what an uninterrupted run would do)")
-        if epoch_step >= res.steps_per_epoch:
-            raise ConfigError(f"train.resume: {resume_path} stopped at step {epoch_step} of an "
-                              f"epoch, but an epoch now has {res.steps_per_epoch} steps")
-        if start_epoch >= cfg.model.freeze_epochs > 0:  # saved while frozen: classifier-only state
-            finetune.fill_momentum_buffers(optimizer)
-        if not restore_rng_states(state.get("rng"), dist):
-            log.warn("checkpoint has no RNG states for this number of processes: fresh RNG streams")
-        log.info(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {epoch_step} of it, "
-                 f"global step {step}, lr {lr_at(step):.4g}")
-    last_ckpt = [str(resume_path) if resume_path else None]
-
-    def save(epoch: int, epoch_step: int, step: int, is_best: bool = False,
-             epoch_sums: Optional[list] = None) -> None:
-        """Checkpoint on rank 0 (the RNG gather is a collective: every rank calls this).
-        Mid-epoch, `epoch_sums` (loss sum, correct, images over all ranks so far) let the
-        resumed run report the whole epoch's train_loss/train_top1."""
-        rng = gather_rng_states(dist)
-        if dist.is_main:
-            state = ckpt.make_state(raw_model, optimizer, scaler, epoch=epoch, epoch_step=epoch_step,
-                                    step=step, classes=classes, best_top1=best_top1,
-                                    config=to_dict(cfg), rng=rng)
-            state["global_batch"] = res.global_batch_size  # to map epoch_step to another world size
-            if epoch_step:
-                state["epoch_sums"] = epoch_sums
-            last_ckpt[0] = str(ckpt.save_checkpoint(out_dir, state, keep=cfg.train.keep_checkpoints,
-                                                    is_best=is_best))
-
-    def preempted(epoch: int, epoch_step: int, step: int, epoch_sums=None) -> Preempted:
-        save(epoch, epoch_step, step, epoch_sums=epoch_sums)
-        barrier()  # the checkpoint is on disk before anyone is requeued or exits
-        where = f"epoch {epoch + 1}, step {epoch_step} of it"
-        requeued = dist.is_main and cfg.train.slurm_requeue and slurm_requeue(log.warn)
-        log.warn(f"{stop.requested or 'signal'} received: checkpoint at {where} in {last_ckpt[0]}; "
-                 + ("SLURM job requeued" if requeued else "resume with train.resume=auto"))
-        return Preempted(f"checkpoint at {where}")
+    ckpts = ckpt.Checkpointer(out_dir, model=raw_model, optimizer=optimizer, scaler=scaler,
+                              classes=classes, config=to_dict(cfg), global_batch=res.global_batch_size,
+                              keep=cfg.train.keep_checkpoints, dist=dist, log=log,
+                              slurm_requeue=cfg.train.slurm_requeue)
+    pos = resume(cfg, dist, log, ckpts, res, lr_at)
+    step = pos.step
 
     # ------------------------------------------------------------------ wrap
-    raw_model = eval_model = model
     # Frozen before the DDP wrap: DDP then leaves the frozen params out of its reducer.
-    frozen = start_epoch < cfg.model.freeze_epochs and \
+    frozen = pos.epoch < cfg.model.freeze_epochs and \
         finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, True) > 0
-    model = wrap_for_training(raw_model, cfg, dist)
-    if cfg.model.compile:
-        eval_model = torch.compile(eval_model)
+    eval_model = torch.compile(raw_model) if cfg.model.compile else raw_model
     fit_source = train_acc_source(cfg)
-    clean_loader = clean_train_loader(cfg, device, dist, data_dtype, classes) \
-        if fit_source == "clean" else None
+    clean_loader = clean_train_loader(cfg, dist, data_dtype, classes) if fit_source == "clean" else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    ctx = EpochContext(wrap_for_training(raw_model, cfg, dist), optimizer, scaler, criterion, lr_at,
+                       autocast, augmenter, cfg, dist, log,
+                       guard=LossGuard(device, scaler_skips=scaler is not None), ckpts=ckpts)
 
     # ------------------------------------------------------------------ loop
     record: dict = {}
-    guard = LossGuard(device, scaler_skips=scaler is not None)
     with Preemption(dist, check_every=cfg.train.log_every) as stop:  # SIGUSR1/SIGTERM handlers
-        for epoch in range(start_epoch, cfg.train.epochs):
+        ctx.stop = stop
+        for epoch in range(pos.epoch, cfg.train.epochs):
             if frozen and epoch >= cfg.model.freeze_epochs:
                 finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, False)
                 finetune.fill_momentum_buffers(optimizer)
-                model, frozen = wrap_for_training(raw_model, cfg, dist), False  # DDP sees all params
-                log.info(f"epoch {epoch + 1}: backbone unfrozen "
-                         f"(model.freeze_epochs={cfg.model.freeze_epochs})")
-            first = epoch_step if epoch == start_epoch else 0
+                ctx.model, frozen = wrap_for_training(raw_model, cfg, dist), False  # DDP sees all params
+                log.info(f"epoch {epoch + 1}: backbone unfrozen (model.freeze_epochs={cfg.model.freeze_epochs})")
+            first = pos.epoch_step if epoch == pos.epoch else 0
             train_loader.set_epoch(epoch, first)
-            stats, step = train_one_epoch(
-                model, train_loader, optimizer, scaler, criterion, lr_at, step, epoch, autocast, cfg,
-                dist, log, augmenter=augmenter, start_step=first, stop=stop, guard=guard, last_ckpt=last_ckpt,
-                save=lambda i, s, sums, e=epoch: save(e, i, s, epoch_sums=sums),
-                carry=carry if epoch == start_epoch else None)
+            stats, step = train_one_epoch(ctx, train_loader, epoch, step, start_step=first,
+                                          carry=pos.epoch_sums if epoch == pos.epoch else None)
             done, sums = stats.pop("epoch_steps"), stats.pop("epoch_sums")
             if done < len(train_loader):
-                raise preempted(epoch, done, step, sums)
+                raise ckpts.preempted(stop.requested, epoch, done, step, sums)
             val, is_best = None, False
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 val = evaluate(eval_model, val_loader, autocast, dist)
-                is_best = val["val_top1"] > best_top1
-                best_top1 = max(best_top1, val["val_top1"])
-            save(epoch + 1, 0, step, is_best)  # every epoch, + every train.checkpoint_every steps
+                is_best = val["val_top1"] > ckpts.best_top1
+                ckpts.best_top1 = max(ckpts.best_top1, val["val_top1"])
+            ckpts.save(epoch + 1, 0, step, is_best=is_best)  # every epoch (+ train.checkpoint_every)
             if val is not None:
                 record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
                 fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg, dist)
-                if fit is not None:
-                    record.update(fit.as_record())
+                record.update(fit.as_record() if fit is not None else {})
                 log.metrics(record, quiet=("fit_advice",))
                 if fit is not None:
                     log.info(fit.line)
             if epoch + 1 < cfg.train.epochs and stop.agreed_now():  # signal during evaluation
-                raise preempted(epoch + 1, 0, step)
+                raise ckpts.preempted(stop.requested, epoch + 1, 0, step)
     curves = log.plot()
-    log.info(f"done: best val top-1 {best_top1:.2f}% | run folder {out_dir}"
+    log.info(f"done: best val top-1 {ckpts.best_top1:.2f}% | run folder {out_dir}"
              + (f" | curves {curves}" if curves else ""))
     # Ranks leave together: a gloo rank tearing the group down while rank 0 still plots or
     # writes was seen aborting ("terminate called without an active exception").
     barrier()
     return record
+
+
+def build_data(cfg: Config, dist: DistInfo, log: RunLog, dtype: torch.dtype):
+    """(train loader, val loader, Resolved): the loaders of this rank, the data checks and
+    the resolved config written into the run folder."""
+    train_loader = build_loader(cfg, "train", dist.device, rank=dist.rank, world_size=dist.world_size,
+                                dtype=dtype)
+    val_loader = build_loader(cfg, "val", dist.device, rank=dist.rank, world_size=dist.world_size,
+                              dtype=dtype, classes=train_loader.classes)
+    n_cls = len(train_loader.classes)
+    if n_cls > cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.train has "
+                          f"{n_cls} classes; set model.num_classes={n_cls}")
+    if n_cls < cfg.model.num_classes and cfg.data.backend != "synthetic":
+        log.warn(f"model.num_classes={cfg.model.num_classes} > {n_cls} classes in data.train")
+    for loader, split in ((train_loader, "train"), (val_loader, "val")):
+        if loader.excluded:
+            log.info(f"data.exclude: skipped {loader.excluded} listed files in data.{split}")
+    for name in train_loader.empty_classes:
+        log.warn(f"class folder {name!r} has no images")
+    res = resolve(cfg, dist.world_size, train_loader.dataset_size)
+    assert res.steps_per_epoch == len(train_loader), (res.steps_per_epoch, len(train_loader))
+    log.write_config(resolved_tree(cfg, res))
+    log.info(f"fastcls: {cfg.name} on {dist.device} x{dist.world_size} | {res.train_images} train "
+             f"images, {n_cls} classes | global batch {res.global_batch_size} ({res.batch_size}/process) "
+             f"| lr {res.lr:.4g} | {res.steps_per_epoch} steps/epoch | out {log.out_dir}")
+    return train_loader, val_loader, res
+
+
+def build_run_model(cfg: Config, dist: DistInfo, log: RunLog, train_images: Optional[int]):
+    """The model on the device (channels_last per the config), pretrained weights loaded
+    (fine-tuning; a resume overrides them); then the per-rank RNG stream is seeded."""
+    model = build_model(cfg.model.name, cfg.model.num_classes)
+    if cfg.model.pretrained:
+        log.info(str(finetune.load_pretrained(model, cfg.model.pretrained, cfg.model.num_classes)))
+        warning = finetune.lr_warning(cfg, train_images)
+        if warning:
+            log.warn(warning)
+    elif cfg.model.freeze_epochs:
+        log.warn(f"model.freeze_epochs={cfg.model.freeze_epochs} without model.pretrained: "
+                 f"the frozen backbone is randomly initialized")
+    model = model.to(dist.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(cfg.train.seed + dist.rank)  # per-rank stream for dropout etc.
+    return model
+
+
+def resume(cfg: Config, dist: DistInfo, log: RunLog, ckpts: ckpt.Checkpointer, res: Resolved,
+           lr_at) -> ResumePoint:
+    """Load train.resume's checkpoint (if any) into the checkpointer's model, optimizer and
+    scaler, put back this rank's RNG states, and return where to continue."""
+    path, state = ckpt.load_resume(cfg.train.resume, ckpts.out_dir, warn=log.warn)
+    pos = resume_point(state, res.global_batch_size, res.steps_per_epoch, path)
+    if state is None:
+        return pos
+    ckpt.restore_state(state, path, ckpts.model, ckpts.optimizer, ckpts.scaler, ckpts.classes)
+    ckpts.last, ckpts.best_top1 = str(path), pos.best_top1
+    if pos.remapped_from is not None:
+        log.warn(f"checkpoint was written at global batch {pos.remapped_from}, now "
+                 f"{res.global_batch_size}: continuing at step {pos.epoch_step} of the epoch "
+                 f"(not bitwise what an uninterrupted run would do)")
+    if pos.epoch >= cfg.model.freeze_epochs > 0:  # saved while frozen: classifier-only state
+        finetune.fill_momentum_buffers(ckpts.optimizer)
+    if not restore_rng_states(state.get("rng"), dist):
+        log.warn("checkpoint has no RNG states for this number of processes: fresh RNG streams")
+    log.info(f"resumed from {path}: epoch {pos.epoch + 1}, step {pos.epoch_step} of it, "
+             f"global step {pos.step}, lr {lr_at(pos.step):.4g}")
+    return pos
 
 
 def wrap_for_training(raw_model, cfg: Config, dist: DistInfo):
@@ -307,17 +299,17 @@ def wrap_for_training(raw_model, cfg: Config, dist: DistInfo):
     return model
 
 
-def clean_train_loader(cfg: Config, device, dist: DistInfo, dtype, classes):
+def clean_train_loader(cfg: Config, dist: DistInfo, dtype, classes):
     """The training images through the validation transform (no augmentation), for the
     `clean` fit diagnosis; every image counted once across ranks."""
-    return build_loader(cfg, "val", device, rank=dist.rank, world_size=dist.world_size, dtype=dtype,
-                        classes=classes, path=dataset_paths(cfg)[0])
+    return build_loader(cfg, "val", dist.device, rank=dist.rank, world_size=dist.world_size,
+                        dtype=dtype, classes=classes, path=dataset_paths(cfg)[0])
 
 
 def diagnose_fit(source: str, stats: dict, val: dict, eval_model, clean_loader, autocast,
                  cfg: Config, dist: DistInfo):
-    """TRICKS.md §8 (fastcls/diagnose.py): the verdict from this epoch's running train
-    accuracy, or from a clean pass over the training images; None when off."""
+    """The guide §8 (fastcls/diagnose.py, docs/recipes.md): the verdict from this epoch's
+    running train accuracy, or from a clean pass over the training images; None when off."""
     if source == "off":
         return None
     train_top1 = stats["train_top1"] if source == "running" else \
@@ -325,28 +317,44 @@ def diagnose_fit(source: str, stats: dict, val: dict, eval_model, clean_loader, 
     return diagnose(train_top1, val["val_top1"], cfg, source)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: int, epoch: int,
-                    autocast, cfg: Config, dist: DistInfo, log: RunLog, augmenter=None, *,
-                    start_step: int = 0,
-                    stop: Optional[Preemption] = None, guard: Optional[LossGuard] = None,
-                    last_ckpt: Optional[list] = None, save=None,
+@dataclass
+class EpochContext:
+    """What an epoch of training works with (built once by train(); `model` is the wrapped
+    one, replaced when the backbone is unfrozen). `guard` stops the run on a NaN/inf loss,
+    `stop` agrees on a preemption signal, `ckpts` writes the train.checkpoint_every
+    checkpoints; each may be None (benchmarks/train.py runs without them)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    criterion: torch.nn.Module
+    lr_at: Callable[[int], float]
+    autocast: Callable
+    augmenter: Optional[Callable]
+    cfg: Config
+    dist: DistInfo
+    log: RunLog
+    guard: Optional[LossGuard] = None
+    stop: Optional[Preemption] = None
+    ckpts: Optional[ckpt.Checkpointer] = None
+
+
+def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_step: int = 0,
                     carry: Optional[list] = None) -> tuple[dict, int]:
     """Steps start_step..len(loader)-1 of `epoch` (the loader was set to start there).
-    Returns (stats, global step); stats["epoch_steps"] < len(loader) when `stop` agreed
+    Returns (stats, global step); stats["epoch_steps"] < len(loader) when `ctx.stop` agreed
     on a preemption signal, stats["epoch_sums"] = [loss sum, correct, images] over all ranks.
-    `save(epoch_step, step, epoch_sums)` is called every train.checkpoint_every steps (all
-    ranks); `guard` stops the run on a NaN/inf loss. `carry` = epoch_sums of the steps before
-    start_step (a resumed epoch), so the epoch's train_loss/train_top1 cover all its steps."""
+    `carry` = epoch_sums of the steps before start_step (a resumed epoch), so the epoch's
+    train_loss/train_top1 cover all its steps."""
+    model, optimizer, scaler, cfg, dist = ctx.model, ctx.optimizer, ctx.scaler, ctx.cfg, ctx.dist
     model.train()
-    device = dist.device
     # Running sums stay on the device: reading them is a sync, done every log_every steps.
     # [loss * n, correct, images]; a resumed epoch's earlier totals count once, on rank 0.
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    sums = torch.zeros(3, device=dist.device, dtype=torch.float64)
     if carry is not None and dist.is_main:
         sums += sums.new_tensor(carry)
     images_seen, wait, t_epoch = 0, 0.0, time.perf_counter()
     win_images, win_wait, t_win = 0, 0.0, t_epoch
-    bar = log.bar(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
+    bar = ctx.log.bar(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
     bar.update(start_step)
     it = iter(loader)
     done = len(loader)
@@ -356,15 +364,15 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
         dt = time.perf_counter() - t0
         wait, win_wait = wait + dt, win_wait + dt
         # On-device augmentation; targets are soft (N, C) while mixup/cutmix is on.
-        images, targets = augmenter(images, labels, epoch, step) if augmenter else (images, labels)
+        images, targets = ctx.augmenter(images, labels, epoch, step) if ctx.augmenter else (images, labels)
         if not cfg.model.channels_last:
             images = images.contiguous()
-        lr = lr_at(step)
+        lr = ctx.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast():
+        with ctx.autocast():
             logits = model(images)
-            loss = criterion(logits, targets)
+            loss = ctx.criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -373,8 +381,8 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
         else:
             loss.backward()
             optimizer.step()
-        if guard is not None:
-            guard.observe(loss, step)
+        if ctx.guard is not None:
+            ctx.guard.observe(loss, step)
         n = labels.shape[0]
         sums[0] += loss.detach().double() * n
         sums[1] += (logits.detach().argmax(1) == dominant_label(targets)).sum()  # mixed: larger share
@@ -389,13 +397,13 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
                             img_s=f"{win_images * dist.world_size / (now - t_win):.0f}",
                             stall=f"{100 * win_wait / (now - t_win):.0f}%", refresh=False)
             win_images, win_wait, t_win = 0, 0.0, now
-            if guard is not None:
-                guard.check(lr_at, last_ckpt[0] if last_ckpt else None)
+            if ctx.guard is not None:
+                ctx.guard.check(ctx.lr_at, ctx.ckpts.last if ctx.ckpts else None)
         bar.update(1)
         every = cfg.train.checkpoint_every
-        if save is not None and every and (i + 1) % every == 0 and i + 1 < len(loader):
-            save(i + 1, step, all_reduce_sum(sums.clone()).tolist())
-        if stop is not None and i + 1 < len(loader) and stop.agreed(i):
+        if ctx.ckpts is not None and every and (i + 1) % every == 0 and i + 1 < len(loader):
+            ctx.ckpts.save(epoch, i + 1, step, epoch_sums=all_reduce_sum(sums.clone()).tolist())
+        if ctx.stop is not None and i + 1 < len(loader) and ctx.stop.agreed(i):
             done = i + 1
             break
     bar.close()
@@ -403,8 +411,8 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, lr_at, step: in
     loss_sum, correct, count, bad = totals.tolist()
     elapsed = time.perf_counter() - t_epoch
     if bad:  # counted over all ranks; names from rank 0 (which alone logs)
-        log.warn(f"epoch {epoch + 1}: {int(bad)} undecodable files skipped (replaced by other "
-                 f"samples) on {dist.world_size} rank(s); rank 0's: {loader.bad_files[:5]}")
+        ctx.log.warn(f"epoch {epoch + 1}: {int(bad)} undecodable files skipped (replaced by other "
+                     f"samples) on {dist.world_size} rank(s); rank 0's: {loader.bad_files[:5]}")
     return {"train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1),
             "img_per_s": images_seen * dist.world_size / elapsed,
             "data_stall": 100.0 * wait / elapsed, "epoch_steps": done,

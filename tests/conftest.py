@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fastcls.config import config_from_dict
-from fastcls.data.base import MEAN, STD
+from fastcls.data.base import MEAN, STD, Loader
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -99,6 +99,7 @@ def check_contract(loader, batches=None, *, batch=4, size=32, dtype=torch.float3
     `batches`, already taken): len(loader) batches, each of images `dtype`
     batch x 3 x size x size channels_last on `device`, ImageNet-normalized (inside the
     normalized range of 0..255, +-tol), labels int64 (batch,) on `device`. -> the batches."""
+    assert isinstance(loader, Loader)  # the protocol every backend satisfies
     batches = list(loader) if batches is None else batches
     assert len(batches) == len(loader)
     for x, y in batches:

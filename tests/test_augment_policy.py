@@ -84,7 +84,7 @@ def test_autoaugment_per_sample_policy_choice():
 
 
 def test_float_round_trip_and_layout():
-    from fastcls.data.native import MEAN, STD
+    from fastcls.data.base import MEAN, STD
     x = images(n=4, h=16, w=16)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)

@@ -132,15 +132,18 @@ def test_hung_file_read_times_out_instead_of_hanging(tmp_path):
     like to open()) fails after data.timeout with a DatasetError naming the key."""
     from fastcls.config import config_from_dict
     from fastcls.data import DatasetError
+    from fastcls.data.base import LoaderSpec
     from fastcls.data.folder import FolderIndex
     from fastcls.data.native import NativeLoader
     fifo = tmp_path / "stuck.jpg"
     os.mkfifo(fifo)
     index = FolderIndex(str(tmp_path), ["a"], [(str(fifo), 0)] * 4, [])
-    loader = NativeLoader(index, train=False, batch_size=2, image_size=16, val_resize=16, scale=(0.08, 1),
-                          ratio=(0.75, 1.33), hflip=0.0, workers=1, pin_memory=False, max_bad_fraction=0.0,
-                          device=torch.device("cpu"), dtype=torch.float32, rank=0, world_size=1, seed=0,
-                          timeout=2)
+    data = config_from_dict({"model": {"name": "resnet_tiny"}, "data": {
+        "batch_size": 2, "image_size": 16, "val_resize": 16, "workers": 1, "pin_memory": False,
+        "max_bad_fraction": 0.0, "timeout": 2}}).data
+    loader = NativeLoader(index, LoaderSpec(split="val", path=str(tmp_path), data=data, batch_size=2,
+                                            device=torch.device("cpu"), dtype=torch.float32, rank=0,
+                                            world_size=1, seed=0, num_classes=1))
     t = time.perf_counter()
     with pytest.raises(DatasetError, match=r"data.timeout=2 s"):
         next(iter(loader))

@@ -191,13 +191,13 @@ def test_train_benchmark_measures_stall():
 
     cfg = load_config("pipelines/demo.yaml", ["train.device=cpu", "model.channels_last=false"])
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
-    parts = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
-             "scaler": None, "criterion": torch.nn.CrossEntropyLoss(), "lr_at": lambda s: 0.1,
-             "autocast": __import__("contextlib").nullcontext,
-             "log": RunLog("unused", enabled=False)}
+    from fastcls.train import EpochContext
+    ctx = EpochContext(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       scaler=None, criterion=torch.nn.CrossEntropyLoss(), lr_at=lambda s: 0.1,
+                       autocast=__import__("contextlib").nullcontext, augmenter=None, cfg=cfg,
+                       dist=DistInfo(0, 0, 1, torch.device("cpu")), log=RunLog("unused", enabled=False))
     args = SimpleNamespace(warmup=1, steps=5, repeats=1)
-    row = tb.run_backend("slow", SlowLoader(), parts, args, cfg,
-                         DistInfo(0, 0, 1, torch.device("cpu")))
+    row = tb.run_backend("slow", SlowLoader(), ctx, args)
     elapsed = 5 * 4 / row["img_per_s"]
     assert row["img_per_s"] <= 4 / SLEEP, row
     assert 100 * 5 * SLEEP / elapsed * 0.98 <= row["data_stall_pct"] <= 100, row
@@ -206,30 +206,31 @@ def test_train_benchmark_measures_stall():
 
 # --------------------------------------------------------------------------- table.py
 
-def test_readme_table_is_generated_from_results():
-    """README's performance tables equal the generator's output over benchmarks/results/."""
+def test_benchmarks_page_table_is_generated_from_results():
+    """docs/benchmarks.md's performance tables equal the generator's output over
+    benchmarks/results/."""
     proc = subprocess.run([PY, "benchmarks/table.py", "--check"], cwd=ROOT, env=run_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     table = _bench_module("table")
     results = table.load_results()
     assert results, "benchmarks/results/ holds no JSON"
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
     for name, r in results:
         assert name == table.canonical_name(r)  # files are named by what they hold
-        assert f"`{name}`" in readme
+        assert f"`{name}`" in page
         for row in r["results"]:
             if row["backend"] != "synthetic" or r["benchmark"] == "train":
-                assert f"{row['img_per_s']:,.0f}" in readme
+                assert f"{row['img_per_s']:,.0f}" in page
 
 
 def test_table_check_detects_drift(tmp_path):
-    """--add files a result under its canonical name; a README that no longer matches the
+    """--add files a result under its canonical name; a page that no longer matches the
     results fails --check until --write regenerates it."""
     import shutil
-    results, readme = tmp_path / "results", tmp_path / "README.md"
+    results, page = tmp_path / "results", tmp_path / "benchmarks.md"
     shutil.copytree(ROOT / "benchmarks" / "results", results)
-    shutil.copy(ROOT / "README.md", readme)
+    shutil.copy(ROOT / "docs" / "benchmarks.md", page)
     src = sorted(results.glob("*_train_*.json"))[0]
     r = json.loads(src.read_text())
     r["time"] = "2031-01-02T03:04:05Z"
@@ -239,7 +240,7 @@ def test_table_check_detects_drift(tmp_path):
 
     def table(*args):
         return subprocess.run([PY, "benchmarks/table.py", "--results", str(results),
-                               "--readme", str(readme), *args],
+                               "--page", str(page), *args],
                               cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
     assert table("--check").returncode == 0
     assert table("--add", str(new)).returncode == 0
@@ -247,7 +248,7 @@ def test_table_check_detects_drift(tmp_path):
     stale = table("--check")
     assert stale.returncode == 1 and "123,456" in stale.stdout
     assert table("--write").returncode == 0 and table("--check").returncode == 0
-    assert "| 2031-01-02 |" in readme.read_text() and "123,456" in readme.read_text()
+    assert "| 2031-01-02 |" in page.read_text() and "123,456" in page.read_text()
 
 
 # --------------------------------------------------------------------------- device_check.sh

@@ -1,3 +1,4 @@
+import json
 import subprocess
 
 import pytest
@@ -32,6 +33,18 @@ def cfg(*overrides, path=PIPES / "imagenet_bs4096.yaml"):
     ("augment.label_smoothing=1.5", "augment.label_smoothing: must be in [0, 1]"),
     ("data.val_resize=100", "data.val_resize (100) must be >= data.image_size"),
     ("noequals", "expected section.key=value"),
+    # choices and ranges stated on the fields (fastcls.schema.check_fields)
+    ("augment.gridmask.mode=2", "augment.gridmask.mode: unknown name 2; valid choices: 0, 1"),
+    ("data.ffcv.order=sequential", "data.ffcv.order: unknown name 'sequential'; valid choices: random, quasi_random"),
+    ("schedule.milestones=[0,30]", "schedule.milestones[0]: must be > 0, got 0"),
+    ("optim.betas=[-0.1,0.9]", "optim.betas[0]: must be in [0, 1), got -0.1"),
+    ("data.rrc.ratio=[2.0,1.0]", "data.rrc.ratio: must satisfy 0 < min <= max, got [2.0, 1.0]"),
+    ("augment.mixup.cutmix_minmax=[0.5,0.5]", "must satisfy 0 < min < max <= 1, got [0.5, 0.5]"),
+    ("augment.hide_and_seek.grid_sizes=[16,-1]", "augment.hide_and_seek.grid_sizes[1]: must be >= 0"),
+    ("data.batch_size=0", "data.batch_size: must be > 0, got 0"),
+    ("optim.eps=0", "optim.eps: must be > 0"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints: must be > 0"),
+    ("data.workers=-1", "data.workers: must be >= 0"),
 ])
 def test_config_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -139,3 +152,79 @@ def test_cli_config_error_is_one_line():
 def test_all_pipelines_load():
     for p in PIPES.glob("*.yaml"):
         load_config(p)
+
+
+# ---------------------------------------------------------------- the demo recipe on one's own folders
+
+def test_demo_recipe_with_own_folders_prints_their_count(folder):
+    """`pipelines/demo.yaml data.train=... data.val=...` resolves to the given folder (18
+    images), not the demo's 1,000, and says that data.demo went off."""
+    out = subprocess.run([PY, "-m", "fastcls.train", str(PIPES / "demo.yaml"), "--print-config",
+                          f"data.train={folder}", f"data.val={folder}", "data.batch_size=4"],
+                         capture_output=True, text=True, env=run_env(), check=True)
+    tree = yaml.safe_load(out.stdout)
+    assert tree["data"]["demo"] is False and tree["data"]["train"] == str(folder)
+    assert tree["resolved"]["train_images"] == 18 and tree["resolved"]["steps_per_epoch"] == 4
+    assert "data.demo is off" in out.stderr
+
+
+def test_demo_recipe_with_own_folders_trains_on_them(folder, tmp_path, capsys):
+    from fastcls.train import main
+    rc = main([str(PIPES / "demo.yaml"), f"data.train={folder}", f"data.val={folder}",
+               "model.num_classes=3", "data.batch_size=4", "data.image_size=32", "data.val_resize=32",
+               "data.workers=0", "train.epochs=1", "train.progress=false", "train.amp=off",
+               f"train.out_dir={tmp_path / 'run'}"])
+    assert rc == 0
+    assert "data.demo is off" in capsys.readouterr().out
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["data"]["demo"] is False and resolved["resolved"]["train_images"] == 18
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["val_images"] == 18  # the folder's images, not the demo's 200
+
+
+@pytest.mark.parametrize("where", ["file", "overrides"])
+def test_demo_and_folders_together_is_an_error(tmp_path, where):
+    p = tmp_path / "r.yaml"
+    p.write_text("data:\n  demo: true\n  batch_size: 8\n" + ("  train: /d/train\n" if where == "file" else ""))
+    extra = ["data.demo=true", "data.train=/d/train"] if where == "overrides" else []
+    with pytest.raises(ConfigError, match=r"data.demo: true trains on the demo dataset.*data.demo=false"):
+        load_config(p, extra)
+
+
+def test_demo_kept_when_only_other_keys_are_overridden():
+    notes = []
+    c = load_config(PIPES / "demo.yaml", ["optim.lr=0.4"], notes)
+    assert c.data.demo is True and notes == []
+
+
+# ---------------------------------------------------------------- the schema: one truth per knob
+
+def _leaf_fields(cls, prefix=""):
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def test_every_knob_has_help_text():
+    from fastcls.config import Config
+    missing = [key for key, f in _leaf_fields(Config) if not f.metadata.get("help")]
+    assert missing == []
+
+
+def test_modules_read_their_choices_from_the_schema():
+    import typing
+
+    from fastcls import config
+    from fastcls.augment import erase, mix, policy
+    from fastcls.data import BUILDERS
+    from fastcls.data import ffcv_loader, native_batched
+    assert tuple(BUILDERS) == config.BACKENDS == typing.get_args(config.Backend)
+    assert mix.MIX_MODES is config.MIX_MODES and erase.FILL_MODES is config.FILL_MODES
+    assert tuple(policy.POLICIES) == config.AUTOAUGMENT_POLICIES
+    assert set(native_batched.ANTIALIAS_ABOVE) == set(config.ANTIALIAS_MODES)
+    assert not hasattr(ffcv_loader, "ORDERS")  # data.ffcv.order's choices live on the field only

@@ -1,4 +1,4 @@
-"""Fit diagnosis (TRICKS.md §8) on crafted metrics, and in a real run's metrics.jsonl."""
+"""Fit diagnosis (the guide §8) on crafted metrics, and in a real run's metrics.jsonl."""
 import json
 
 import pytest

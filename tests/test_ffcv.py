@@ -25,7 +25,8 @@ from conftest import unnormalize as _unnormalize
 from fastcls.data import DatasetError, build_loader
 
 if os.environ.get("FASTCLS_REQUIRE_FFCV") != "1":  # .ci/run sets it: there, missing is a failure
-    pytest.importorskip("ffcv", reason="pip install 'fastcls[ffcv]' (see README)")
+    pytest.importorskip("ffcv", reason="ffcv is not installed: it builds against system headers "
+                        "(as root: bash .ci/system-packages.sh), then pip install 'fastcls[ffcv]'")
 
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -259,7 +260,7 @@ def test_quasi_random_order(index_beton, nojit):
 
 def test_two_rank_sharding_gloo_disjoint_and_complete(index_beton, tmp_path):
     out = tmp_path / "shard.json"
-    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "ffcv_shard_check.py"), str(index_beton),
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "helpers" / "ffcv_shard_check.py"), str(index_beton),
                            str(out)], cwd=ROOT, env=run_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

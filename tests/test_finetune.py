@@ -1,4 +1,4 @@
-"""Fine-tuning (TRICKS.md §9): 1000-class checkpoints into 10-class heads, freezing, LR advice."""
+"""Fine-tuning (the guide §9): 1000-class checkpoints into 10-class heads, freezing, LR advice."""
 import json
 import subprocess
 

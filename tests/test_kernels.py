@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import PY, ROOT, run_env
-from kernel_cases import (ANTIALIAS, IMAGENET_MEAN, IMAGENET_STD, RRC_CASES, VAL_CASES, make_image,
+from helpers.kernel_cases import (ANTIALIAS, IMAGENET_MEAN, IMAGENET_STD, RRC_CASES, VAL_CASES, make_image,
                           rrc_batch, val_batch)
 from fastcls.kernels.resized_crop import (pack_images, resized_crop_normalize,
                                           resized_crop_normalize_reference, rrc_box, build_params)
@@ -114,12 +114,12 @@ def test_bad_arguments_raise():
 @pytest.mark.timeout(300)
 def test_triton_interpreter_matches_reference():
     """Every irregular case, alone and mixed in one launch, fp32/bf16/fp16, all antialias
-    modes, NaN-poisoned output (see kernels_interp_check.py)."""
+    modes, NaN-poisoned output (see helpers/kernels_interp_check.py)."""
     pytest.importorskip("triton")  # shipped with torch's Linux wheels
     env = run_env()
     env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = str(HERE) + os.pathsep + env["PYTHONPATH"]
-    r = subprocess.run([PY, str(HERE / "kernels_interp_check.py")], env=env, capture_output=True,
+    r = subprocess.run([PY, str(HERE / "helpers" / "kernels_interp_check.py")], env=env, capture_output=True,
                        text=True, timeout=280)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "0 failures" in r.stdout and r.stdout.count("ok  ") >= 25
@@ -158,13 +158,36 @@ def test_kernel_benchmark_smoke(tmp_path):
 
 def test_kernels_import_from_a_checkout_without_install(tmp_path):
     """PYTHONPATH=checkout with no install (the lent GPU machines run device_check.sh so):
-    `fastcls.kernels` is still the checkout's kernels/ folder (fastcls/__init__.py)."""
-    code = ("import sys\n"
+    `fastcls.kernels` is still the checkout's kernels/ folder (the symlink fastcls/kernels)."""
+    code = ("import os, sys\n"
             "sys.meta_path[:] = [f for f in sys.meta_path\n"   # drop an editable install's mapping
             "                    if '__editable__' not in getattr(f, '__module__', '')]\n"
             f"sys.path.insert(0, {str(ROOT)!r})\n"
             "import fastcls.kernels.resized_crop as r\n"
-            "print(r.__file__)\n")
+            "print(os.path.realpath(r.__file__))\n")
     out = subprocess.run([PY, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(ROOT / "kernels" / "resized_crop.py")
+
+
+def test_kernels_import_from_a_fresh_clone(tmp_path):
+    """The committed tree, cloned (as CI and the GPU machines get it), imports
+    `fastcls.kernels` from PYTHONPATH=clone with no install and no import hook: the package
+    is a plain folder (the committed symlink), visible to static tools."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    assert (clone / "fastcls" / "kernels").is_symlink()
+    code = ("import os, sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path\n"
+            "                    if '__editable__' not in getattr(f, '__module__', '')]\n"
+            "n = len(sys.meta_path)\n"
+            "import fastcls.kernels.resized_crop as r\n"
+            "assert len(sys.meta_path) == n, 'fastcls added an import hook'\n"
+            "print(os.path.realpath(r.__file__))\n")
+    env = dict(os.environ, PYTHONPATH=str(clone))
+    out = subprocess.run([PY, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str((clone / "kernels" / "resized_crop.py").resolve())

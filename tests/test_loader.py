@@ -1,4 +1,4 @@
-"""The data interface contract (DESIGN.md) for the native and synthetic backends, and
+"""The data interface contract (fastcls.data.base.Loader) for the native and synthetic backends, and
 the crops against torchvision.transforms.v2."""
 import math
 
@@ -15,7 +15,8 @@ from conftest import loader_cfg as make_cfg
 from fastcls.config import config_from_dict
 from fastcls.data import DatasetError, build_loader, scan_folder
 from fastcls.data.crop import sample_rrc
-from fastcls.data.native import MEAN, STD, decode_train, decode_val
+from fastcls.data.base import MEAN, STD
+from fastcls.data.native import decode_train, decode_val
 from fastcls.data.sampler import ShardBatchSampler
 
 

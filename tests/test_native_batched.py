@@ -15,7 +15,8 @@ from conftest import (BAD_NAMES, CPU, FOLDER_LABELS, bad_folder, bad_names, chec
                       loader_cfg, make_folder, write_image)
 from fastcls.config import ConfigError
 from fastcls.data import DatasetError, build_loader
-from fastcls.data.native import MEAN, STD, NativeLoader
+from fastcls.data.base import MEAN, STD
+from fastcls.data.native import NativeLoader
 from fastcls.data.native_batched import BatchedNativeLoader
 from fastcls.train import main
 

@@ -90,6 +90,33 @@ def test_checkpoints_rotate_keep_k_and_fall_back_when_corrupt(tmp_path):
     assert ckpt.load_resume("auto", tmp_path, warn=warnings.append) == (None, None)
 
 
+def test_resume_point_from_a_checkpoint():
+    from fastcls.config import ConfigError
+    from fastcls.resume import ResumePoint, resume_point
+    assert resume_point(None, 64, 10) == ResumePoint(0, 0, 0, -1.0, None, None)
+    state = {"epoch": 2, "step": 23, "epoch_step": 3, "best_top1": 40.0, "global_batch": 64,
+             "epoch_sums": [1.0, 2.0, 192.0]}
+    same = resume_point(state, 64, 10)
+    assert (same.epoch, same.epoch_step, same.step, same.best_top1) == (2, 3, 23, 40.0)
+    assert same.epoch_sums == [1.0, 2.0, 192.0] and same.remapped_from is None
+    # 2 processes -> 1 at the same per-process batch: 3 steps of 64 = 6 steps of 32 images
+    half = resume_point(state, 32, 20)
+    assert (half.epoch, half.epoch_step, half.step, half.remapped_from) == (2, 6, 2 * 20 + 6, 64)
+    # an epoch boundary carries no epoch sums; an old checkpoint without global_batch is taken as is
+    boundary = resume_point({"epoch": 1, "step": 10, "best_top1": 5.0}, 128, 10)
+    assert (boundary.epoch, boundary.epoch_step, boundary.step, boundary.epoch_sums) == (1, 0, 10, None)
+    with pytest.raises(ConfigError, match="stopped at step 3 of an epoch, but an epoch now has 3 steps"):
+        resume_point(state, 64, 3, "x.pt")
+
+
+def test_resume_against_other_classes_is_a_checkpoint_error(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = ckpt.make_state(model, opt, None, epoch=1, step=1, classes=["a", "b"], best_top1=0.0, config={})
+    with pytest.raises(ckpt.CheckpointError, match="trained on other classes"):
+        ckpt.restore_state(state, tmp_path / "last.pt", model, opt, None, ["a", "c"])
+
+
 def test_torch_save_through_hashing_writer_roundtrips(tmp_path):
     big = {"model": {"w": torch.randn(300, 300)}, "optimizer": {"x": [1, 2]}, "epoch": 1, "step": 2,
            "classes": ["a", "b"], "rng": [{"python": (3, tuple(range(625)), None)}]}
@@ -189,7 +216,7 @@ def test_nan_loss_stops_naming_step_lr_and_checkpoint(tmp_path, capsys):
 
 def test_preemption_flag_agreed_by_all_ranks(tmp_path):
     out = tmp_path / "agree.json"
-    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "preempt_agreement.py"), str(out)], cwd=ROOT,
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "helpers" / "preempt_agreement.py"), str(out)], cwd=ROOT,
                           env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())

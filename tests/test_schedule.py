@@ -74,7 +74,7 @@ def test_per_iteration_not_per_epoch():
     assert lrs[-1] == pytest.approx(PEAK * 0.5 * (1 + math.cos(math.pi * (SPE * EPOCHS - 1) / (SPE * EPOCHS))))
 
 
-# ---------------------------------------------------------------- polynomial, exponential (issue 7)
+# ---------------------------------------------------------------- polynomial, exponential
 
 WARMUPS = [(0, 0.0), (2, 0.1), (1.5, 0.25)]
 

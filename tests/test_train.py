@@ -88,7 +88,7 @@ def test_missing_dataset_is_one_line_error(tmp_path):
 def test_ddp_gloo_equals_single_process(tmp_path):
     data = make_folder(tmp_path / "data", per_class=(6, 6, 6))
     out = tmp_path / "ddp.json"
-    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "ddp_equivalence.py"), str(data), str(out)],
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "helpers" / "ddp_equivalence.py"), str(data), str(out)],
                           cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())

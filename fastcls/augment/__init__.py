@@ -1,4 +1,4 @@
-"""Batched on-device augmentations, run after any loader (DESIGN.md "augment/").
+"""Batched on-device augmentations, run after any loader (docs/augment.md).
 
     augmenter = build_augmenter(cfg.augment, num_classes, seed=cfg.train.seed, rank=rank)
     images, targets = augmenter(images, labels, epoch, step)   # in the training loop

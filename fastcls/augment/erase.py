@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-FILL_MODES = ("const", "rand", "pixel")
+from ..config import FILL_MODES
 
 
 def _keep_layout(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

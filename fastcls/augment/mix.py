@@ -25,9 +25,9 @@ from typing import Optional
 
 import torch
 
+from ..config import MIX_MODES
 from ..loss import smooth_targets
 
-MODES = ("batch", "pair", "elem")
 
 
 @dataclass
@@ -172,8 +172,8 @@ def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, generator: torch.Ge
     device -> (mixed images, same dtype/layout; soft targets float32 (N, C)).
 
     Parameters and semantics: timm's `Mixup` (see the module docstring)."""
-    if mode not in MODES:
-        raise ValueError(f"mixup.mode: unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
+    if mode not in MIX_MODES:
+        raise ValueError(f"mixup.mode: unknown mode {mode!r}; valid choices: {', '.join(MIX_MODES)}")
     if cutmix_minmax is not None:
         cutmix_alpha = 1.0  # as timm: minmax boxes imply CutMix (lam then comes from the box)
     n, _, h, w = images.shape

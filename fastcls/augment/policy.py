@@ -30,13 +30,14 @@ import torch.nn.functional as tnf
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from ..config import AUTOAUGMENT_POLICIES
+
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
        "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
 OP_INDEX = {name: i for i, name in enumerate(OPS)}
 _AFFINE = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 _BLEND = ("Brightness", "Color", "Contrast")
-POLICIES = {"imagenet": T.AutoAugmentPolicy.IMAGENET, "cifar10": T.AutoAugmentPolicy.CIFAR10,
-            "svhn": T.AutoAugmentPolicy.SVHN}
+POLICIES = {name: T.AutoAugmentPolicy[name.upper()] for name in AUTOAUGMENT_POLICIES}
 _RAD2DEG, _DEG2RAD = 180.0 / math.pi, math.pi / 180.0  # CPython's math.degrees/radians factors
 SKIP_UNUSED_ON_CPU = True  # see apply_ops; tests turn it off to check the accelerator path on CPU
 
@@ -48,7 +49,7 @@ SKIP_UNUSED_ON_CPU = True  # see apply_ops; tests turn it off to check the accel
 
 @lru_cache(maxsize=None)
 def _mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..data.native import MEAN, STD  # ImageNet mean/std in 0..255 units
+    from ..data.base import MEAN, STD  # ImageNet mean/std in 0..255 units
     return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
             torch.tensor(STD, device=device).view(1, 3, 1, 1))
 

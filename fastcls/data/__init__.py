@@ -1,27 +1,31 @@
-"""Data backends behind one interface (DESIGN.md, "The one data interface").
+"""Data backends behind one interface (`fastcls.data.base.Loader`, docs/data.md).
 
     loader = build_loader(cfg, "train", device, rank=r, world_size=w)
     for images, labels in loader: ...
 
 images: float N×3×H×W channels_last on `device`, ImageNet-normalized, dtype `dtype`;
 labels: int64 on `device`. `len(loader)` = steps per epoch for this rank;
-`loader.set_epoch(e)` reshuffles; shards are disjoint; training drops the partial last
-batch, evaluation keeps it and never duplicates an image. `loader.classes` is the class
-list, `loader.bad_files` the undecodable files met this epoch on this rank.
+`loader.set_epoch(e, start_step)` reshuffles and seeks; shards are disjoint; training drops
+the partial last batch, evaluation keeps it and never duplicates an image.
+`loader.classes` is the class list, `loader.bad_files` the undecodable files met this
+epoch on this rank, `loader.excluded` the files data.exclude dropped.
+
+A backend is one entry of `BUILDERS`: a function of the split's `LoaderSpec`.
 """
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..config import Config, resolve
+from ..config import BACKENDS, Config, resolve
+from .base import Loader, LoaderSpec
 from .folder import DatasetError, read_exclude, scan_folder
 
 SPLITS = ("train", "val")
 
-# Backends of this version that need an optional package: the install command when missing.
+# Backends that need an optional package: (module, the install command shown when missing).
 _OPTIONAL = {
     "dali": ("nvidia.dali", "pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
                             "pip install nvidia-dali-cuda130)"),
@@ -31,7 +35,7 @@ _OPTIONAL = {
 
 
 def dataset_paths(cfg: Config) -> tuple[str, str]:
-    """(train, val) folders; `data.demo: true` generates/locates the demo dataset."""
+    """(train, val) folders or files; `data.demo: true` generates/locates the demo dataset."""
     if cfg.data.demo:
         from .demo import ensure_demo_dataset
         return ensure_demo_dataset()
@@ -46,57 +50,60 @@ def check_backend(name: str) -> None:
             raise DatasetError(f"data.backend={name}: {module} is not installed; run: {install}")
 
 
+def _folder(spec: LoaderSpec):
+    """The split's ImageFolder index (val: the classes must be training's)."""
+    return scan_folder(spec.path, key=spec.key, classes=None if spec.train else spec.classes,
+                       exclude=read_exclude(spec.data.exclude))
+
+
+def _native(spec: LoaderSpec) -> Loader:
+    d = spec.data
+    if d.native_decode == "batched" or (d.native_decode == "auto" and spec.device.type == "cuda"):
+        from .native_batched import BatchedNativeLoader
+        return BatchedNativeLoader(_folder(spec), spec)
+    from .native import NativeLoader
+    return NativeLoader(_folder(spec), spec)
+
+
+def _dali(spec: LoaderSpec) -> Loader:
+    from .dali import DaliLoader
+    return DaliLoader(_folder(spec), spec)
+
+
+def _ffcv(spec: LoaderSpec) -> Loader:
+    from .ffcv_loader import build_ffcv_loader
+    return build_ffcv_loader(spec)
+
+
+def _synthetic(spec: LoaderSpec) -> Loader:
+    from .synthetic import SyntheticLoader
+    return SyntheticLoader(spec)
+
+
+# data.backend -> builder (the implementations import lazily: dali and ffcv are optional).
+BUILDERS: dict[str, Callable[[LoaderSpec], Loader]] = {
+    "native": _native, "synthetic": _synthetic, "dali": _dali, "ffcv": _ffcv}
+assert tuple(BUILDERS) == BACKENDS
+
+
 def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0,
                  world_size: int = 1, dtype: torch.dtype = torch.float32,
-                 classes: Optional[Sequence[str]] = None, path: Optional[str] = None):
+                 classes: Optional[Sequence[str]] = None, path: Optional[str] = None) -> Loader:
     """Build the loader of `split` ("train"|"val") for this rank.
 
     `classes`: the training class list, required to match for "val". `path` overrides the
-    split's folder (default: from the config / demo dataset)."""
+    split's folder/file (default: from the config / demo dataset)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    d = cfg.data
-    check_backend(d.backend)
-    batch = resolve(cfg, world_size).batch_size
-    train = split == "train"
-    if d.backend == "synthetic":
-        from .synthetic import SyntheticLoader
-        n = d.synthetic_images if train else max(batch * world_size, d.synthetic_images // 10)
-        names = list(classes) if classes else [str(i) for i in range(cfg.model.num_classes)]
-        return SyntheticLoader(num_images=n, batch_size=batch, world_size=world_size,
-                               image_size=d.image_size, num_classes=cfg.model.num_classes,
-                               device=device, dtype=dtype, seed=cfg.train.seed + rank, classes=names)
-    if d.backend == "ffcv":
-        from .ffcv_loader import build_ffcv_loader
-        return build_ffcv_loader(cfg, split, device, batch_size=batch, rank=rank,
-                                 world_size=world_size, dtype=dtype, classes=classes, path=path)
+    check_backend(cfg.data.backend)
     if path is None:
-        path = dataset_paths(cfg)[SPLITS.index(split)]
-    index = scan_folder(path, key=f"data.{split}", classes=classes if not train else None,
-                        exclude=read_exclude(d.exclude))
-    if d.backend == "dali":
-        from .dali import DaliLoader
-        return DaliLoader(
-            index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,
-            scale=d.rrc.scale, ratio=d.rrc.ratio, hflip=d.hflip, workers=d.workers,
-            max_bad_fraction=d.max_bad_fraction, device=device, dtype=dtype, rank=rank,
-            world_size=world_size, seed=cfg.train.seed,
-            prefetch_queue_depth=d.dali.prefetch_queue_depth,
-            hw_decoder_load=d.dali.hw_decoder_load)
-    if d.native_decode == "batched" or (d.native_decode == "auto" and device.type == "cuda"):
-        from .native_batched import BatchedNativeLoader
-        return BatchedNativeLoader(
-            index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,
-            scale=d.rrc.scale, ratio=d.rrc.ratio, hflip=d.hflip, workers=d.workers,
-            max_bad_fraction=d.max_bad_fraction, device=device, dtype=dtype, rank=rank,
-            world_size=world_size, seed=cfg.train.seed, antialias=d.antialias, decoder=d.decoder,
-            timeout=d.timeout)
-    from .native import NativeLoader
-    return NativeLoader(
-        index, train=train, batch_size=batch, image_size=d.image_size, val_resize=d.val_resize,
-        scale=d.rrc.scale, ratio=d.rrc.ratio, hflip=d.hflip, workers=d.workers,
-        pin_memory=d.pin_memory, max_bad_fraction=d.max_bad_fraction, device=device,
-        dtype=dtype, rank=rank, world_size=world_size, seed=cfg.train.seed, timeout=d.timeout)
+        path = "" if cfg.data.backend == "synthetic" else dataset_paths(cfg)[SPLITS.index(split)]
+    spec = LoaderSpec(split=split, path=path, data=cfg.data,
+                      batch_size=resolve(cfg, world_size).batch_size, device=device, dtype=dtype,
+                      rank=rank, world_size=world_size, seed=cfg.train.seed,
+                      num_classes=cfg.model.num_classes, classes=classes)
+    return BUILDERS[cfg.data.backend](spec)
 
 
-__all__ = ["build_loader", "dataset_paths", "DatasetError", "read_exclude", "scan_folder"]
+__all__ = ["BUILDERS", "Loader", "LoaderSpec", "build_loader", "dataset_paths", "DatasetError",
+           "read_exclude", "scan_folder"]

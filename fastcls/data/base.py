@@ -1,11 +1,24 @@
-"""What the folder and .beton backends (native, native batched, DALI, FFCV) share behind the
-data interface (`fastcls.data`): the epoch order of a `ShardBatchSampler` (len, images per
-epoch, `set_epoch(epoch, start_step)`), the per-epoch bad-file limit, ImageNet statistics.
+"""The data interface (docs/design.md, docs/data.md) and what the backends share behind it.
+
+- `Loader`: the protocol every backend's loader satisfies (synthetic included), so the
+  trainer never asks which backend it holds;
+- `LoaderSpec`: one split's settings, resolved once by `build_loader` and handed to the
+  backend's builder;
+- `LoaderBase`: the epoch order of a `ShardBatchSampler` (len, images per epoch,
+  `set_epoch(epoch, start_step)`) and the per-epoch bad-file limit, for the folder and
+  .beton backends;
+- `Normalizer` (uint8 -> normalized float on the device) and `cuda_prefetch` (stage the
+  next batch on a side stream), the two steps several backends end with.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
+import torch
+
+from ..config import DataConfig
 from .folder import DatasetError
 from .sampler import ShardBatchSampler
 
@@ -14,22 +27,79 @@ MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
+@runtime_checkable
+class Loader(Protocol):
+    """What `build_loader` returns, for every backend.
+
+    Iterating yields one epoch of (images, labels) for this rank: images float N×3×H×W,
+    channels_last, ImageNet-normalized, `dtype`, on the training device; labels int64 (N,)
+    on the same device. Training drops the partial last batch; evaluation keeps it and
+    never repeats an image, so every image is scored once across ranks."""
+
+    classes: list[str]        # class names; label i is classes[i]
+    dataset_size: int         # images in the split (all ranks)
+    bad_files: list[str]      # "path: reason" of the files that failed this epoch, this rank
+    excluded: int             # files data.exclude dropped before the loader saw them
+    empty_classes: list[str]  # class folders without images (a warning)
+
+    def __len__(self) -> int:
+        """Steps per epoch for this rank."""
+
+    @property
+    def num_images(self) -> int:
+        """Images this rank yields per epoch."""
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Epoch `epoch`'s order; the next iteration starts at batch `start_step` of it."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """One split's loader, as `build_loader` resolved it; backends read their settings
+    (sizes, crop, workers, their own sub-section) from `data`."""
+
+    split: str                    # "train" | "val"
+    path: str                     # the split's folder or file
+    data: DataConfig
+    batch_size: int               # per process
+    device: torch.device
+    dtype: torch.dtype            # images' dtype
+    rank: int
+    world_size: int
+    seed: int                     # train.seed
+    num_classes: int              # model.num_classes (the synthetic backend's label range)
+    classes: Optional[Sequence[str]] = None  # val: training's classes, which must match
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
+
+    @property
+    def key(self) -> str:
+        """The config key naming this split's data, for error messages."""
+        return f"data.{self.split}"
+
+
 class LoaderBase:
     """Length, images per epoch and epoch seek from `self.sampler`; bad-file accounting.
 
     A loader that counts undecodable files sets `max_bad_fraction`; `bad_files` holds the
-    "path: reason" strings met this epoch on this rank (reset by the loader per iteration);
-    `excluded` counts the files data.exclude dropped before the loader saw them.
+    "path: reason" strings met this epoch on this rank (reset by the loader per iteration).
     `bad_files_fix` ends the too-many-bad-files message: what to do about them."""
 
     max_bad_fraction: float
     bad_files_fix = "remove or fix them"
-    excluded = 0  # files data.exclude dropped from the list (the folder backends set it)
+    excluded = 0
+    empty_classes: list[str] = []
 
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, *, train: bool,
-                 seed: int):
-        self.sampler = ShardBatchSampler(n, batch_size, rank, world_size, train=train, seed=seed)
+    def __init__(self, n: int, spec: LoaderSpec):
+        self.sampler = ShardBatchSampler(n, spec.batch_size, spec.rank, spec.world_size,
+                                         train=spec.train, seed=spec.seed)
+        self.dataset_size = n
         self.bad_files: list[str] = []
+        self.max_bad_fraction = spec.data.max_bad_fraction
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -61,3 +131,54 @@ class LoaderBase:
                 f"{len(self.bad_files)} undecodable files this epoch on this rank, more than "
                 f"data.max_bad_fraction={self.max_bad_fraction} of {self.num_images} allows; "
                 f"{self.bad_files_fix}:\n  {shown}")
+
+
+class Normalizer:
+    """uint8 N×3×H×W (any memory format: an NHWC batch permuted to NCHW *is* channels_last,
+    no copy) on any device -> float N×3×H×W channels_last on `device`, (x - mean) / std in
+    0..255 units, cast to `dtype`. Mean and 1/std are built on the device once: a
+    `torch.tensor(...)` per batch would be a blocking host-to-device copy."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.mean = torch.tensor(MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+        self.inv_std = (1.0 / torch.tensor(STD, device=device, dtype=torch.float32)).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float()  # strides (layout) preserved
+        x = x.sub_(self.mean).mul_(self.inv_std)
+        return x.to(self.dtype, memory_format=torch.channels_last)
+
+
+def cuda_prefetch(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+                  device: torch.device, *, sync_side_stream: bool = False
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `stage(batch)` for each batch, staging batch k+1 on a side CUDA stream right
+    after batch k was handed out (i.e. after its training step was queued), so the copy /
+    decode / kernel of k+1 overlaps step k. The training stream waits for the side stream
+    before it uses a batch, and `record_stream` keeps the allocator from reusing the
+    tensors' memory while the training stream still reads them.
+
+    `sync_side_stream`: wait for the side stream's previous work on the host before staging
+    (a host sync of the side stream only): needed when `stage` calls a library that does
+    not order itself after the current stream (torchvision's CUDA decode_jpeg)."""
+    stream = torch.cuda.Stream(device)
+
+    def staged():
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return None
+        if sync_side_stream:
+            stream.synchronize()
+        with torch.cuda.stream(stream):
+            return stage(batch)
+
+    cur = staged()
+    while cur is not None:
+        main = torch.cuda.current_stream()
+        main.wait_stream(stream)
+        for t in cur:
+            t.record_stream(main)
+        yield cur
+        cur = staged()

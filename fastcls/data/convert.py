@@ -37,18 +37,10 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from .beton import FORMAT, META_SUFFIX, import_ffcv, meta_path
 from .folder import DatasetError, read_exclude, scan_folder
 
 WRITE_MODES = ("jpg", "raw", "proportion")
-META_SUFFIX = ".json"
-FORMAT = "fastcls-ffcv-v1"
-
-
-def meta_path(beton: str | os.PathLike) -> Path:
-    """The class list / options file written next to a .beton: OUT.beton.json."""
-    return Path(str(beton) + META_SUFFIX)
-
-
 def _probe(path: str) -> Optional[str]:
     """None if `path` decodes, else "path: error". Cheap: JPEGs decode at 1/8 scale."""
     try:
@@ -102,7 +94,6 @@ def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution:
     """ImageFolder `src` -> `out` (.beton) + `out.json`; returns the metadata dict.
 
     Call it in a fresh process (see the module docstring). Raises DatasetError for bad input."""
-    from .ffcv_loader import import_ffcv
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter

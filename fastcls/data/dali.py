@@ -10,7 +10,7 @@ engines; it decodes only the random-resized-crop window, `random_area` = `data.r
 Validation: decode, shorter side to `data.val_resize`, center crop `data.image_size`.
 Without a GPU the same graph runs on the CPU (`device_id=None`, decoders on "cpu").
 
-Output contract (DESIGN.md): images float16/float32 N×3×H×W on the loader's device, a
+Output contract (fastcls.data.base.Loader): images float16/float32 N×3×H×W on the loader's device, a
 channels_last view of DALI's NHWC batch (no layout copy), normalized (x - mean) / std in
 0..255 units; labels int64 N on the same device.
 
@@ -44,7 +44,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .base import MEAN, STD, LoaderBase
+from .base import MEAN, STD, LoaderBase, LoaderSpec
 from .check import check_file
 from .folder import DatasetError, FolderIndex
 
@@ -118,39 +118,32 @@ def build_pipeline(files: list[str], labels: list[int], *, train: bool, batch_si
 
 
 class DaliLoader(LoaderBase):
-    """The data interface (DESIGN.md) over DALI pipelines; see the module docstring."""
+    """The data interface (fastcls.data.base.Loader) over DALI pipelines; see the module docstring."""
 
     bad_files_fix = ("remove them (python -m fastcls.data.check DIR --exclude-out bad.txt, "
                      "then data.exclude=bad.txt)")
 
-    def __init__(self, index: FolderIndex, *, train: bool, batch_size: int, image_size: int,
-                 val_resize: int, scale, ratio, hflip: float, workers: int,
-                 max_bad_fraction: float, device: torch.device, dtype: torch.dtype,
-                 rank: int, world_size: int, seed: int, prefetch_queue_depth: int = 2,
-                 hw_decoder_load: float = 0.65):
+    def __init__(self, index: FolderIndex, spec: LoaderSpec):
         _dali()  # fail at start, with the pip command, when DALI is missing
-        self.classes = index.classes
-        self.empty_classes = index.empty_classes
-        self.excluded = index.excluded
-        self.dataset_size = len(index.samples)
+        d = spec.data
+        super().__init__(len(index.samples), spec)
+        self.classes, self.empty_classes, self.excluded = index.classes, index.empty_classes, index.excluded
         self.samples = index.samples
-        self.train, self.batch_size, self.image_size = train, batch_size, image_size
-        self.val_resize, self.scale, self.ratio, self.hflip = val_resize, scale, ratio, hflip
-        self.num_threads = max(1, workers)  # DALI CPU threads (decode on CPU, reader, resize)
-        self.max_bad_fraction = max_bad_fraction
-        self.device, self.dtype = device, dtype
-        if device.type == "cuda":
-            self.device_id: Optional[int] = device.index if device.index is not None \
+        self.train, self.batch_size, self.image_size = spec.train, spec.batch_size, d.image_size
+        self.val_resize, self.scale, self.ratio, self.hflip = d.val_resize, d.rrc.scale, d.rrc.ratio, d.hflip
+        self.num_threads = max(1, d.workers)  # DALI CPU threads (decode on CPU, reader, resize)
+        self.device, self.dtype = spec.device, spec.dtype
+        if spec.device.type == "cuda":
+            self.device_id: Optional[int] = spec.device.index if spec.device.index is not None \
                 else torch.cuda.current_device()
-        elif device.type == "cpu":
+        elif spec.device.type == "cpu":
             self.device_id = None
         else:
-            raise DatasetError(f"data.backend=dali runs on cuda or cpu, not {device.type}")
+            raise DatasetError(f"data.backend=dali runs on cuda or cpu, not {spec.device.type}")
         # DALI has no bfloat16: fp16 out of the graph (half the bytes of fp32), cast on the device.
-        self.out_dtype = torch.float16 if dtype in (torch.float16, torch.bfloat16) else torch.float32
-        self.rank, self.seed = rank, seed
-        self.prefetch_queue_depth, self.hw_decoder_load = prefetch_queue_depth, hw_decoder_load
-        super().__init__(len(index.samples), batch_size, rank, world_size, train=train, seed=seed)
+        self.out_dtype = torch.float16 if spec.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        self.rank, self.seed = spec.rank, spec.seed
+        self.prefetch_queue_depth, self.hw_decoder_load = d.dali.prefetch_queue_depth, d.dali.hw_decoder_load
         self.known_bad: dict[int, str] = {}  # sample index -> reason, for the whole run
 
     # ------------------------------------------------------------------ file lists

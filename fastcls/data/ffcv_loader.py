@@ -26,62 +26,22 @@ distributed.
 
 Reproducibility: the sample ORDER is seeded by (train.seed, epoch) and identical to the
 native backend's. The CROP boxes and FLIPS are not: FFCV draws them with numba's
-unseeded per-thread `np.random` (upstream issue 392), so they differ from run to run.
+unseeded per-thread `np.random` (FFCV GitHub issue #392), so they differ from run to run.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from .base import MEAN, STD, LoaderBase
+from .base import LoaderBase, LoaderSpec, Normalizer
+from .beton import import_ffcv, read_meta
 from .folder import DatasetError
 from .sampler import ShardBatchSampler
-
-INSTALL = ("apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
-           "pip install 'fastcls[ffcv]'")
-ORDERS = ("random", "quasi_random")
-
-
-def import_ffcv():
-    """Import ffcv, keeping torch's thread count (`import ffcv` sets it to 1)."""
-    threads = torch.get_num_threads()
-    try:
-        import ffcv  # noqa: F401
-        import ffcv.fields.decoders  # noqa: F401
-        import ffcv.loader  # noqa: F401
-        import ffcv.transforms  # noqa: F401
-        return ffcv
-    except (ImportError, OSError) as e:  # OSError: a system library (libturbojpeg...) missing
-        raise DatasetError(f"data.backend=ffcv: ffcv cannot be imported ({e}); run: {INSTALL}") from None
-    finally:
-        torch.set_num_threads(threads)
-
-
-def read_meta(path: str, key: str) -> dict:
-    """The class list etc. that the converter wrote next to the .beton."""
-    from .convert import FORMAT, meta_path
-    p = Path(path)
-    if not p.is_file():
-        hint = (f"; convert the folder first: python -m fastcls.data.convert --to ffcv {path} "
-                f"{p.name or 'split'}.beton" if p.is_dir() else "")
-        raise DatasetError(f"{key}: data.backend=ffcv reads a .beton file, and {path!r} is "
-                           f"{'a directory' if p.is_dir() else 'not a file'}{hint}")
-    m = meta_path(p)
-    if not m.is_file():
-        raise DatasetError(f"{key}: {path!r} has no class list {m.name} next to it; write .beton "
-                           f"files with: python -m fastcls.data.convert --to ffcv SRC_DIR {p.name}")
-    try:
-        meta = json.loads(m.read_text())
-        assert meta.get("format") == FORMAT and isinstance(meta["classes"], list)
-    except (ValueError, AssertionError, KeyError):
-        raise DatasetError(f"{key}: {m} is not a fastcls FFCV metadata file ({FORMAT})") from None
-    return meta
 
 
 def _shard_order(sampler: ShardBatchSampler):
@@ -130,32 +90,30 @@ def _quasi_random_order():
 
 
 class FFCVLoader(LoaderBase):
-    """The data interface (DESIGN.md) over an FFCV `Loader` reading one `.beton`.
+    """The data interface (fastcls.data.base.Loader) over an FFCV `Loader` reading one `.beton`.
 
     Yields (images float N×3×H×W channels_last on `device`, ImageNet-normalized, `dtype`;
     labels int64 N on `device`). `set_epoch(epoch, start_step)` selects the epoch's order
     and where the next iteration starts."""
 
-    def __init__(self, path: str, *, key: str, train: bool, batch_size: int, image_size: int,
-                 val_resize: int, scale, ratio, hflip: float, workers: int, device: torch.device,
-                 dtype: torch.dtype, rank: int, world_size: int, seed: int, order: str = "random",
-                 os_cache: bool = True, batches_ahead: int = 3,
-                 classes: Optional[Sequence[str]] = None, verbose: bool = True):
+    def __init__(self, path: str, spec: LoaderSpec, verbose: bool = True):
+        d, key, train = spec.data, spec.key, spec.train
         meta = read_meta(path, key)
+        classes = None if train else spec.classes
         if classes is not None and list(classes) != meta["classes"]:
             missing = sorted(set(classes) - set(meta["classes"]))
             extra = sorted(set(meta["classes"]) - set(classes))
             raise DatasetError(f"{key}: classes of {path!r} differ from training's: "
                                f"missing {missing[:10]}, extra {extra[:10]}")
-        if order not in ORDERS:
-            raise DatasetError(f"data.ffcv.order: unknown {order!r}; valid: {', '.join(ORDERS)}")
-        if order == "quasi_random" and train and world_size > 1:
+        order = d.ffcv.order
+        if order == "quasi_random" and train and spec.world_size > 1:
             raise DatasetError("data.ffcv.order=quasi_random is single-process only (FFCV does "
                                "not implement it distributed); use data.ffcv.order=random")
         self.classes: list[str] = meta["classes"]
         self.empty_classes: list[str] = meta.get("empty_classes", [])
         self.skipped_at_conversion: list[str] = meta.get("skipped", [])
-        self.train, self.batch_size, self.device, self.dtype = train, batch_size, device, dtype
+        self.train, self.batch_size, self.device = train, spec.batch_size, spec.device
+        image_size, val_resize, hflip, device = d.image_size, d.val_resize, d.hflip, spec.device
         self._threads = torch.get_num_threads()
 
         import_ffcv()  # a clear error when missing; keeps torch.get_num_threads()
@@ -166,7 +124,7 @@ class FFCVLoader(LoaderBase):
 
         size = (image_size, image_size)
         if train:
-            image = [RandomResizedCropRGBImageDecoder(size, scale=tuple(scale), ratio=tuple(ratio))]
+            image = [RandomResizedCropRGBImageDecoder(size, scale=tuple(d.rrc.scale), ratio=tuple(d.rrc.ratio))]
             if hflip > 0:
                 image.append(RandomHorizontalFlip(hflip))
         else:
@@ -180,8 +138,8 @@ class FFCVLoader(LoaderBase):
 
         n = int(meta["num_samples"])
         # bad_files stays empty: the converter removed undecodable files
-        super().__init__(n, batch_size, rank, world_size, train=train, seed=seed)
-        self.dataset_size = n
+        super().__init__(n, spec)
+        self.normalize = Normalizer(device, spec.dtype)
         if order == "quasi_random" and train:
             self._order = None
             ffcv_order = _quasi_random_order()
@@ -189,10 +147,10 @@ class FFCVLoader(LoaderBase):
             self._order = _shard_order(self.sampler)
             ffcv_order = self._order
         try:
-            self.loader = Loader(path, batch_size=batch_size, num_workers=max(1, workers),
-                                 os_cache=os_cache, order=ffcv_order, distributed=False, seed=seed,
-                                 pipelines={"image": image, "label": label}, drop_last=train,
-                                 batches_ahead=batches_ahead)
+            self.loader = Loader(path, batch_size=spec.batch_size, num_workers=max(1, d.workers),
+                                 os_cache=d.ffcv.os_cache, order=ffcv_order, distributed=False,
+                                 seed=spec.seed, pipelines={"image": image, "label": label},
+                                 drop_last=train, batches_ahead=d.ffcv.batches_ahead)
         except DatasetError:
             raise
         except Exception as e:  # a truncated or foreign file surfaces as many error types
@@ -205,7 +163,7 @@ class FFCVLoader(LoaderBase):
                                f"its {Path(path).name}.json says {n}: re-convert it")
         if len(self.loader) != len(self.sampler):  # both implement the same last-batch rule
             raise AssertionError((len(self.loader), len(self.sampler)))
-        self._compile(verbose and rank == 0, "train" if train else "val")
+        self._compile(verbose and spec.rank == 0, spec.split)
 
     def _compile(self, verbose: bool, split: str) -> None:
         """Run one batch now so numba's JIT (seconds) happens here, not in the first epoch's
@@ -228,13 +186,6 @@ class FFCVLoader(LoaderBase):
             print(f"ffcv: {split} pipeline compiled in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
 
-    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N×3×H×W channels_last (FFCV's reused buffer) -> new normalized tensor."""
-        mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-        inv_std = 1.0 / torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-        x = images.float().sub_(mean).mul_(inv_std)  # .float() keeps channels_last
-        return x.to(self.dtype, memory_format=torch.channels_last)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         skip, self.sampler.start_step = self.sampler.start_step, 0
         skip_batches = 0
@@ -251,34 +202,21 @@ class FFCVLoader(LoaderBase):
                 if k < skip_batches:
                     continue
                 # labels: clone, FFCV reuses its output buffers (batches_ahead + 2 slots)
-                yield self._normalize(images), labels.to(torch.int64).clone()
+                yield self.normalize(images), labels.to(torch.int64).clone()  # normalize: a new tensor
         finally:
             it.close()
             if self._order is not None:
                 self._order.skip = 0
 
 
-def build_ffcv_loader(cfg, split: str, device: torch.device, *, batch_size: int, rank: int,
-                      world_size: int, dtype: torch.dtype, classes=None,
-                      path: Optional[str] = None) -> FFCVLoader:
-    """`build_loader` for data.backend=ffcv: data.train/data.val are .beton files; with
-    data.demo the demo folders are converted once into the cache (in a subprocess)."""
-    d = cfg.data
-    key = f"data.{split}"
-    if path is None:
-        if d.demo:
-            from .convert import ensure_beton
-            from .demo import cache_dir, ensure_demo_dataset
-            folder = ensure_demo_dataset()[0 if split == "train" else 1]
-            path = ensure_beton(folder, str(cache_dir() / "demo-v1-ffcv" / f"{split}.beton"))
-        else:
-            path = d.train if split == "train" else d.val
+def build_ffcv_loader(spec: LoaderSpec) -> FFCVLoader:
+    """`build_loader` for data.backend=ffcv: the split is a .beton file; a folder (the demo
+    dataset with data.demo) is converted once into the cache, in a subprocess."""
+    path = spec.path
     if not path:
-        raise DatasetError(f"{key}: no file given; set {key}=/path/to/{split}.beton")
-    f = d.ffcv
-    return FFCVLoader(path, key=key, train=split == "train", batch_size=batch_size,
-                      image_size=d.image_size, val_resize=d.val_resize, scale=d.rrc.scale,
-                      ratio=d.rrc.ratio, hflip=d.hflip, workers=d.workers, device=device,
-                      dtype=dtype, rank=rank, world_size=world_size, seed=cfg.train.seed,
-                      order=f.order, os_cache=f.os_cache, batches_ahead=f.batches_ahead,
-                      classes=classes if split != "train" else None)
+        raise DatasetError(f"{spec.key}: no file given; set {spec.key}=/path/to/{spec.split}.beton")
+    if spec.data.demo and Path(path).is_dir():
+        from .convert import ensure_beton
+        from .demo import cache_dir
+        path = ensure_beton(path, str(cache_dir() / "demo-v1-ffcv" / f"{Path(path).name}.beton"))
+    return FFCVLoader(path, spec)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import signal
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .base import MEAN, STD, LoaderBase
+from .base import LoaderBase, LoaderSpec, Normalizer, cuda_prefetch
 from .crop import center_crop_box, sample_rrc
 from .folder import DatasetError, FolderIndex
 
@@ -123,20 +123,16 @@ def _term_later(signum, frame) -> None:
     signal.alarm(_WORKER_TERM_GRACE_S)
 
 
-class Normalizer:
-    """uint8 N×H×W×3 (any device) -> normalized float N×3×H×W channels_last on `device`.
-
-    Permuting NHWC to NCHW *is* the channels_last layout, so no copy is made for it."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
-        self.mean = torch.tensor(MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1)
-        self.inv_std = (1.0 / torch.tensor(STD, device=device, dtype=torch.float32)).view(1, 3, 1, 1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = x.sub_(self.mean).mul_(self.inv_std)
-        return x.to(self.dtype, memory_format=torch.channels_last)
+def worker_loader(dataset: Dataset, sampler, collate, workers: int, timeout: float,
+                  pin_memory: bool = False) -> DataLoader:
+    """The DataLoader both native paths use: `workers` persistent processes (0: in the main
+    process), 4 batches each in flight, SLURM-safe signal handling, and `timeout` seconds
+    per batch so a hung filesystem is an error, not a hang."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=_worker_init if workers > 0 else None,
+                      timeout=timeout if workers > 0 else 0)
 
 
 def batches_with_timeout(it, timeout: float):
@@ -157,61 +153,31 @@ def batches_with_timeout(it, timeout: float):
 
 
 class NativeLoader(LoaderBase):
-    """The data interface (DESIGN.md) over a DataLoader of PIL workers."""
+    """The data interface (fastcls.data.base.Loader) over a DataLoader of PIL workers."""
 
-    def __init__(self, index: FolderIndex, *, train: bool, batch_size: int, image_size: int,
-                 val_resize: int, scale, ratio, hflip: float, workers: int, pin_memory: bool,
-                 max_bad_fraction: float, device: torch.device, dtype: torch.dtype,
-                 rank: int, world_size: int, seed: int, timeout: float = 0.0):
-        self.classes = index.classes
-        self.empty_classes = index.empty_classes
-        self.excluded = index.excluded
-        self.dataset_size = len(index.samples)
-        self.train, self.batch_size, self.device = train, batch_size, device
-        self.dataset = FolderDataset(index, train, image_size, val_resize, scale, ratio, hflip, seed)
-        super().__init__(len(index.samples), batch_size, rank, world_size, train=train, seed=seed)
-        self.loader = DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=workers,
-            collate_fn=collate_uint8, pin_memory=pin_memory and device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=_worker_init if workers > 0 else None,
-            timeout=timeout if workers > 0 else 0)  # a hung filesystem: an error, not a hang
-        self.timeout = timeout if workers > 0 else 0
-        self.normalize = Normalizer(device, dtype)
-        self.max_bad_fraction = max_bad_fraction
+    def __init__(self, index: FolderIndex, spec: LoaderSpec):
+        d = spec.data
+        super().__init__(len(index.samples), spec)
+        self.classes, self.empty_classes, self.excluded = index.classes, index.empty_classes, index.excluded
+        self.device = spec.device
+        self.dataset = FolderDataset(index, spec.train, d.image_size, d.val_resize, d.rrc.scale,
+                                     d.rrc.ratio, d.hflip, spec.seed)
+        self.loader = worker_loader(self.dataset, self.sampler, collate_uint8, d.workers, d.timeout,
+                                    pin_memory=d.pin_memory and spec.device.type == "cuda")
+        self.timeout = d.timeout if d.workers > 0 else 0
+        self.normalize = Normalizer(spec.device, spec.dtype)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.bad_files = []
+        batches = batches_with_timeout(iter(self.loader), self.timeout)
         if self.device.type == "cuda":
-            yield from self._iter_cuda()
+            yield from cuda_prefetch(batches, self._stage, self.device)
             return
-        for images, labels, errors in self._batches():
-            self._account(errors)
-            yield self.normalize(images), labels
+        for batch in batches:
+            yield self._stage(batch)
 
-    def _batches(self):
-        """The DataLoader's batches; its timeout becomes a DatasetError naming data.timeout."""
-        return batches_with_timeout(iter(self.loader), self.timeout)
-
-    def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Copy + normalize batch k+1 on a side stream while the model runs batch k."""
-        stream = torch.cuda.Stream(self.device)
-        it = self._batches()
-
-        def stage() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-            try:
-                images, labels, errors = next(it)
-            except StopIteration:
-                return None
-            self._account(errors)
-            with torch.cuda.stream(stream):
-                return self.normalize(images), labels.to(self.device, non_blocking=True)
-
-        nxt = stage()
-        while nxt is not None:
-            torch.cuda.current_stream().wait_stream(stream)
-            x, y = nxt
-            x.record_stream(torch.cuda.current_stream())
-            y.record_stream(torch.cuda.current_stream())
-            nxt = stage()
-            yield x, y
+    def _stage(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, errors = batch
+        self._account(errors)
+        # NHWC uint8 viewed as NCHW is the channels_last layout: no copy before the device
+        return self.normalize(images.permute(0, 3, 1, 2)), labels.to(self.device, non_blocking=True)

@@ -20,7 +20,7 @@ to the training loop, so they overlap its step. A file that does not decode is c
 `bad_files` (limit `data.max_bad_fraction`) and replaced by another sample in training,
 dropped in evaluation, as in the PIL path.
 
-Output contract (DESIGN.md): images `dtype` N×3×S×S channels_last on `device`, ImageNet
+Output contract (fastcls.data.base.Loader): images `dtype` N×3×S×S channels_last on `device`, ImageNet
 normalized; labels int64 on `device`.
 """
 from __future__ import annotations
@@ -31,17 +31,18 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..config import DECODERS
-from .base import MEAN, STD, LoaderBase
+from ..config import ANTIALIAS_MODES
+from .base import MEAN, STD, LoaderBase, LoaderSpec, cuda_prefetch
 from .crop import sample_rrc
 from .folder import DatasetError, FolderIndex
-from .native import _REPLACEMENT_TRIES, _worker_init, batches_with_timeout
+from .native import _REPLACEMENT_TRIES, batches_with_timeout, worker_loader
 
 # data.antialias -> the kernel's `antialias_above` (source/output scale above which the
 # bilinear filter widens like torchvision antialias=True).
 ANTIALIAS_ABOVE = {"on": 1.0, "auto": 2.0, "off": math.inf}
+assert set(ANTIALIAS_ABOVE) == set(ANTIALIAS_MODES)
 
 
 def jpeg_truncated(raw: bytes) -> bool:
@@ -75,8 +76,6 @@ def decode_one_cpu(data: torch.Tensor) -> torch.Tensor:
 
 def resolve_decoder(name: str) -> str:
     """data.decoder -> "nvimgcodec" | "torchvision" (auto: nvImageCodec when installed)."""
-    if name not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {name!r}")
     have = importlib.util.find_spec("nvidia") is not None and \
         importlib.util.find_spec("nvidia.nvimgcodec") is not None
     if name == "nvimgcodec" and not have:
@@ -212,36 +211,24 @@ def collate_bytes(batch):
 
 
 class BatchedNativeLoader(LoaderBase):
-    """The data interface (DESIGN.md): byte-reading workers + batched decode + one fused
-    crop/resize/normalize kernel per batch. Same boxes as the PIL path for the same seed."""
+    """The data interface (fastcls.data.base.Loader): byte-reading workers + batched decode
+    + one fused crop/resize/normalize kernel per batch. Same boxes as the PIL path for the
+    same seed."""
 
-    def __init__(self, index: FolderIndex, *, train: bool, batch_size: int, image_size: int,
-                 val_resize: int, scale, ratio, hflip: float, workers: int,
-                 max_bad_fraction: float, device: torch.device, dtype: torch.dtype,
-                 rank: int, world_size: int, seed: int, antialias: str = "auto",
-                 decoder: str = "auto", timeout: float = 0.0):
-        if antialias not in ANTIALIAS_ABOVE:
-            raise ValueError(f"antialias must be one of {list(ANTIALIAS_ABOVE)}, got {antialias!r}")
-        self.classes = index.classes
-        self.empty_classes = index.empty_classes
-        self.dataset_size = len(index.samples)
+    def __init__(self, index: FolderIndex, spec: LoaderSpec):
+        d = spec.data
+        super().__init__(len(index.samples), spec)
+        self.classes, self.empty_classes, self.excluded = index.classes, index.empty_classes, index.excluded
         self.samples = index.samples
-        self.train, self.batch_size, self.device, self.dtype = train, batch_size, device, dtype
-        self.size, self.val_resize = image_size, val_resize
-        self.scale, self.ratio, self.hflip, self.seed = tuple(scale), tuple(ratio), hflip, seed
-        self.antialias_above = ANTIALIAS_ABOVE[antialias]
-        self.decoder = resolve_decoder(decoder)  # "nvimgcodec" | "torchvision"
+        self.train, self.device, self.dtype = spec.train, spec.device, spec.dtype
+        self.size, self.val_resize = d.image_size, d.val_resize
+        self.scale, self.ratio, self.hflip, self.seed = tuple(d.rrc.scale), tuple(d.rrc.ratio), d.hflip, spec.seed
+        self.antialias_above = ANTIALIAS_ABOVE[d.antialias]
+        self.decoder = resolve_decoder(d.decoder)  # "nvimgcodec" | "torchvision"
         self._nv: Optional[NvImageCodecDecoder] = None  # created on first use, main process only
-        super().__init__(len(index.samples), batch_size, rank, world_size, train=train, seed=seed)
-        self.excluded = index.excluded
-        self.loader = DataLoader(
-            FileBytes(index, train, self.scale, self.ratio, hflip, seed),
-            batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_bytes,
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=_worker_init if workers > 0 else None,
-            timeout=timeout if workers > 0 else 0)  # a hung filesystem: an error, not a hang
-        self.timeout = timeout if workers > 0 else 0
-        self.max_bad_fraction = max_bad_fraction
+        self.loader = worker_loader(FileBytes(index, spec.train, self.scale, self.ratio, d.hflip, spec.seed),
+                                    self.sampler, collate_bytes, d.workers, d.timeout)
+        self.timeout = d.timeout if d.workers > 0 else 0
 
     # ------------------------------------------------------------------ one batch
 
@@ -316,37 +303,13 @@ class BatchedNativeLoader(LoaderBase):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.bad_files = []
+        batches = batches_with_timeout(iter(self.loader), self.timeout)
         if self.device.type == "cuda":
-            yield from self._iter_cuda()
+            # sync_side_stream: torchvision's CUDA decode_jpeg runs nvJPEG on a private stream
+            # without waiting for the caller's (pytorch/vision PR 9606), so the previous
+            # batch's kernel, still reading blocks the allocator may hand to the decoder, must
+            # be finished first (the training stream is not waited on).
+            yield from cuda_prefetch(batches, self._process, self.device, sync_side_stream=True)
             return
-        it = batches_with_timeout(iter(self.loader), self.timeout)
-        for batch in it:
+        for batch in batches:
             yield self._process(batch)
-
-    def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batch k+1 is decoded + cropped on a side stream while the model runs batch k:
-        it is staged after batch k was handed out, i.e. after its step was queued."""
-        stream = torch.cuda.Stream(self.device)
-        it = batches_with_timeout(iter(self.loader), self.timeout)
-
-        def stage() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return None
-            # Side-stream-only host sync (the training stream is not waited on): torchvision's
-            # CUDA decode_jpeg runs nvJPEG on a private stream without waiting for the caller's
-            # stream (pytorch/vision PR 9606), so the previous batch's kernel, still reading
-            # blocks the allocator may hand to the decoder, must be finished first.
-            stream.synchronize()
-            with torch.cuda.stream(stream):
-                return self._process(batch)
-
-        cur = stage()
-        while cur is not None:
-            torch.cuda.current_stream().wait_stream(stream)
-            x, y = cur
-            x.record_stream(torch.cuda.current_stream())
-            y.record_stream(torch.cuda.current_stream())
-            yield x, y
-            cur = stage()

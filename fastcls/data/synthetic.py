@@ -7,19 +7,29 @@ from __future__ import annotations
 
 import torch
 
+from .base import LoaderSpec
+
 
 class SyntheticLoader:
-    def __init__(self, *, num_images: int, batch_size: int, world_size: int, image_size: int,
-                 num_classes: int, device: torch.device, dtype: torch.dtype, seed: int,
-                 classes: list[str]):
-        self.classes = classes
-        self.dataset_size = num_images
-        self.batch_size = batch_size
-        self.steps = max(1, num_images // (batch_size * world_size))
-        g = torch.Generator(device=device).manual_seed(seed)
-        self.images = torch.randn(batch_size, 3, image_size, image_size, generator=g,
-                                  device=device).to(dtype, memory_format=torch.channels_last)
-        self.labels = torch.randint(0, num_classes, (batch_size,), generator=g, device=device)
+    """The data interface (fastcls.data.base.Loader) over one pre-made batch."""
+
+    excluded = 0
+
+    def __init__(self, spec: LoaderSpec):
+        d, n_cls = spec.data, spec.num_classes
+        self.classes = list(spec.classes) if spec.classes else [str(i) for i in range(n_cls)]
+        self.empty_classes: list[str] = []
+        # training: data.synthetic_images; evaluation: a tenth of it, at least a global batch
+        n = d.synthetic_images if spec.train else max(spec.batch_size * spec.world_size,
+                                                      d.synthetic_images // 10)
+        self.dataset_size = n
+        self.batch_size = spec.batch_size
+        self.steps = max(1, n // (spec.batch_size * spec.world_size))
+        g = torch.Generator(device=spec.device).manual_seed(spec.seed + spec.rank)
+        size = d.image_size
+        self.images = torch.randn(spec.batch_size, 3, size, size, generator=g, device=spec.device
+                                  ).to(spec.dtype, memory_format=torch.channels_last)
+        self.labels = torch.randint(0, n_cls, (spec.batch_size,), generator=g, device=spec.device)
         self.bad_files: list[str] = []
         self.start_step = 0
 

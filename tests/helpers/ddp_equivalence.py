@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc_per_node=2 tests/ddp_equivalence.py DATA OUT.json`.
+"""Run under `torchrun --nproc_per_node=2 tests/helpers/ddp_equivalence.py DATA OUT.json`.
 
 Trains 3 DDP steps over gloo with fastcls's sharded loader at per-rank batch B=2, then
 rank 0 checks that every rank holds the same weights and that they equal a single process

@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc_per_node=2 tests/preempt_agreement.py OUT.json`.
+"""Run under `torchrun --nproc_per_node=2 tests/helpers/preempt_agreement.py OUT.json`.
 
 Only rank 1 gets SIGUSR1 (sent to itself after its step 3); both ranks must still stop
 after the same step: the next multiple of check_every."""

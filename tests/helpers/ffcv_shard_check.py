@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc_per_node=2 tests/ffcv_shard_check.py TRAIN.beton OUT.json`.
+"""Run under `torchrun --nproc_per_node=2 tests/helpers/ffcv_shard_check.py TRAIN.beton OUT.json`.
 
 Each rank builds the ffcv train and val loaders for its rank, reads the sample index that
 every image encodes in its colour (see test_ffcv.index_folder), and the ranks all_gather

@@ -1,5 +1,5 @@
 """Irregular inputs for kernels/resized_crop.py, shared by the in-process reference tests
-and the Triton-interpreter check (tests/kernels_interp_check.py runs in a subprocess so
+and the Triton-interpreter check (tests/helpers/kernels_interp_check.py runs in a subprocess so
 that TRITON_INTERPRET=1 is set before triton decorates the kernel)."""
 from __future__ import annotations
 
