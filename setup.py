@@ -29,7 +29,8 @@ setup(
         "nvimgcodec-cu13": ["nvidia-nvimgcodec-cu13", "nvidia-nvjpeg"],
         # timm: reference for the mixup/cutmix tests; nvidia-nvimgcodec-cu12 (32 MB, no CUDA
         # needed) so CI tests its CPU-only decode path
-        "test": ["pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12"],
+        # scikit-image: real photographs (skimage.data) for the loader tests
+        "test": ["pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "scikit-image"],
         "all": ["nvidia-dali-cuda120", "ffcv==1.0.2", "numba>=0.59",
                 "pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
     },

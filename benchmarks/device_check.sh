@@ -8,18 +8,21 @@
 #   source .dali4/install.sh && bash benchmarks/device_check.sh   # ... with DALI
 #   OUT=/tmp/smoke bash benchmarks/device_check.sh --smoke       # same steps, tiny, on CPU
 #
-# Steps, in order, each under its own time limit (clipped to what is left of BUDGET_S, 360 s
-# by default); a step that fails or times out is recorded and the next one runs:
-#   env -> make_jpegs -> pytest -m gpu -> kernels.py (fused crop kernel vs per-image loop)
-#   -> loader.py 224px (every installed backend: native PIL workers, native batched, DALI,
-#   ffcv; PIL baseline) -> train.py ResNet-50 eager on native, ResNet-50 on DALI (when DALI
-#   imports; else recorded "absent", not failed), ResNet-18, ResNet-50 torch.compile (last:
-#   the slowest and least certain).
+# Steps, in order, each under its own time limit from PLAN below (the limits add up to at
+# most BUDGET_S = 540 s: one device call may run 600 s), measurements first so that a run cut
+# short still reports them; a step that fails or times out is recorded and the next one runs:
+#   env -> make_jpegs -> kernels.py (fused crop kernel vs per-image loop) -> loader.py 224px
+#   (every installed backend: native PIL workers, native batched, DALI, ffcv; PIL baseline)
+#   -> train.py ResNet-50 eager on native, ResNet-50 on DALI (when DALI imports; else
+#   recorded "absent", not failed), ResNet-18, ResNet-50 torch.compile -> pytest -m "gpu and
+#   not slow" (-v, a per-test timeout: the log keeps every result even if the step is cut)
+#   -> pytest -m "gpu and slow" (a cold compile, kill-and-resume) with what is left.
 # $OUT gets env.json, pytest_gpu.xml, kernels.json, loader_224.json, train_*.json, one .log
 # per step and summary.json (each step's exit code and seconds, the headline numbers); a
-# table is printed last. Environment: OUT (default bench_out/device), PYTHON (python3), BUDGET_S (360),
+# table is printed last. Environment: OUT (default bench_out/device), PYTHON (python3), BUDGET_S (540),
 # BENCH_DATA (JPEG folder, default /tmp/fastcls_bench_jpegs; reused when its manifest matches),
-# DRY_RUN=1 (print each step's command to stdout and $OUT/commands.txt instead of running it).
+# DRY_RUN=1 (print the plan (step, limit) and each step's command to stdout and
+# $OUT/commands.txt instead of running them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +34,13 @@ case "${1:-}" in
 esac
 OUT=${OUT:-bench_out/device}
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-360}
+BUDGET_S=${BUDGET_S:-540}
+# Step -> time limit (s), in running order; tests/test_benchmarks.py checks they fit BUDGET_S.
+PLAN=(env:20 make_jpegs:40 kernels:30 loader_224:75 train_resnet50_eager:50
+      train_resnet50_dali:50 train_resnet18_eager:35 train_resnet50_compiled:120
+      pytest_gpu:90 pytest_gpu_slow:30)
+# Many DataLoader workers x prefetched batches x file descriptors: lift the default 1024.
+ulimit -n "$(ulimit -Hn)" 2> /dev/null || ulimit -n 65536 2> /dev/null || true
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # the project is not installed there
@@ -72,10 +81,23 @@ START=$SECONDS
 # record NAME RC SECONDS: one line of steps.tsv (RC: exit code, "skipped" or "absent").
 record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$OUT/steps.tsv"; }
 
-# step NAME LIMIT_S CMD...: run CMD with stdout+stderr to $OUT/NAME.log under min(LIMIT_S, what
+# limit_of NAME: the step's limit in PLAN.
+limit_of() {
+  local entry
+  for entry in "${PLAN[@]}"; do [[ ${entry%%:*} == "$1" ]] && { echo "${entry#*:}"; return; }; done
+  echo "device_check.sh: step $1 is not in PLAN" >&2; exit 2
+}
+total=0
+for entry in "${PLAN[@]}"; do total=$(( total + ${entry#*:} )); done
+echo "plan: ${#PLAN[@]} steps, limits adding up to ${total}s of BUDGET_S=${BUDGET_S}s"
+for entry in "${PLAN[@]}"; do printf 'plan: %-26s %4ss\n' "${entry%%:*}" "${entry#*:}"; done
+
+# step NAME CMD...: run CMD with stdout+stderr to $OUT/NAME.log under min(its PLAN limit, what
 # is left of the budget); record "NAME rc seconds" in steps.tsv; show the log's last lines.
 step() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit
+  limit=$(limit_of "$name") || exit 2
+  shift
   local left=$(( BUDGET_S - (SECONDS - START) ))
   if (( left < 15 )); then
     record "$name" skipped 0
@@ -119,39 +141,44 @@ print(json.dumps(info["versions"]))
 EOF
 }
 
+# gpu_tests MARKS XML: the GPU tests, one result line each (-v: a step cut short keeps the
+# lines already written; the junit XML is written only at the end), 60 s per test at most.
 gpu_tests() {
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
+  local per_test=()
+  "$PY" -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout=60)  # when installed
+  "$PY" -m pytest -m "$1" -v -p no:cacheprovider "${per_test[@]}" --junitxml="$2" tests
   local rc=$?
-  (( rc == 5 )) && { echo "no test is marked gpu"; return 0; }  # 5 = nothing collected
+  (( rc == 5 )) && { echo "no test is marked $1"; return 0; }  # 5 = nothing collected
   return $rc
 }
 
 export -f env_info gpu_tests  # `timeout` runs programs: the functions run in a child bash
 export PY OUT
-step env 30 bash -c env_info
-step make_jpegs 60 "$PY" benchmarks/make_jpegs.py --out "$DATA" "${JPEGS[@]}"
-step pytest_gpu 120 bash -c gpu_tests
-step kernels 30 "$PY" benchmarks/kernels.py "${KERNELS[@]}" --out "$OUT/kernels.json"
-step loader_224 75 "$PY" benchmarks/loader.py --data "$DATA/train" "${LOADER[@]}" \
+step env bash -c env_info
+step make_jpegs "$PY" benchmarks/make_jpegs.py --out "$DATA" "${JPEGS[@]}"
+step kernels "$PY" benchmarks/kernels.py "${KERNELS[@]}" --out "$OUT/kernels.json"
+step loader_224 "$PY" benchmarks/loader.py --data "$DATA/train" "${LOADER[@]}" \
   --out "$OUT/loader_224.json"
-step train_resnet50_eager 60 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
+step train_resnet50_eager "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
   data.train="$DATA/train" "${DEV[@]}" "${R50[@]}" "${TIMING[@]}" \
   --out "$OUT/train_resnet50_eager.json"
 if [[ -n ${DRY_RUN:-} ]] || "$PY" -c "import nvidia.dali" 2> /dev/null; then
-  step train_resnet50_dali 60 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
+  step train_resnet50_dali "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
     data.backend=dali data.train="$DATA/train" "${DEV[@]}" "${R50[@]}" "${TIMING[@]}" \
     --out "$OUT/train_resnet50_dali.json"
 else  # not an error: the GPU machine has no DALI unless .dali4/install.sh was sourced
   record train_resnet50_dali absent 0
   echo "== train_resnet50_dali: absent (DALI does not import; source .dali4/install.sh first)"
 fi
-step train_resnet18_eager 45 "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
+step train_resnet18_eager "$PY" benchmarks/train.py pipelines/resnet50_bs256.yaml \
   model.name=resnet18 data.train="$DATA/train" "${DEV[@]}" "${R18[@]}" "${TIMING[@]}" \
   --out "$OUT/train_resnet18_eager.json"
-step train_resnet50_compiled 180 "${COMPILE_ENV[@]}" "$PY" benchmarks/train.py \
+step train_resnet50_compiled "${COMPILE_ENV[@]}" "$PY" benchmarks/train.py \
   pipelines/resnet50_bs256.yaml model.compile=true data.train="$DATA/train" "${DEV[@]}" \
   "${R50[@]}" "${TIMING[@]}" ${COMPILE_NOTE:+--note "$COMPILE_NOTE"} \
   --out "$OUT/train_resnet50_compiled.json"
+step pytest_gpu bash -c 'gpu_tests "gpu and not slow" "$OUT/pytest_gpu.xml"'
+step pytest_gpu_slow bash -c 'gpu_tests "gpu and slow" "$OUT/pytest_gpu_slow.xml"'
 
 "$PY" - "$OUT" "$(( SECONDS - START ))" "$SMOKE" <<'EOF'
 import json, sys

@@ -59,18 +59,26 @@ def resume_point(state: Optional[dict], global_batch: int, steps_per_epoch: int,
 
 
 def rng_state() -> dict:
-    """This process's RNG states as tensors and plain types (weights_only-loadable)."""
+    """This process's RNG states as tensors and plain types (weights_only-loadable). CUDA:
+    this process's device only (a rank uses one GPU; saving every visible GPU's state made
+    a resume with fewer visible GPUs fail)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "cuda": torch.cuda.get_rng_state(torch.cuda.current_device())
+            if torch.cuda.is_initialized() else None,
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "python": random.getstate()}
 
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state
+            dev = torch.cuda.current_device()
+            cuda = cuda[dev] if dev < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = s["python"]

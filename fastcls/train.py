@@ -139,10 +139,7 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     # Loader output dtype: the AMP dtype on GPU halves the bytes moved; fp32 on CPU.
     data_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else torch.float32
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP broadcasts anyway)
-    if cfg.train.deterministic:  # bitwise-reproducible kernels (slower on GPU)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    set_determinism(cfg.train.deterministic)
 
     # ------------------------------------------------------------------ data
     train_loader, val_loader, res = build_data(cfg, dist, log, data_dtype)
@@ -171,6 +168,7 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     frozen = pos.epoch < cfg.model.freeze_epochs and \
         finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, True) > 0
     eval_model = torch.compile(raw_model) if cfg.model.compile else raw_model
+    eval_pad = res.batch_size if cfg.model.compile else None  # one shape for the compiled graph
     fit_source = train_acc_source(cfg)
     clean_loader = clean_train_loader(cfg, dist, data_dtype, classes) if fit_source == "clean" else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -197,13 +195,14 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
                 raise ckpts.preempted(stop.requested, epoch, done, step, sums)
             val, is_best = None, False
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                val = evaluate(eval_model, val_loader, autocast, dist)
+                val = evaluate(eval_model, val_loader, autocast, dist, pad_to=eval_pad)
                 is_best = val["val_top1"] > ckpts.best_top1
                 ckpts.best_top1 = max(ckpts.best_top1, val["val_top1"])
             ckpts.save(epoch + 1, 0, step, is_best=is_best)  # every epoch (+ train.checkpoint_every)
             if val is not None:
                 record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
-                fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg, dist)
+                fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg,
+                                   dist, eval_pad)
                 record.update(fit.as_record() if fit is not None else {})
                 log.metrics(record, quiet=("fit_advice",))
                 if fit is not None:
@@ -217,6 +216,18 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     # writes was seen aborting ("terminate called without an active exception").
     barrier()
     return record
+
+
+def set_determinism(deterministic: bool) -> None:
+    """cuDNN autotuning (the fastest convolution algorithms per input shape, found in the
+    first steps) unless `train.deterministic` asks for bitwise-reproducible kernels."""
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:  # (slower on GPU)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        # Deterministic mode would also fill every new tensor with NaN: a fill queued on the
+        # side stream races nvJPEG writing the same (decoder output) buffers.
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def build_data(cfg: Config, dist: DistInfo, log: RunLog, dtype: torch.dtype):
@@ -293,7 +304,9 @@ def wrap_for_training(raw_model, cfg: Config, dist: DistInfo):
     model = raw_model
     if dist.distributed:
         device = dist.device
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy, less memory)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
     if cfg.model.compile:
         model = torch.compile(model)
     return model
@@ -307,13 +320,13 @@ def clean_train_loader(cfg: Config, dist: DistInfo, dtype, classes):
 
 
 def diagnose_fit(source: str, stats: dict, val: dict, eval_model, clean_loader, autocast,
-                 cfg: Config, dist: DistInfo):
+                 cfg: Config, dist: DistInfo, pad_to: Optional[int] = None):
     """The guide §8 (fastcls/diagnose.py, docs/recipes.md): the verdict from this epoch's
     running train accuracy, or from a clean pass over the training images; None when off."""
     if source == "off":
         return None
     train_top1 = stats["train_top1"] if source == "running" else \
-        evaluate(eval_model, clean_loader, autocast, dist)["val_top1"]
+        evaluate(eval_model, clean_loader, autocast, dist, pad_to)["val_top1"]
     return diagnose(train_top1, val["val_top1"], cfg, source)
 
 
@@ -413,6 +426,8 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_s
     if bad:  # counted over all ranks; names from rank 0 (which alone logs)
         ctx.log.warn(f"epoch {epoch + 1}: {int(bad)} undecodable files skipped (replaced by other "
                      f"samples) on {dist.world_size} rank(s); rank 0's: {loader.bad_files[:5]}")
+    for line in loader.epoch_warnings():  # rank 0's, once per epoch
+        ctx.log.warn(f"epoch {epoch + 1}: {line}")
     return {"train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1),
             "img_per_s": images_seen * dist.world_size / elapsed,
             "data_stall": 100.0 * wait / elapsed, "epoch_steps": done,
@@ -420,15 +435,22 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_s
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, dist: DistInfo) -> dict:
-    """Top-1/top-5 and loss over the whole val set; each image counted once across ranks."""
+def evaluate(model, loader, autocast, dist: DistInfo, pad_to: Optional[int] = None) -> dict:
+    """Top-1/top-5 and loss over the whole val set; each image counted once across ranks.
+    `pad_to` (a compiled model): smaller batches (the last one) are padded to this size with
+    zeros and the padding's logits dropped, so the compiled graph sees one shape and does not
+    recompile (BatchNorm in eval mode treats every image alone: the padding changes nothing)."""
     model.eval()
     sums = torch.zeros(4, device=dist.device, dtype=torch.float64)  # loss, top1, top5, n
     for images, labels in loader:
-        if images.shape[0] == 0:  # every image of this batch failed to decode
+        n = images.shape[0]
+        if n == 0:  # every image of this batch failed to decode
             continue
+        if pad_to is not None and n < pad_to:
+            pad = images.new_zeros((pad_to - n, *images.shape[1:]))
+            images = torch.cat([images, pad]).contiguous(memory_format=torch.channels_last)
         with autocast():
-            logits = model(images)
+            logits = model(images)[:n]
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         sums[0] += loss.double()
         sums[1:3] += topk_correct(logits, labels, (1, 5)).double()

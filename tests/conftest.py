@@ -142,3 +142,76 @@ def run_env(cache: Path | None = None) -> dict:
 
 
 PY = sys.executable
+
+
+def _png16_rgb(path: Path, arr: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one): IHDR bit depth 16, colour type 2."""
+    import struct
+    import zlib
+    h, w, _ = arr.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+ZOO_BAD = ["gif.jpg", "html.jpeg", "text.jpg", "trunc.jpg", "zero.jpg"]
+ZOO_GOOD = ["cmyk.jpg", "gray.jpg", "gray16.png", "plain.jpg", "png_named.jpg", "progressive.jpg",
+            "rgb16.png", "rgba.png", "tiny.jpg"]
+
+
+def zoo_folder(root: Path) -> Path:
+    """root/a/: the broken-file zoo in one class folder. Undecodable (ZOO_BAD): an HTML error
+    page saved as .jpeg, text, zero bytes, a truncated JPEG, a GIF named .jpg (a format not
+    every decoder reads). Decodable (ZOO_GOOD): plain, CMYK, grayscale and progressive
+    JPEGs, a PNG named .jpg, 16-bit grayscale and 16-bit RGB PNGs, an RGBA PNG, a 1x1 JPEG."""
+    rng = np.random.default_rng(5)
+    d = root / "a"
+    d.mkdir(parents=True)
+    smooth = lambda h, w: (np.add.outer(np.arange(h) * 3, np.arange(w) * 2) % 256).astype(np.uint8)  # noqa: E731
+    img = Image.fromarray(np.stack([smooth(50, 70), smooth(50, 70)[::-1], 255 - smooth(50, 70)], -1))
+    img.save(d / "plain.jpg", quality=95)
+    img.save(d / "progressive.jpg", quality=95, progressive=True)
+    img.convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    img.convert("L").save(d / "gray.jpg", quality=95)
+    img.save(d / "png_named.jpg", format="PNG")
+    img.convert("RGBA").save(d / "rgba.png")
+    Image.fromarray(smooth(50, 70).astype(np.uint16) * 257).save(d / "gray16.png")
+    _png16_rgb(d / "rgb16.png", np.asarray(img).astype(np.uint16) * 257)
+    write_image(d / "tiny.jpg", rng, size=(1, 1))
+    img.save(d / "gif.jpg", format="GIF")
+    (d / "html.jpeg").write_text("<!DOCTYPE html><html><head><title>404 Not Found</title></head>"
+                                 "<body><h1>Not Found</h1></body></html>\n")
+    (d / "text.jpg").write_text("not an image")
+    (d / "zero.jpg").write_bytes(b"")
+    good = (d / "plain.jpg").read_bytes()
+    (d / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    return root
+
+
+def zoo_reference(root: Path, size: int, resize: int) -> dict[str, np.ndarray]:
+    """name -> the PIL path's validation crop (uint8 size x size x 3) of each ZOO_GOOD file."""
+    from fastcls.data.native import decode_val
+    return {n: decode_val(str(root / "a" / n), size, resize) for n in ZOO_GOOD}
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "rocket")
+
+
+def photo_folder(root: Path, per_class: int = 20, seed: int = 0) -> Path:
+    """root/<photo>/NNN.jpg: random crops (100-300 px, quality 90) of scikit-image's sample
+    photographs, one class per photograph: real JPEG statistics, generated offline."""
+    import skimage.data
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS:
+        arr = getattr(skimage.data, name)()
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = (int(rng.integers(100, min(300, s) + 1)) for s in arr.shape[:2])
+            y, x = int(rng.integers(0, arr.shape[0] - h + 1)), int(rng.integers(0, arr.shape[1] - w + 1))
+            Image.fromarray(arr[y:y + h, x:x + w]).save(d / f"{i:03d}.jpg", quality=90)
+    return root

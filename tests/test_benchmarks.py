@@ -184,6 +184,9 @@ def test_train_benchmark_measures_stall():
         def set_epoch(self, e):
             pass
 
+        def epoch_warnings(self):
+            return []
+
         def __iter__(self):
             for _ in range(3):
                 time.sleep(SLEEP)
@@ -253,8 +256,9 @@ def test_table_check_detects_drift(tmp_path):
 
 # --------------------------------------------------------------------------- device_check.sh
 
-STEPS = ["env", "make_jpegs", "pytest_gpu", "kernels", "loader_224", "train_resnet50_eager",
-         "train_resnet50_dali", "train_resnet18_eager", "train_resnet50_compiled"]
+STEPS = ["env", "make_jpegs", "kernels", "loader_224", "train_resnet50_eager",
+         "train_resnet50_dali", "train_resnet18_eager", "train_resnet50_compiled", "pytest_gpu",
+         "pytest_gpu_slow"]
 
 
 def test_device_check_smoke(tmp_path):
@@ -328,6 +332,14 @@ def test_device_check_full_commands_are_valid(tmp_path):
             seen_models.add((cfg.model.name, cfg.data.global_batch_size, cfg.model.compile))
             assert argv[argv.index("--out") + 1] == str(out / f"{name}.json")
     assert seen_models == {("resnet50", 256, False), ("resnet18", 512, False), ("resnet50", 256, True)}
+    # The plan: every step with its limit, in running order, fitting one 600 s device call.
+    plan = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("plan: ")
+            and not line.startswith("plan: 10 steps")]
+    assert [name for name, _ in plan] == STEPS
+    limits = {name: int(limit.rstrip("s")) for name, limit in plan}
+    assert sum(limits.values()) <= 540, limits
+    assert list(limits)[:2] == ["env", "make_jpegs"] and list(limits)[-2:] == ["pytest_gpu", "pytest_gpu_slow"]
+    assert shlex.split(cmds["pytest_gpu"])[2] == 'gpu_tests "gpu and not slow" "$OUT/pytest_gpu.xml"'
 
 
 def test_table_reads_results_of_the_older_loader_json():

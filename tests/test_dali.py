@@ -15,13 +15,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import (BAD_NAMES, CPU, FOLDER_LABELS, PY, ROOT, bad_folder, bad_names,
-                      check_contract, loader_cfg, run_env, unnormalize)
+                      check_contract, loader_cfg, photo_folder, run_env, unnormalize)
 from fastcls.config import load_config
 from fastcls.data import DatasetError, build_loader
 from fastcls.data.sampler import ShardBatchSampler
 
 pytest.importorskip("nvidia.dali", reason="DALI not installed: pip install 'fastcls[dali]'")
-from fastcls.data.dali import build_pipeline  # noqa: E402
+from fastcls.data.dali import DaliSource, build_pipeline  # noqa: E402
 
 
 
@@ -182,9 +182,11 @@ def _measure_crops(tmp_path, n, scale, ratio, hflip=0.0, W=240, H=180, S=48, see
     path = tmp_path / "ramp.png"
     Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)).save(path)
     bs = 250
-    pipe = build_pipeline([str(path)] * bs, [0] * bs, train=True, batch_size=bs, image_size=S,
-                          val_resize=S, scale=scale, ratio=ratio, hflip=hflip, num_threads=2,
-                          device_id=None, seed=seed, normalize=False)
+    source = DaliSource([(str(path), 0)] * n, train=True, batch_size=bs, rank=0, world_size=1,
+                        seed=seed, scale=scale, ratio=ratio, hflip=hflip, image_size=S,
+                        val_resize=S, base_epoch=0, first_step=0, known_bad={})
+    pipe = build_pipeline(source, batch_size=bs, num_threads=2, device_id=None, seed=seed,
+                          py_workers=2, normalize=False)
     out = np.concatenate([np.array(pipe.run()[0].as_tensor()) for _ in range(n // bs)])
     out = out.astype(np.float64)
     i = np.arange(S) + 0.5  # output pixel centres
@@ -336,16 +338,17 @@ def test_config_keys():
 
 @pytest.mark.parametrize("train", [True, False])
 def test_dali_gpu_graph_defines_without_cuda(train):
-    """The GPU graph (decoders on "mixed", hw_decoder_load, paddings, fp16, labels on the GPU)
+    """The GPU graph (decoders on "mixed", hw_decoder_load, paddings, fp16, images on the GPU)
     is defined here: DALI checks every op's arguments and device placement at definition, so
     a wrong name or a CPU op fed a GPU tensor fails on this CPU machine too."""
-    pipe = build_pipeline(["x.jpg"] * 2, [0, 1], train=train, batch_size=2, image_size=32,
-                          val_resize=36, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip=0.5,
-                          num_threads=2, device_id=0, seed=1, hw_decoder_load=0.65,
-                          out_fp16=True, build=False)
+    source = DaliSource([("x.jpg", 0), ("y.jpg", 1)], train=train, batch_size=2, rank=0,
+                        world_size=1, seed=1, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip=0.5,
+                        image_size=32, val_resize=36, base_epoch=0, first_step=0, known_bad={})
+    pipe = build_pipeline(source, batch_size=2, num_threads=2, device_id=0, seed=1, py_workers=2,
+                          hw_decoder_load=0.65, out_fp16=True, build=False)
     outs = getattr(pipe, "_graph_outputs", None)  # private; checked when this DALI has it
     if outs is not None:
-        assert [o.device for o in outs] == ["gpu", "gpu"]
+        assert [o.device for o in outs] == ["gpu", "cpu", "cpu", "cpu"]
 
 
 @pytest.mark.gpu
@@ -372,3 +375,110 @@ def test_dali_cuda_bad_file_named(tmp_path):
                           torch.device("cuda"))
     (x, _), = list(loader)
     assert x.shape[0] == 23 and bad_names(loader.bad_files) == BAD_NAMES
+
+
+# ---------------------------------------------------------------- one pipeline, exact crops, no crash
+
+def test_dali_builds_one_pipeline_per_loader(tmp_path):
+    """3 epochs of training and 3 evaluations: one build each (a build preallocates GBs of
+    device and pinned memory on a GPU); a seek (resume) builds at that step."""
+    root = id_folder(tmp_path / "d", n=24)
+    cfg = make_cfg(root, root)
+    train = build_loader(cfg, "train", CPU)
+    val = build_loader(cfg, "val", CPU, classes=["a", "b", "c"])
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        assert len(list(train)) == len(train) == 6
+        assert torch.cat([y for _, y in val]).shape == (24,)
+    assert train.builds == 1 and val.builds == 1
+    train.set_epoch(3, start_step=2)
+    assert len(list(train)) == 4 and train.builds == 2
+    train.set_epoch(4)  # follows the epoch just finished: the same pipeline again
+    assert len(list(train)) == 6 and train.builds == 2
+
+
+def test_dali_mid_epoch_seek_repeats_the_crops_bitwise(tmp_path):
+    """The windows and flips come from (seed, epoch, index): a resumed epoch's batches equal
+    the uninterrupted epoch's, pixel for pixel."""
+    root = photo_folder(tmp_path / "p", per_class=4)
+    loader = build_loader(make_cfg(root, hflip=0.5), "train", CPU)
+    loader.set_epoch(1)
+    full = [x for x, _ in loader]
+    fresh = build_loader(make_cfg(root, hflip=0.5), "train", CPU)  # a new process would
+    fresh.set_epoch(1, start_step=3)
+    tail = [x for x, _ in fresh]
+    assert len(tail) == len(full) - 3
+    for a, b in zip(full[3:], tail):
+        assert torch.equal(a, b)
+
+
+def test_dali_crops_are_the_native_backends_crops(tmp_path):
+    """Each training window DALI decodes is the box sample_rrc draws for that sample in the
+    native backends (same seed, epoch, index): read back from coordinate-coded images."""
+    from fastcls.data.crop import sample_rrc
+    W, H, S = 240, 180, 48
+    yy, xx = np.mgrid[0:H, 0:W]
+    (tmp_path / "a").mkdir()
+    for k in range(8):
+        Image.fromarray(np.stack([xx, yy, np.full_like(xx, 30 * k)], -1).astype(np.uint8)).save(
+            tmp_path / "a" / f"{k}.png")
+    cfg = make_cfg(tmp_path, image_size=S, val_resize=S, batch_size=8, hflip=0.5)
+    loader = build_loader(cfg, "train", CPU)
+    loader.set_epoch(5)
+    (x, _), = list(loader)
+    pix = unnormalize(x).numpy().astype(np.float64)           # N×3×S×S
+    i = np.arange(S) + 0.5
+    mid = slice(S // 4, 3 * S // 4)
+    ref = ShardBatchSampler(8, 8, 0, 1, train=True, seed=0)
+    ref.set_epoch(5)
+    for row, idx in enumerate(ref.indices().tolist()):
+        assert abs(pix[row, 2].mean() - 30 * idx) < 2            # blue identifies the file
+        rng = np.random.default_rng((0, 5, idx))
+        top, left, h, w = sample_rrc(W, H, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        flip = rng.random() < 0.5
+        sx, x0 = np.polyfit(i[mid], pix[row, 0].mean(0)[mid], 1)  # red = source x
+        sy, y0 = np.polyfit(i[mid], pix[row, 1].mean(1)[mid], 1)  # green = source y
+        assert (sx < 0) == flip
+        assert abs(abs(sx) * S - w) < 2 and abs(sy * S - h) < 2
+        assert abs(y0 - top) < 1.5 and abs((x0 + sx * S if flip else x0) - left) < 1.5
+
+
+def test_dali_spawned_workers_run_the_source(tmp_path):
+    """On a GPU the Python workers must be spawned (DALI refuses to fork once CUDA is up):
+    the source is pickled into them, which this checks on the CPU."""
+    root = id_folder(tmp_path / "d", n=8)
+    from fastcls.data import folder
+    idx = folder.scan_folder(str(root))
+    source = DaliSource(idx.samples, train=True, batch_size=4, rank=0, world_size=1, seed=0,
+                        scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip=0.5, image_size=32,
+                        val_resize=32, base_epoch=0, first_step=0, known_bad={})
+    pipe = build_pipeline(source, batch_size=4, num_threads=1, device_id=None, seed=0,
+                          py_workers=1, py_start_method="spawn")
+    images, labels, keep, bad = pipe.run()
+    assert np.array(images.as_tensor()).shape == (4, 32, 32, 3)
+    assert np.array(keep.as_tensor()).all()
+
+
+@pytest.mark.timeout(300)
+def test_dali_html_page_among_real_photos_is_counted_not_a_crash(tmp_path):
+    """An HTML error page saved as x.jpeg among real JPEGs, at batch 64 (this crashed the
+    process with SIGSEGV inside pipe.run() before files were screened): counted, named."""
+    root = photo_folder(tmp_path / "p", per_class=40)  # 240 photos
+    (root / "chelsea" / "x.jpeg").write_text("<!DOCTYPE html><html><body>403 Forbidden</body></html>")
+    script = (
+        "import sys, torch\n"
+        "from fastcls.config import config_from_dict\n"
+        "from fastcls.data import build_loader\n"
+        f"cfg = config_from_dict({{'model': {{'name': 'resnet_tiny', 'num_classes': 6}}, 'data': {{"
+        f"'backend': 'dali', 'train': {str(root)!r}, 'val': {str(root)!r}, 'batch_size': 64, "
+        f"'image_size': 64, 'val_resize': 72, 'workers': 2}}}})\n"
+        "loader = build_loader(cfg, 'train', torch.device('cpu'))\n"
+        "for e in range(2):\n"
+        "    loader.set_epoch(e)\n"
+        "    n = sum(x.shape[0] for x, _ in loader)\n"
+        "    print('epoch', e, n, loader.bad_files)\n"
+        "val = build_loader(cfg, 'val', torch.device('cpu'), classes=loader.classes)\n"
+        "print('val', sum(x.shape[0] for x, _ in val), len(val.bad_files))\n")
+    proc = subprocess.run([PY, "-c", script], env=run_env(), capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "val 240 1" in proc.stdout and "not an image file" in proc.stdout

@@ -203,6 +203,18 @@ def test_ffcv_contract(folder_beton, nojit):
         build_loader(cfg, "val", CPU, classes=["a", "b", "x"])
 
 
+def test_ffcv_normalization_makes_no_per_batch_host_tensors(folder_beton, nojit, monkeypatch):
+    """Mean and std live on the device from the loader's start: a torch.tensor(MEAN,
+    device=...) per batch was two blocking host-to-device copies per step on a GPU."""
+    _, beton = folder_beton
+    loader = build_loader(make_cfg(beton, workers=1), "train", CPU)
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    assert len(list(loader)) == len(loader)
+    assert made == []
+
+
 def test_val_matches_torchvision_resize_center_crop(tmp_path, nojit):
     """CenterCropRGBImageDecoder(ratio=image_size/val_resize) = Resize(val_resize) +
     CenterCrop(image_size), on a smooth image stored raw (interpolations differ slightly)."""

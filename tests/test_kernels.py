@@ -191,3 +191,51 @@ def test_kernels_import_from_a_fresh_clone(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str((clone / "kernels" / "resized_crop.py").resolve())
+
+
+# ---------------------------------------------------------------- ahead-of-time GPU compile (no GPU)
+
+_OUT_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def _ptxas_report(cc: int, dtype: torch.dtype) -> str:
+    """Compile the crop kernel for sm_<cc> ahead of time (Triton's own ptxas; no GPU, no
+    driver) and return ptxas's resource report for it."""
+    import re
+    import tempfile
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastcls.kernels.resized_crop import _resized_crop_kernel
+    sig = {"src": "*u8", "geom": "*i64", "box": "*fp32", "flip": "*u8", "out": _OUT_TYPES[dtype],
+           "H_OUT": "i32", "W_OUT": "i32", "antialias_above": "fp32", "m0": "fp32", "m1": "fp32",
+           "m2": "fp32", "r0": "fp32", "r1": "fp32", "r2": "fp32", "BLOCK": "constexpr"}
+    k = triton.compile(ASTSource(fn=_resized_crop_kernel, signature=sig, constexprs={"BLOCK": 256}),
+                       target=GPUTarget("cuda", cc, 32))
+    ptx = k.asm["ptx"]
+    assert re.search(rf"\.target sm_{cc}", ptx), "compiled for another target"
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+        r = subprocess.run([str(ptxas), "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stderr
+
+
+@pytest.mark.parametrize("dtype", list(_OUT_TYPES), ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("cc", [80, 90], ids=["sm80", "sm90"])
+def test_kernel_compiles_ahead_of_time_without_spills(cc, dtype):
+    """The Triton kernel compiles for A100 (sm80) and H100/H200 (sm90) and each output dtype,
+    here without a GPU; spilled registers would go to local memory in the inner loops.
+    `pytest -k sm90` selects the H100/H200 ones."""
+    import re
+    report = _ptxas_report(cc, dtype)
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and spills.groups() == ("0", "0"), report
+    assert 0 < regs <= 255, report  # the per-thread hardware limit
+    print(f"sm{cc} {dtype}: {regs} registers, no spills")

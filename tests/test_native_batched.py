@@ -160,7 +160,7 @@ def test_grayscale_cmyk_png_tiny_decode_as_rgb(tmp_path, decoder):
 def test_truncation_check_keeps_valid_jpegs(tmp_path):
     """Truncated JPEGs are caught before decode (GPU decoders may not refuse them); valid
     baseline/progressive JPEGs, with or without bytes after the end marker, pass."""
-    from fastcls.data.native_batched import jpeg_truncated
+    from fastcls.data.screen import jpeg_truncated
     arr = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
     for progressive in (False, True):
         Image.fromarray(arr).save(tmp_path / "x.jpg", quality=90, progressive=progressive)
@@ -254,3 +254,148 @@ def test_cuda_bad_and_odd_files(tmp_path, decoder):
     dev = torch.device("cuda")
     val = build_loader(make_cfg(root, root, max_bad_fraction=0.5, decoder=decoder), "val", dev, classes=["a", "b"])
     assert sum(y.shape[0] for _, y in val) == 23 and len(val.bad_files) == 3
+
+
+# ---------------------------------------------------------------- one buffer per batch, staging thread
+
+FD_SCRIPT = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+import torch
+from fastcls.config import config_from_dict
+from fastcls.data.base import LoaderSpec
+from fastcls.data.folder import scan_folder, FolderIndex
+from fastcls.data.native_batched import BatchedNativeLoader
+root = sys.argv[1]
+idx = scan_folder(root)
+idx = FolderIndex(idx.root, idx.classes, idx.samples * 50, [])  # 3,200 samples
+data = config_from_dict({"model": {"name": "resnet_tiny"}, "data": {
+    "batch_size": 256, "image_size": 8, "workers": 2, "native_decode": "batched",
+    "decoder": "torchvision"}}).data
+spec = LoaderSpec(split="train", path=root, data=data, batch_size=256, device=torch.device("cpu"),
+                  dtype=torch.float32, rank=0, world_size=1, seed=0, num_classes=1)
+loader = BatchedNativeLoader(idx, spec)
+n = 0
+for x, y in loader:
+    assert x.shape == (256, 3, 8, 8)
+    n += 1
+print("batches", n, "of", len(loader))
+"""
+
+
+def test_batches_cross_from_workers_in_one_buffer_under_ulimit_1024(tmp_path):
+    """Batch 256, 2 workers, 12 batches under RLIMIT_NOFILE 1024: a tensor per image (each
+    through its own file descriptor) failed here with 'Too many open files'."""
+    import subprocess
+    from conftest import PY, run_env
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        write_image(tmp_path / "d" / "a" / f"{i:02d}.jpg", rng, size=(24, 20))
+    proc = subprocess.run([PY, "-c", FD_SCRIPT, str(tmp_path / "d")], env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batches 12 of 12" in proc.stdout
+
+
+def test_staging_thread_runs_ahead_of_a_slow_consumer():
+    import time
+    from fastcls.data.base import staged
+    staged_at = []
+
+    def stage(i):
+        staged_at.append(i)
+        return torch.full((1,), float(i)), torch.zeros(1)
+
+    seen = []
+    for x, _ in staged(iter(range(6)), stage, CPU, depth=2):
+        time.sleep(0.2)  # the consumer (the training step) is slower than staging
+        seen.append((int(x), max(staged_at)))
+    assert [s for s, _ in seen] == list(range(6))  # in order, each once
+    assert all(ahead >= min(i + 2, 5) for i, ahead in seen)  # two batches ready ahead
+
+
+def _stage_threads():
+    import threading
+    return [t for t in threading.enumerate() if t.name == "fastcls-stage"]
+
+
+def test_staging_thread_raises_in_order_and_stops():
+    from fastcls.data.base import staged
+
+    def stage(i):
+        if i == 3:
+            raise DatasetError("bad batch 3")
+        return torch.zeros(1), torch.zeros(1)
+
+    got = []
+    with pytest.raises(DatasetError, match="bad batch 3"):
+        for x, _ in staged(iter(range(10)), stage, CPU):
+            got.append(x)
+    assert len(got) == 3 and _stage_threads() == []
+
+
+def test_staging_thread_stops_on_early_exit():
+    """A preemption break (or a consumer error) closes the generator: the thread stops after
+    its batch in hand, is joined, and the source is not drained."""
+    from fastcls.data.base import staged
+    pulled = []
+
+    def source():
+        for i in range(1000):
+            pulled.append(i)
+            yield i
+
+    gen = staged(source(), lambda i: (torch.zeros(1), torch.zeros(1)), CPU, depth=2)
+    next(gen)
+    next(gen)
+    gen.close()
+    assert _stage_threads() == [] and len(pulled) <= 2 + 2 + 2  # taken, queued, in hand
+
+
+@DECODER
+def test_batched_loader_early_exit_leaves_no_thread_or_worker(tmp_path, decoder):
+    import gc
+    import multiprocessing
+    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=(10, 10))
+    loader = build_loader(make_cfg(root, workers=2, batch_size=2, decoder=decoder), "train", CPU)
+    it = iter(loader)
+    next(it)
+    it.close()  # what the trainer's preemption break does to the epoch's iterator
+    assert _stage_threads() == []
+    x, _ = next(iter(loader))  # the persistent workers serve the next epoch
+    assert x.shape == (2, 3, 32, 32)
+    del loader, it
+    gc.collect()
+    deadline = __import__("time").time() + 30
+    while multiprocessing.active_children() and __import__("time").time() < deadline:
+        __import__("time").sleep(0.1)
+    assert multiprocessing.active_children() == []
+
+
+@DECODER
+def test_decoder_fallbacks_are_counted_and_reported_once_per_epoch(tmp_path, decoder):
+    """Files the batch decoder does not read (PNGs through decode_jpeg, a GIF-free zoo here)
+    are decoded one by one and counted; the loader reports one line per epoch."""
+    root = smooth_folder(tmp_path / "png", n=3, fmt="PNG")
+    loader = build_loader(make_cfg(root, batch_size=2, decoder=decoder), "train", CPU)
+    list(loader)
+    lines = loader.epoch_warnings()
+    if decoder == "torchvision":
+        assert len(lines) == 1 and lines[0].startswith(f"{loader.num_images} of {loader.num_images} images")
+        assert "not a JPEG" in lines[0]
+    else:  # nvImageCodec reads PNG in its batch call
+        assert lines == []
+    jpgs = build_loader(make_cfg(make_folder(tmp_path / "j"), batch_size=2, decoder=decoder), "train", CPU)
+    list(jpgs)
+    assert jpgs.epoch_warnings() == []
+
+
+def test_trainer_warns_about_decoder_fallbacks_once_per_epoch(tmp_path, capsys):
+    root = smooth_folder(tmp_path / "png", n=4, fmt="PNG")
+    rc = main(["pipelines/demo.yaml", f"data.train={root}", f"data.val={root}", "model.num_classes=2",
+               "data.native_decode=batched", "data.decoder=torchvision", "data.batch_size=4",
+               "data.image_size=32", "data.val_resize=32", "data.workers=0", "train.epochs=2",
+               "train.progress=false", "train.amp=off", f"train.out_dir={tmp_path / 'run'}"])
+    assert rc == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "batch call" in ln]
+    assert len(lines) == 2 and "epoch 1: 8 of 8 images" in lines[0] and "epoch 2:" in lines[1]

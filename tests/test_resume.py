@@ -133,7 +133,7 @@ def _train(args, env, **kw):
                           text=True, timeout=300, **kw)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.slow])])
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, device):
     """A run killed with SIGKILL right after a mid-epoch checkpoint and resumed with
     train.resume=auto ends with exactly the weights, optimizer state and metrics of an
@@ -252,3 +252,27 @@ def test_mid_epoch_resume_at_another_global_batch_maps_the_position(tmp_path, ca
     assert "global batch 4, now 8: continuing at step 2 of the epoch" in out.err
     assert "epoch 1, step 2 of it, global step 2" in out.out
     assert ckpt.load(tmp_path / "b" / "last.pt")["step"] == 3
+
+
+def test_rng_state_holds_this_process_device_only():
+    from fastcls.resume import rng_state, set_rng_state
+    s = rng_state()
+    if not torch.cuda.is_initialized():
+        assert s["cuda"] is None
+    set_rng_state(s)  # round trip
+
+
+@pytest.mark.gpu
+def test_cuda_rng_state_is_one_device_and_old_lists_still_load():
+    """A rank saves its own GPU's generator; a checkpoint of the older format (every visible
+    GPU's state, e.g. 8 of them) resumes where fewer GPUs are visible."""
+    from fastcls.resume import rng_state, set_rng_state
+    torch.cuda.init()
+    s = rng_state()
+    assert isinstance(s["cuda"], torch.Tensor)
+    a = torch.rand(3, device="cuda")
+    set_rng_state(s)
+    assert torch.equal(torch.rand(3, device="cuda"), a)
+    old = dict(s, cuda=[s["cuda"]] * 8)
+    set_rng_state(old)
+    assert torch.equal(torch.rand(3, device="cuda"), a)

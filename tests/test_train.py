@@ -132,9 +132,56 @@ def test_training_paths(tmp_path, extra):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("extra", [["train.amp=bf16"], ["train.amp=fp16", "model.compile=true"]])
+@pytest.mark.parametrize("extra", [["train.amp=bf16"], pytest.param(
+    ["train.amp=fp16", "model.compile=true"], marks=pytest.mark.slow)])  # a cold compile: minutes
 def test_training_on_gpu(tmp_path, extra):
     data = make_folder(tmp_path / "data")
     assert _small_run(data, tmp_path / "g", "train.epochs=2", "train.device=cuda", "data.workers=2", *extra) == 0
     rows = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["val_images"] == 18
+
+
+def test_run_turns_cudnn_autotuning_on_unless_deterministic(tmp_path):
+    data = make_folder(tmp_path / "data")
+    torch.backends.cudnn.benchmark = False
+    assert _small_run(data, tmp_path / "a", "train.epochs=1") == 0
+    assert torch.backends.cudnn.benchmark is True
+    try:
+        assert _small_run(data, tmp_path / "b", "train.epochs=1", "train.deterministic=true") == 0
+        assert torch.backends.cudnn.benchmark is False
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+
+
+def test_compiled_evaluation_pads_the_last_batch_instead_of_recompiling():
+    """A compiled eval model sees one batch shape (the partial last batch is padded, its
+    padding dropped) and gives the eager model's numbers."""
+    import contextlib
+    from fastcls.dist import DistInfo
+    from fastcls.train import evaluate
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).eval()
+    xs = [torch.randn(n, 3, 4, 4).contiguous(memory_format=torch.channels_last) for n in (4, 4, 3)]
+    batches = [(x, torch.randint(0, 5, (x.shape[0],))) for x in xs]
+    dist = DistInfo(0, 0, 1, torch.device("cpu"))
+    eager = evaluate(model, batches, contextlib.nullcontext, dist)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    torch._dynamo.reset()
+    padded = evaluate(torch.compile(model, backend=counting_backend, dynamic=False), batches,
+                      contextlib.nullcontext, dist, pad_to=4)
+    assert len(graphs) == 1, graphs
+    assert padded["val_images"] == eager["val_images"] == 11
+    for k in ("val_loss", "val_top1", "val_top5"):
+        assert padded[k] == pytest.approx(eager[k], rel=1e-6)
+    torch._dynamo.reset()
+    graphs.clear()
+    evaluate(torch.compile(model, backend=counting_backend, dynamic=False), batches,
+             contextlib.nullcontext, dist)
+    assert len(graphs) == 2  # without padding the last batch compiles a second graph

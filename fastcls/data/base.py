@@ -7,12 +7,15 @@
 - `LoaderBase`: the epoch order of a `ShardBatchSampler` (len, images per epoch,
   `set_epoch(epoch, start_step)`) and the per-epoch bad-file limit, for the folder and
   .beton backends;
-- `Normalizer` (uint8 -> normalized float on the device) and `cuda_prefetch` (stage the
-  next batch on a side stream), the two steps several backends end with.
+- `Normalizer` (uint8 -> normalized float on the device) and `staged` (prepare the next
+  batches in a background thread, on a side stream on CUDA), the two steps several backends
+  end with.
 """
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
@@ -52,6 +55,9 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Epoch `epoch`'s order; the next iteration starts at batch `start_step` of it."""
 
+    def epoch_warnings(self) -> list[str]:
+        """Lines the trainer logs after an epoch (e.g. decoder fallbacks); [] when none."""
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
@@ -85,8 +91,8 @@ class LoaderSpec:
 class LoaderBase:
     """Length, images per epoch and epoch seek from `self.sampler`; bad-file accounting.
 
-    A loader that counts undecodable files sets `max_bad_fraction`; `bad_files` holds the
-    "path: reason" strings met this epoch on this rank (reset by the loader per iteration).
+    `bad_files` holds the "path: reason" of each undecodable file met this epoch on this
+    rank, once (reset by the loader per iteration).
     `bad_files_fix` ends the too-many-bad-files message: what to do about them."""
 
     max_bad_fraction: float
@@ -114,11 +120,20 @@ class LoaderBase:
         (mid-epoch resume: the sampler slices its order, nothing is decoded to skip)."""
         self.sampler.set_epoch(epoch, start_step)
 
+    def epoch_warnings(self) -> list[str]:
+        return []
+
     def _account(self, errors: list[str]) -> None:
-        """Add a batch's failures to `bad_files`; stop past the limit."""
+        """Add a batch's failures ("path: reason") to `bad_files`, each file once per epoch
+        (a replacement may draw a bad file again); stop past the limit."""
         if not errors:
             return
-        self.bad_files.extend(errors)
+        seen = {e.split(": ", 1)[0] for e in self.bad_files}
+        for e in errors:
+            path = e.split(": ", 1)[0]
+            if path not in seen:
+                seen.add(path)
+                self.bad_files.append(e)
         self._check_bad_limit()
 
     def _check_bad_limit(self) -> None:
@@ -150,35 +165,94 @@ class Normalizer:
         return x.to(self.dtype, memory_format=torch.channels_last)
 
 
-def cuda_prefetch(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-                  device: torch.device, *, sync_side_stream: bool = False
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `stage(batch)` for each batch, staging batch k+1 on a side CUDA stream right
-    after batch k was handed out (i.e. after its training step was queued), so the copy /
-    decode / kernel of k+1 overlaps step k. The training stream waits for the side stream
-    before it uses a batch, and `record_stream` keeps the allocator from reusing the
-    tensors' memory while the training stream still reads them.
+class _Failed:
+    """An exception raised in the staging thread, carried to the consumer."""
 
-    `sync_side_stream`: wait for the side stream's previous work on the host before staging
-    (a host sync of the side stream only): needed when `stage` calls a library that does
-    not order itself after the current stream (torchvision's CUDA decode_jpeg)."""
-    stream = torch.cuda.Stream(device)
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
-    def staged():
+
+_END = object()
+
+
+def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+           device: torch.device, *, depth: int = 2, sync_side_stream: bool = False
+           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `stage(batch)` for each batch, with up to `depth` batches staged ahead by a
+    background thread, so that reading, decoding and the crop kernel of the next batches
+    never hold the training thread (torchvision's CUDA batch decode ends with a stream
+    synchronize, nvImageCodec waits on its future; both release the GIL).
+
+    On CUDA the thread stages on a side stream of `device` and records an event per batch;
+    the consumer's stream waits on that event before it uses the batch, and `record_stream`
+    keeps the allocator from reusing the tensors' memory while the consumer still reads
+    them. `sync_side_stream`: the thread waits for its stream's previous work before it
+    stages the next batch (for decoders that do not order themselves after the current
+    stream: torchvision's CUDA decode_jpeg).
+
+    An exception in the thread (a bad-file limit, a DataLoader timeout) is raised here, in
+    order. Closing this generator early (a preemption break, an error in the consumer)
+    stops the thread after the batch it is on; it is joined before the generator returns,
+    so no thread and no DataLoader iterator outlives the epoch."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    cuda = device.type == "cuda"
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
         try:
-            batch = next(batches)
-        except StopIteration:
-            return None
-        if sync_side_stream:
-            stream.synchronize()
-        with torch.cuda.stream(stream):
-            return stage(batch)
+            stream = None
+            if cuda:
+                torch.cuda.set_device(device)  # the thread's current device is per thread
+                stream = torch.cuda.Stream(device)
+            for batch in batches:
+                if stop.is_set():
+                    return
+                if stream is None:
+                    item = (stage(batch), None)
+                else:
+                    if sync_side_stream:
+                        stream.synchronize()  # the side stream only; training is not waited on
+                    with torch.cuda.stream(stream):
+                        out = stage(batch)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    item = (out, event)
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(_Failed(e))
 
-    cur = staged()
-    while cur is not None:
-        main = torch.cuda.current_stream()
-        main.wait_stream(stream)
-        for t in cur:
-            t.record_stream(main)
-        yield cur
-        cur = staged()
+    thread = threading.Thread(target=work, name="fastcls-stage", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            out, event = item
+            if event is not None:
+                main = torch.cuda.current_stream(device)
+                main.wait_event(event)
+                for t in out:
+                    t.record_stream(main)
+            yield out
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put() and wait for the batch in hand
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)

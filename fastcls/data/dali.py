@@ -1,44 +1,51 @@
-"""The `dali` backend: NVIDIA DALI reads, decodes, crops, flips and normalizes.
+"""The `dali` backend: NVIDIA DALI decodes, crops, resizes, flips and normalizes.
 
     data.backend: dali          # + data.dali.hw_decoder_load, data.dali.prefetch_queue_depth
 
-Training graph, per image: `fn.readers.file` (C++ reader threads) -> `fn.decoders.image_random_crop`
-(device "mixed" on a GPU: nvJPEG with `hw_decoder_load` of the images on the NVJPG hardware
-engines; it decodes only the random-resized-crop window, `random_area` = `data.rrc.scale`,
-`random_aspect_ratio` = `data.rrc.ratio`) -> `fn.resize` to `data.image_size` ->
-`fn.crop_mirror_normalize` (flip with probability `data.hflip`, ImageNet mean/std, HWC out).
-Validation: decode, shorter side to `data.val_resize`, center crop `data.image_size`.
-Without a GPU the same graph runs on the CPU (`device_id=None`, decoders on "cpu").
+One pipeline per loader for the whole run (a build preallocates GBs of device and pinned
+memory and sets up nvJPEG and the hardware decoder: per epoch that would be paid again and
+again). Its graph, per image:
 
-Output contract (fastcls.data.base.Loader): images float16/float32 N×3×H×W on the loader's device, a
-channels_last view of DALI's NHWC batch (no layout copy), normalized (x - mean) / std in
-0..255 units; labels int64 N on the same device.
+    fn.external_source(DaliSource, parallel=True)   Python worker processes (data.workers):
+        this rank's sample order for the epoch (the native backend's ShardBatchSampler),
+        each file read and screened (fastcls.data.screen: no non-image reaches the C++
+        decoder), its size read from the header, and the crop window and flip drawn from
+        the per-sample generator (seed, epoch, index): the native backend's crops, exactly
+    -> fn.decoders.image_slice   decodes only that window (ROI decode; device "mixed" on a
+        GPU: nvJPEG with `hw_decoder_load` of the images on the NVJPG hardware engines)
+    -> fn.resize to the output size -> fn.crop_mirror_normalize (flip, ImageNet mean/std,
+        HWC fp16/fp32 out)
 
-Order and sharding: the reader is not given `shard_id`/`num_shards`/`random_shuffle`.
-Its shuffle is a buffer shuffle (not a permutation of the epoch), and its sharding rotates
-shards between epochs and cannot start an epoch at an arbitrary step. Instead each epoch
-gets its own pipeline whose reader `files=` list is this rank's order from
-`ShardBatchSampler`, the sampler the native backend uses: identical epochs, shards,
-dropped partial batch and `set_epoch(epoch, start_step)` seek as `native`, exactly. A
-pipeline costs milliseconds to build on the CPU; the random ops (crop, flip) are seeded from
-(train.seed, rank, epoch, start_step), so an epoch's crops are reproducible and a resume at
-an epoch boundary sees the crops the uninterrupted run saw (a mid-epoch resume sees the same
-images in the same order, with other crops). Validation keeps its partial last batch: the
-reader pads it (`pad_last_batch=True` repeats the last file) and the padding is dropped here.
+Validation uses the same graph with the window of `Resize(val_resize)` + `CenterCrop`
+(center_crop_box, as the PIL path). Without a GPU the same graph runs on the CPU
+(`device_id=None`, decoders on "cpu").
 
-Undecodable files: DALI raises on them and the pipeline is dead after that. The loader
-catches the error, finds the bad file(s) (the path DALI names, else by decoding the batches
-in flight with `fastcls.data.check.check_file`), and rebuilds the pipeline from the step it
-was at with the bad file replaced in the list: in training by another sample (batches stay
-full), in validation by a placeholder whose output row is dropped (no image scored twice).
-Known bad files are replaced up front in later epochs. Like `native`, they are counted per
-epoch in `loader.bad_files` and the run stops with their names once more than
-`data.max_bad_fraction` of the epoch's images are bad. `python -m fastcls.data.check DIR
---exclude-out bad.txt` + `data.exclude=bad.txt` removes them before training instead.
+Epochs: the source maps DALI's epoch index to the run's epoch (the one the pipeline was
+built for + DALI's count), so consecutive `set_epoch(e)` calls reuse the pipeline; only a
+seek (`set_epoch(e, start_step > 0)`: a resume), a skipped epoch, an abandoned iteration or
+a file DALI could not decode after all builds a new one, at that step. Because the windows
+come from outside, a mid-epoch resume repeats the uninterrupted run's crops and flips.
+
+Output contract (fastcls.data.base.Loader): images float16/float32 N×3×H×W on the loader's
+device, a channels_last view of DALI's NHWC batch (no layout copy), normalized (x - mean) /
+std in 0..255 units (cast to bf16 on the device under bf16 AMP: DALI has no bf16); labels
+int64 N on the same device. On CUDA the pipeline's outputs are bound to torch's current
+stream (no host synchronization per batch).
+
+Undecodable files: screened ones never reach DALI; in training the source puts another
+sample (drawn from (seed, epoch, index, 1), as the native backends do) in their place, in
+validation a placeholder whose row is dropped; each is counted in `loader.bad_files` and
+the run stops past `data.max_bad_fraction`, as on `native`. A file that passes the screen
+but that DALI cannot decode makes `run()` fail: the loader finds it (decoding the batches in
+flight with `fastcls.data.check`), rebuilds the pipeline at the same step with the file
+marked bad, and counts it. `python -m fastcls.data.check DIR --exclude-out bad.txt` +
+`data.exclude=bad.txt` removes such files before training.
 """
 from __future__ import annotations
 
-import re
+import io
+import os
+import signal
 from typing import Iterator, Optional
 
 import numpy as np
@@ -46,10 +53,14 @@ import torch
 
 from .base import MEAN, STD, LoaderBase, LoaderSpec
 from .check import check_file
+from .crop import center_crop_box, sample_rrc
 from .folder import DatasetError, FolderIndex
+from .sampler import ShardBatchSampler
+from .screen import read_screened
 
 INSTALL = ("pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
            "pip install nvidia-dali-cuda130)")
+_REPLACEMENT_TRIES = 10
 
 
 def _dali():
@@ -67,58 +78,181 @@ def _seed(*parts: int) -> int:
     return int(np.random.default_rng(parts).integers(0, 2**31 - 1))
 
 
-def build_pipeline(files: list[str], labels: list[int], *, train: bool, batch_size: int,
-                   image_size: int, val_resize: int, scale, ratio, hflip: float,
-                   num_threads: int, device_id: Optional[int], seed: int,
+def _placeholder_jpeg() -> bytes:
+    """A valid 8x8 grey JPEG: decoded in the slot of a bad validation file, its row dropped."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _image_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) from the header (PIL, lazy: nothing is decoded)."""
+    from PIL import Image
+    with Image.open(io.BytesIO(raw)) as im:
+        return im.size
+
+
+def _worker_signals() -> None:
+    """In DALI's Python workers: SLURM signals every process of a job step; preemption is the
+    trainer's job (checkpoint, then shut the pipeline down), so SIGUSR1 is ignored and SIGTERM
+    only arms a 30 s alarm (as the native backend's DataLoader workers do)."""
+    from .native import _term_later
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _term_later)
+
+
+class DaliSource:
+    """The parallel external source's callback: batch `iteration` of DALI epoch `epoch_idx`
+    -> (encoded bytes, label, window anchor (x, y), window shape (w, h), flip, output size,
+    keep, bad sample indices), one list entry per image. Stateless in DALI's sense (a pure
+    function of the BatchInfo and what it was built with), so DALI's workers may compute
+    batches in any order; it is pickled into them (spawn start) or inherited (fork)."""
+
+    def __init__(self, samples: list[tuple[str, int]], *, train: bool, batch_size: int,
+                 rank: int, world_size: int, seed: int, scale, ratio, hflip: float,
+                 image_size: int, val_resize: int, base_epoch: int, first_step: int,
+                 known_bad: dict[int, str]):
+        self.samples, self.train, self.batch_size = samples, train, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        self.image_size, self.val_resize = image_size, val_resize
+        self.base_epoch, self.first_step, self.known_bad = base_epoch, first_step, dict(known_bad)
+        self.placeholder = _placeholder_jpeg()
+        self._orders: dict[int, np.ndarray] = {}
+        self._owner = os.getpid()
+        self._signals_set = False
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices of `epoch`, in order (the native backend's)."""
+        if epoch not in self._orders:
+            s = ShardBatchSampler(len(self.samples), self.batch_size, self.rank, self.world_size,
+                                  train=self.train, seed=self.seed)
+            s.set_epoch(epoch)
+            self._orders = {epoch: s.indices()}  # one epoch at a time is all that is asked for
+        return self._orders[epoch]
+
+    def epoch_of(self, epoch_idx: int) -> int:
+        return self.base_epoch + epoch_idx if self.train else 0
+
+    def __call__(self, info):
+        if not self._signals_set and os.getpid() != self._owner:
+            _worker_signals()
+            self._signals_set = True
+        epoch = self.epoch_of(info.epoch_idx)
+        order = self.order(epoch)
+        step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
+        lo = step * self.batch_size
+        if lo >= len(order):
+            raise StopIteration
+        cols = [[] for _ in range(8)]
+        for idx in order[lo:lo + self.batch_size].tolist():
+            for col, v in zip(cols, self._train_sample(idx, epoch) if self.train else self._val_sample(idx)):
+                col.append(v)
+        return tuple(cols)
+
+    def _read(self, idx: int) -> tuple[bytes, Optional[str], tuple[int, int]]:
+        """(bytes, None, (w, h)) or (b"", reason, (0, 0)) for sample `idx`."""
+        if idx in self.known_bad:
+            return b"", self.known_bad[idx], (0, 0)
+        raw, why = read_screened(self.samples[idx][0])
+        if why is None:
+            try:
+                return raw, None, _image_size(raw)
+            except Exception as e:  # an unreadable header: PIL raises many types
+                why = f"{type(e).__name__}: {e}"
+        return b"", why, (0, 0)
+
+    def _row(self, raw: bytes, label: int, box, flip: bool, keep: bool, bad: list[int]):
+        x, y, w, h = box
+        return (np.frombuffer(raw, dtype=np.uint8), np.array([label], dtype=np.int64),
+                np.array([x, y], dtype=np.float32), np.array([w, h], dtype=np.float32),
+                np.array(int(flip), dtype=np.int32), np.array(self.image_size, dtype=np.float32),
+                np.array([int(keep)], dtype=np.uint8), np.array(bad, dtype=np.int64))
+
+    def _train_sample(self, idx: int, epoch: int):
+        """The native backends' sample: crop and flip from (seed, epoch, index); a bad file's
+        replacement and its crop from (seed, epoch, index, 1)."""
+        rng = np.random.default_rng((self.seed, epoch, idx))
+        replace = np.random.default_rng((self.seed, epoch, idx, 1))
+        bad, cur = [], idx
+        for _ in range(_REPLACEMENT_TRIES):
+            raw, why, (w, h) = self._read(cur)
+            if why is None:
+                top, left, ch, cw = sample_rrc(w, h, self.scale, self.ratio, rng)
+                flip = rng.random() < self.hflip
+                return self._row(raw, self.samples[cur][1], (left, top, cw, ch), flip, True, bad)
+            bad.append(cur)
+            cur, rng = int(replace.integers(len(self.samples))), replace
+        raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode, e.g. "
+                           f"{[self.samples[i][0] for i in bad[:3]]}")
+
+    def _val_sample(self, idx: int):
+        """Resize(val_resize) + CenterCrop(image_size) as one window; a bad file becomes the
+        placeholder, its row dropped by the loader (no image is scored twice)."""
+        raw, why, (w, h) = self._read(idx)
+        if why is not None:
+            return self._row(self.placeholder, -1, (0, 0, 8, 8), False, False, [idx])
+        left, top, right, bottom = center_crop_box(w, h, self.val_resize, self.image_size)
+        return self._row(raw, self.samples[idx][1], (left, top, right - left, bottom - top),
+                         False, True, [])
+
+
+def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
+                   device_id: Optional[int], seed: int, py_workers: int,
                    prefetch_queue_depth: int = 2, hw_decoder_load: float = 0.65,
-                   out_fp16: bool = False, normalize: bool = True, build: bool = True):
-    """The DALI graph over `files` in the given order (no shuffling, no sharding here).
+                   out_fp16: bool = False, normalize: bool = True, build: bool = True,
+                   py_start_method: Optional[str] = None):
+    """The DALI graph over `source` (see the module docstring).
 
     Outputs: images N×H×W×3 (HWC) float16/float32 (uint8-valued floats when
-    `normalize=False`), labels N×1 int64; on the GPU when `device_id` is not None.
+    `normalize=False`) on the GPU when `device_id` is not None; labels N×1 int64, keep N×1
+    uint8, bad (ragged int64: the sample indices that failed in each slot) on the CPU.
     `build=False` only defines the graph (op names, arguments and devices are checked then;
-    the GPU graph can be checked so on a machine without CUDA)."""
+    the GPU graph can be checked so on a machine without CUDA).
+
+    Python workers start by fork on the CPU; with CUDA in the process they must spawn (DALI
+    refuses to fork once the CUDA driver is initialized)."""
     fn, Pipeline, types, _ = _dali()
     gpu = device_id is not None
+    if py_start_method is None:
+        py_start_method = "spawn" if gpu else "fork"
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                    seed=seed, prefetch_queue_depth=prefetch_queue_depth)
+                    seed=seed, prefetch_queue_depth=prefetch_queue_depth,
+                    py_num_workers=max(1, py_workers), py_start_method=py_start_method)
     with pipe:
-        jpegs, labs = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                      pad_last_batch=True, name="reader")
+        jpegs, labels, anchor, shape, mirror, size, keep, bad = fn.external_source(
+            source=source, num_outputs=8, batch=True, batch_info=True, parallel=True,
+            prefetch_queue_depth=max(2, py_workers),  # a batch per worker in flight
+            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32,
+                   types.FLOAT, types.UINT8, types.INT64],
+            ndim=[1, 1, 1, 1, 0, 0, 1, 1])
         decode_kw = dict(device="mixed" if gpu else "cpu", output_type=types.RGB)
         if gpu:
             # Paddings: nvJPEG's buffers sized up front for ImageNet's largest JPEGs, so they are
             # not reallocated mid-epoch (the values of DALI's own ResNet-50 example).
             decode_kw.update(hw_decoder_load=hw_decoder_load, device_memory_padding=211025920,
                              host_memory_padding=140544512)
-        if train:
-            images = fn.decoders.image_random_crop(
-                jpegs, random_area=list(scale), random_aspect_ratio=list(ratio),
-                num_attempts=10, **decode_kw)
-            images = fn.resize(images, resize_x=image_size, resize_y=image_size,
-                               interp_type=types.INTERP_LINEAR, antialias=True)
-            mirror = fn.random.coin_flip(probability=hflip) if hflip > 0 else 0
-        else:
-            images = fn.decoders.image(jpegs, **decode_kw)
-            images = fn.resize(images, resize_shorter=val_resize,
-                               interp_type=types.INTERP_LINEAR, antialias=True)
-            mirror = 0
+        # ROI decode of the window; no EXIF rotation, so the header's size is the decoded one
+        # and the pixels are the PIL path's.
+        images = fn.decoders.image_slice(jpegs, anchor, shape, normalized_anchor=False,
+                                         normalized_shape=False, adjust_orientation=False,
+                                         **decode_kw)
+        images = fn.resize(images, resize_x=size, resize_y=size,
+                           interp_type=types.INTERP_LINEAR, antialias=True)
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT16 if out_fp16 else types.FLOAT, output_layout="HWC",
-            crop=(image_size, image_size), crop_pos_x=0.5, crop_pos_y=0.5,
             mean=list(MEAN) if normalize else [0.0, 0.0, 0.0],
             std=list(STD) if normalize else [1.0, 1.0, 1.0], mirror=mirror)
-        labs = fn.cast(labs, dtype=types.INT64)
-        if gpu:
-            labs = labs.gpu()
-        pipe.set_outputs(images, labs)
+        pipe.set_outputs(images, labels, keep, bad)
     if build:
         pipe.build()
     return pipe
 
 
 class DaliLoader(LoaderBase):
-    """The data interface (fastcls.data.base.Loader) over DALI pipelines; see the module docstring."""
+    """The data interface (fastcls.data.base.Loader) over one DALI pipeline; see the module
+    docstring. `builds` counts the pipelines built (one for a plain run)."""
 
     bad_files_fix = ("remove them (python -m fastcls.data.check DIR --exclude-out bad.txt, "
                      "then data.exclude=bad.txt)")
@@ -131,7 +265,8 @@ class DaliLoader(LoaderBase):
         self.samples = index.samples
         self.train, self.batch_size, self.image_size = spec.train, spec.batch_size, d.image_size
         self.val_resize, self.scale, self.ratio, self.hflip = d.val_resize, d.rrc.scale, d.rrc.ratio, d.hflip
-        self.num_threads = max(1, d.workers)  # DALI CPU threads (decode on CPU, reader, resize)
+        self.workers = d.workers
+        self.num_threads = max(1, d.workers)  # DALI CPU threads (decode on CPU, resize)
         self.device, self.dtype = spec.device, spec.dtype
         if spec.device.type == "cuda":
             self.device_id: Optional[int] = spec.device.index if spec.device.index is not None \
@@ -145,125 +280,118 @@ class DaliLoader(LoaderBase):
         self.rank, self.seed = spec.rank, spec.seed
         self.prefetch_queue_depth, self.hw_decoder_load = d.dali.prefetch_queue_depth, d.dali.hw_decoder_load
         self.known_bad: dict[int, str] = {}  # sample index -> reason, for the whole run
+        self.builds = 0
+        self._pipe = None
+        self._pipe_epoch = 0         # the run's epoch the pipeline is in (or ended)
+        self._pipe_state = "none"    # "fresh": at the start of _pipe_epoch (+ _pipe_step);
+        self._pipe_step = 0          # "ended": every batch of it taken; "open": mid-epoch
 
-    # ------------------------------------------------------------------ file lists
+    # ------------------------------------------------------------------ pipelines
 
-    def _replacement(self, idx: int) -> int:
-        """A good sample standing in for bad sample `idx` (training), seeded by (seed, epoch, idx)."""
-        rng = np.random.default_rng((self.seed, self.sampler.epoch, idx, 1))
-        for _ in range(100):
-            j = int(rng.integers(self.dataset_size))
-            if j not in self.known_bad:
-                return j
-        raise DatasetError(f"data.train: almost every file is undecodable, e.g. "
-                           f"{list(self.known_bad.items())[:5]}")
+    def _build(self, epoch: int, step: int) -> None:
+        """A new pipeline at batch `step` of `epoch` (the old one, if any, shut down first)."""
+        self._pipe = None
+        import gc
+        gc.collect()  # the old pipeline's memory and Python workers go before the new ones come
+        source = DaliSource(self.samples, train=self.train, batch_size=self.batch_size,
+                            rank=self.rank, world_size=self.sampler.world, seed=self.seed,
+                            scale=self.scale, ratio=self.ratio, hflip=self.hflip,
+                            image_size=self.image_size, val_resize=self.val_resize,
+                            base_epoch=epoch, first_step=step, known_bad=self.known_bad)
+        self._pipe = build_pipeline(
+            source, batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=self.device_id, seed=_seed(self.seed, self.rank, epoch, step),
+            py_workers=self.workers, prefetch_queue_depth=self.prefetch_queue_depth,
+            hw_decoder_load=self.hw_decoder_load, out_fp16=self.out_dtype == torch.float16)
+        self.builds += 1
+        self._pipe_epoch, self._pipe_step, self._pipe_state = epoch, step, "fresh"
 
-    def _placeholder(self) -> int:
-        for j in range(self.dataset_size):
-            if j not in self.known_bad:
-                return j
-        raise DatasetError(f"no decodable file at all, e.g. {list(self.known_bad.items())[:5]}")
-
-    def _lists(self, order: np.ndarray) -> tuple[list[str], list[int], np.ndarray]:
-        """(files, labels, keep mask) for the reader; known bad files are replaced."""
-        keep = np.ones(len(order), dtype=bool)
-        files, labels = [], []
-        for k, idx in enumerate(order.tolist()):
-            if idx in self.known_bad:
-                if self.train:
-                    idx = self._replacement(idx)
-                else:
-                    keep[k] = False
-                    idx = self._placeholder()  # read and decoded, its output row dropped
-            path, label = self.samples[idx]
-            files.append(path)
-            labels.append(label)
-        return files, labels, keep
-
-    def _count_known_bad(self, order: np.ndarray) -> None:
-        """bad_files = the known bad files in this iteration's order; stop past the limit."""
-        self.bad_files = [f"{self.samples[i][0]}: {self.known_bad[i]}" for i in order.tolist()
-                          if i in self.known_bad]
-        self._check_bad_limit()
+    def _pipeline_at(self, epoch: int, step: int) -> None:
+        """A pipeline positioned at batch `step` of `epoch`: the current one when it is there
+        (or at the end of the epoch before: DALI's next epoch is this one), else a new one."""
+        if self._pipe is not None:
+            if self._pipe_state == "fresh" and (self._pipe_epoch, self._pipe_step) == (epoch, step):
+                return
+            follows = epoch == self._pipe_epoch + 1 if self.train else True
+            if self._pipe_state == "ended" and step == 0 and follows:
+                try:  # the last batch is taken: DALI now reports the end of its epoch
+                    self._pipe.run()
+                    raise AssertionError("DALI yielded more batches than the epoch has")
+                except StopIteration:
+                    self._pipe.reset()
+                self._pipe_epoch, self._pipe_step, self._pipe_state = epoch, 0, "fresh"
+                return
+        self._build(epoch, step)
 
     def _find_bad(self, error: Exception, order: np.ndarray, step: int) -> dict[int, str]:
-        """Sample indices that made DALI fail: the path its message names, else the files of
-        the batches in flight that do not decode (PIL + libjpeg-turbo)."""
-        text = str(error)
-        pos = {self.samples[i][0]: i for i in order.tolist()}
-        named = {pos[p]: f"DALI: {line.strip()}" for line in text.splitlines()
-                 for p in re.findall(r"(?:sample #\d+ : |File mapping failed: )(\S+)", line)
-                 if p in pos and pos[p] not in self.known_bad}
-        if named:
-            return named
+        """Sample indices DALI could not decode: the files of the batches in flight that do
+        not decode (PIL + libjpeg-turbo, strict), not known bad yet."""
         lo = step * self.batch_size
-        hi = lo + (self.prefetch_queue_depth + 3) * self.batch_size  # pipeline + reader queues
+        depth = self.prefetch_queue_depth + max(2, self.workers) + 2  # executor + source queues
         found = {}
-        for i in order[lo:hi].tolist():
+        for i in order[lo:lo + depth * self.batch_size].tolist():
             if i in self.known_bad or i in found:
                 continue
             why = check_file(self.samples[i][0], strict=True)
             if why is not None:
-                found[i] = why
+                found[i] = f"DALI could not decode it: {why}"
         return found
+
+    def _reason(self, idx: int) -> str:
+        if idx in self.known_bad:
+            return self.known_bad[idx]
+        _, why = read_screened(self.samples[idx][0])
+        return why or check_file(self.samples[idx][0], strict=True) or "undecodable"
 
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         _, _, _, feed_ndarray = _dali()
-        order = self.sampler.indices()
-        steps, step = len(self), self.sampler.start_step
+        self.bad_files = []
+        epoch, step = self.sampler.epoch, self.sampler.start_step
         self.sampler.start_step = 0  # a seek applies to one iteration only
-        epoch_order = order[step * self.batch_size:]  # what this iteration yields
-        self._count_known_bad(epoch_order)
-        while step < steps:
-            files, labels, keep = self._lists(order)
-            lo = step * self.batch_size
-            pipe = build_pipeline(
-                files[lo:], labels[lo:], train=self.train, batch_size=self.batch_size,
-                image_size=self.image_size, val_resize=self.val_resize, scale=self.scale,
-                ratio=self.ratio, hflip=self.hflip, num_threads=self.num_threads,
-                device_id=self.device_id,
-                seed=_seed(self.seed, self.rank, self.sampler.epoch, step, len(self.known_bad)),
-                prefetch_queue_depth=self.prefetch_queue_depth,
-                hw_decoder_load=self.hw_decoder_load, out_fp16=self.out_dtype == torch.float16)
-            try:
-                while step < steps:
-                    try:
-                        images, labs = pipe.run()
-                    except RuntimeError as e:
-                        found = self._find_bad(e, order, step)
-                        if not found:
-                            paths = [self.samples[i][0] for i in order[lo:lo + self.batch_size]]
-                            raise DatasetError(
-                                f"DALI failed at step {step} and no undecodable file was found "
-                                f"among the batches in flight (first: {paths[:3]}); run python -m "
-                                f"fastcls.data.check --strict on the folder. DALI said: "
-                                f"{str(e).strip()[-800:]}") from None
-                        self.known_bad.update(found)
-                        self._count_known_bad(epoch_order)  # counted once per epoch, as native does
-                        break  # rebuild from `step` with the bad files replaced
-                    yield self._to_torch(images, labs, keep[step * self.batch_size:
-                                                           (step + 1) * self.batch_size],
-                                         feed_ndarray)
-                    step += 1
-            finally:
-                del pipe
-
-    def _to_torch(self, images, labs, keep: np.ndarray, feed_ndarray):
-        """DALI NHWC batch -> (N×3×H×W channels_last view, int64 N), padding/bad rows dropped."""
-        n = len(keep)
+        order, steps = self.sampler.indices(), len(self)
+        if step >= steps:
+            return
+        self._pipeline_at(epoch, step)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        hwc = torch.empty((len(images), self.image_size, self.image_size, 3),
-                          dtype=self.out_dtype, device=self.device)
-        feed_ndarray(images.as_tensor(), hwc, cuda_stream=stream)
-        y = torch.empty((len(labs), 1), dtype=torch.int64, device=self.device)
-        feed_ndarray(labs.as_tensor(), y, cuda_stream=stream)
-        hwc, y = hwc[:n], y[:n, 0]  # the reader padded the last (validation) batch
-        if not keep.all():
-            sel = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
-            hwc, y = hwc.index_select(0, sel), y.index_select(0, sel)
+        while step < steps:
+            self._pipe_state = "open"
+            try:
+                images, labels, keep, bad = self._pipe.run(stream) if stream is not None \
+                    else self._pipe.run()
+            except StopIteration:
+                raise AssertionError(f"DALI's epoch ended at step {step} of {steps}") from None
+            except RuntimeError as e:
+                found = self._find_bad(e, order, step)
+                if not found:
+                    paths = [self.samples[i][0] for i in order[step * self.batch_size:][:3]]
+                    raise DatasetError(
+                        f"DALI failed at step {step} and no undecodable file was found among "
+                        f"the batches in flight (first: {paths}); run python -m "
+                        f"fastcls.data.check --strict on the folder. DALI said: "
+                        f"{str(e).strip()[-800:]}") from None
+                self.known_bad.update(found)  # counted when the rebuilt pipeline meets them
+                self._build(epoch, step)  # at the same step, the files marked bad
+                continue
+            for row in bad:
+                self._account([f"{self.samples[i][0]}: {self._reason(i)}" for i in np.array(row).tolist()])
+            step += 1
+            if step == steps:
+                self._pipe_state = "ended"
+            yield self._to_torch(images, labels, keep, feed_ndarray, stream)
+
+    def _to_torch(self, images, labels, keep, feed_ndarray, stream):
+        """DALI NHWC batch -> (N×3×H×W channels_last view, int64 N), placeholder rows dropped."""
+        y = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1))
+        kept = np.array(keep.as_tensor()).reshape(-1).astype(bool)
+        shape = images.as_tensor().shape()
+        hwc = torch.empty(tuple(shape), dtype=self.out_dtype, device=self.device)
+        feed_ndarray(images.as_tensor(), hwc, cuda_stream=stream)  # on torch's stream: no host sync
+        if not kept.all():
+            sel = torch.from_numpy(np.flatnonzero(kept))
+            hwc, y = hwc.index_select(0, sel.to(self.device)), y[sel]
         x = hwc.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW = channels_last
         if x.dtype != self.dtype:
             x = x.to(self.dtype, memory_format=torch.channels_last)
-        return x, y
+        return x, y.to(self.device, non_blocking=True)

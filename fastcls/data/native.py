@@ -8,6 +8,7 @@ normalizes and lays it out channels_last (on CUDA on a side stream, one batch ah
 """
 from __future__ import annotations
 
+import io
 import math
 import signal
 from typing import Iterator
@@ -17,18 +18,28 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .base import LoaderBase, LoaderSpec, Normalizer, cuda_prefetch
+from .base import LoaderBase, LoaderSpec, Normalizer, staged
 from .crop import center_crop_box, sample_rrc
 from .folder import DatasetError, FolderIndex
+from .screen import read_screened
 
 _REPLACEMENT_TRIES = 10
 _WORKER_TERM_GRACE_S = 30  # a worker outlives SIGTERM this long (see _worker_init)
 
 
-def decode_train(path: str, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB image of any PIL mode. 16-bit grayscale ("I;16", "I") keeps its high
+    byte: PIL's own convert("RGB") clips it at 255 (a white image, silently)."""
+    if im.mode.startswith("I"):
+        im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def decode_train(src, size: int, scale: tuple[float, float], ratio: tuple[float, float],
                  hflip: float, rng: np.random.Generator) -> np.ndarray:
-    """JPEG/PNG file -> random-resized-crop, maybe flipped: uint8 size×size×3 RGB."""
-    with Image.open(path) as im:
+    """An image file (path or file object) -> random-resized-crop, maybe flipped: uint8
+    size×size×3 RGB."""
+    with Image.open(src) as im:
         width, height = im.size
         top, left, ch, cw = sample_rrc(width, height, scale, ratio, rng)
         flip = rng.random() < hflip
@@ -36,7 +47,7 @@ def decode_train(path: str, size: int, scale: tuple[float, float], ratio: tuple[
             # Ask for the smallest DCT scale at which the crop still has >= size pixels.
             im.draft("RGB", (math.ceil(width * size / cw), math.ceil(height * size / ch)))
         sx, sy = im.size[0] / width, im.size[1] / height
-        rgb = im.convert("RGB")
+        rgb = to_rgb(im)
     out = rgb.resize((size, size), Image.BILINEAR,
                      box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
     if flip:
@@ -44,15 +55,16 @@ def decode_train(path: str, size: int, scale: tuple[float, float], ratio: tuple[
     return np.asarray(out)
 
 
-def decode_val(path: str, size: int, resize: int) -> np.ndarray:
-    """Shorter side to `resize`, center crop `size`: uint8 size×size×3 RGB."""
-    with Image.open(path) as im:
+def decode_val(src, size: int, resize: int) -> np.ndarray:
+    """An image file (path or file object): shorter side to `resize`, center crop `size`:
+    uint8 size×size×3 RGB."""
+    with Image.open(src) as im:
         width, height = im.size
         if im.format == "JPEG":
             r = resize / min(width, height)
             im.draft("RGB", (math.ceil(width * r), math.ceil(height * r)))
         sx, sy = im.size[0] / width, im.size[1] / height
-        rgb = im.convert("RGB")
+        rgb = to_rgb(im)
     l, t, r_, b = center_crop_box(width, height, resize, size)
     return np.asarray(rgb.resize((size, size), Image.BILINEAR, box=(l * sx, t * sy, r_ * sx, b * sy)))
 
@@ -78,18 +90,25 @@ class FolderDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         idx, epoch = key
         rng = np.random.default_rng((self.seed, epoch, idx))
+        # A replacement for a bad file comes from a generator of its own, (seed, epoch,
+        # index, 1), which then also draws its crop: the batched path's replacements.
+        replace = np.random.default_rng((self.seed, epoch, idx, 1))
         errors = []
         for _ in range(_REPLACEMENT_TRIES if self.train else 1):
             path, label = self.samples[idx]
-            try:
-                if self.train:
-                    arr = decode_train(path, self.size, self.scale, self.ratio, self.hflip, rng)
-                else:
-                    arr = decode_val(path, self.size, self.val_resize)
-                return torch.from_numpy(arr.copy()), label, errors
-            except Exception as e:  # any undecodable file: PIL raises many types
-                errors.append(f"{path}: {type(e).__name__}: {e}")
-                idx = int(rng.integers(len(self.samples)))
+            raw, why = read_screened(path)  # the bytes are read here anyway: screen them
+            if why is None:
+                try:
+                    if self.train:
+                        arr = decode_train(io.BytesIO(raw), self.size, self.scale, self.ratio,
+                                           self.hflip, rng)
+                    else:
+                        arr = decode_val(io.BytesIO(raw), self.size, self.val_resize)
+                    return torch.from_numpy(arr.copy()), label, errors
+                except Exception as e:  # any undecodable file: PIL raises many types
+                    why = f"{type(e).__name__}: {e}"
+            errors.append(f"{path}: {why}")
+            idx, rng = int(replace.integers(len(self.samples))), replace
         if self.train:
             raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode: {errors}")
         return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1, errors
@@ -169,12 +188,10 @@ class NativeLoader(LoaderBase):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.bad_files = []
-        batches = batches_with_timeout(iter(self.loader), self.timeout)
-        if self.device.type == "cuda":
-            yield from cuda_prefetch(batches, self._stage, self.device)
-            return
-        for batch in batches:
-            yield self._stage(batch)
+        # The copy + normalize of the next batches runs in a thread (on a side stream on
+        # CUDA) while the model steps.
+        yield from staged(batches_with_timeout(iter(self.loader), self.timeout), self._stage,
+                          self.device)
 
     def _stage(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, errors = batch

@@ -1,6 +1,7 @@
 """The `native` backend, batched path (`data.native_decode: batched`, the default on CUDA).
 
-DataLoader workers only read file bytes. The main process then, per batch:
+DataLoader workers only read file bytes (screened: only image signatures reach a decoder)
+and hand over one buffer per batch. A background thread of the main process then, per batch:
 
 1. decodes the batch in one call (`data.decoder`): nvImageCodec when installed (on CUDA
    the hardware JPEG engines + CUDA decoder, on CPU its CPU-only backend), otherwise
@@ -15,18 +16,20 @@ DataLoader workers only read file bytes. The main process then, per batch:
    resize, antialias per `data.antialias` -> flip -> normalize -> cast -> channels_last):
    Triton on CUDA, the torch reference on CPU.
 
-On CUDA, steps 1-3 of batch k+1 are queued on a side stream right after batch k is handed
-to the training loop, so they overlap its step. A file that does not decode is counted in
+The thread stages up to two batches ahead (on CUDA on a side stream), so the decoders' host
+waits overlap the training steps instead of holding the training thread. A file that does not decode is counted in
 `bad_files` (limit `data.max_bad_fraction`) and replaced by another sample in training,
 dropped in evaluation, as in the PIL path.
 
-Output contract (fastcls.data.base.Loader): images `dtype` N×3×S×S channels_last on `device`, ImageNet
-normalized; labels int64 on `device`.
+Output contract (fastcls.data.base.Loader): images `dtype` N×3×S×S channels_last on
+`device`, ImageNet normalized; labels int64 on `device`.
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import math
+import os
 from typing import Iterator, Optional
 
 import numpy as np
@@ -34,25 +37,16 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ANTIALIAS_MODES
-from .base import MEAN, STD, LoaderBase, LoaderSpec, cuda_prefetch
+from .base import MEAN, STD, LoaderBase, LoaderSpec, staged
 from .crop import sample_rrc
 from .folder import DatasetError, FolderIndex
+from .screen import read_screened
 from .native import _REPLACEMENT_TRIES, batches_with_timeout, worker_loader
 
 # data.antialias -> the kernel's `antialias_above` (source/output scale above which the
 # bilinear filter widens like torchvision antialias=True).
 ANTIALIAS_ABOVE = {"on": 1.0, "auto": 2.0, "off": math.inf}
 assert set(ANTIALIAS_ABOVE) == set(ANTIALIAS_MODES)
-
-
-def jpeg_truncated(raw: bytes) -> bool:
-    """True for a JPEG cut short: no end-of-image marker (FF D9) after its last start-of-scan
-    (FF DA). libjpeg refuses such files but GPU decoders may return them half grey, so
-    they are caught here, the same for every decoder. (Entropy-coded data cannot contain
-    FF D9: a data FF byte is always followed by 00; trailing bytes after EOI are allowed.)"""
-    if raw[:2] != b"\xff\xd8":
-        return False
-    return raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda")
 
 
 def _is_jpeg(data: torch.Tensor) -> bool:
@@ -66,12 +60,17 @@ def decode_one_cpu(data: torch.Tensor) -> torch.Tensor:
     if data.numel() == 0:
         raise ValueError("empty file")
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        img = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
         import io
         from PIL import Image
+
+        from .native import to_rgb
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+            return torch.from_numpy(np.asarray(to_rgb(im)).copy()).permute(2, 0, 1).contiguous()
+    if img.dtype == torch.uint16:  # 16-bit PNG: torchvision keeps 16 bits; keep the high byte
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)  # (uint16 has few CPU kernels)
+    return img
 
 
 def resolve_decoder(name: str) -> str:
@@ -87,6 +86,18 @@ def resolve_decoder(name: str) -> str:
     return name
 
 
+def cpu_threads_for_decoder() -> int:
+    """nvImageCodec's CPU threads for this rank: half of the rank's share of the cores (the
+    other half runs the DataLoader workers and the training thread), at most 8. Its default,
+    one thread per core in every rank, oversubscribes a node (8 ranks x 128 threads)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, share // 2))
+
+
 class NvImageCodecDecoder:
     """nvImageCodec batch decode: on CUDA the hardware JPEG engines (A100/H100/H200 NVJPG)
     plus the CUDA decoder; on CPU its CPU-only backend (libjpeg-turbo, PNG, BMP, ...).
@@ -97,35 +108,58 @@ class NvImageCodecDecoder:
     def __init__(self, device: torch.device):
         from nvidia import nvimgcodec
         self.nv, self.device = nvimgcodec, device
+        threads = cpu_threads_for_decoder()
         if device.type == "cuda":
             self.decoder = nvimgcodec.Decoder(device_id=device.index if device.index is not None
-                                              else torch.cuda.current_device())
+                                              else torch.cuda.current_device(),
+                                              max_num_cpu_threads=threads)
         else:
             self.decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                              max_num_cpu_threads=threads,
                                               backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)])
         # No EXIF rotation: the same pixels as torchvision.io and the PIL path.
         self.params = nvimgcodec.DecodeParams(apply_exif_orientation=False,
                                               color_spec=nvimgcodec.ColorSpec.SRGB,
                                               sample_format=nvimgcodec.SampleFormat.I_RGB)
+        # Host images (a codec decoded on the CPU) copied to the GPU with non_blocking=True:
+        # nvImageCodec frees their (pinned) buffers when they are dropped, so each batch's
+        # stay referenced until an event after their copies has passed.
+        self._in_flight: collections.deque = collections.deque()
 
     def __call__(self, datas: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
-        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
-        outs = self.decoder.decode([d.numpy() for d in datas], params=self.params, cuda_stream=stream)
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device) if cuda else None
+        while self._in_flight and self._in_flight[0][0].query():
+            self._in_flight.popleft()
+        outs = self.decoder.decode([d.numpy() for d in datas], params=self.params,
+                                   cuda_stream=stream.cuda_stream if cuda else 0)
         images: list[Optional[torch.Tensor]] = []
+        host = []
         for o in outs:
             if o is None:
                 images.append(None)
             elif o.buffer_kind == self.nv.ImageBufferKind.STRIDED_DEVICE:
                 images.append(torch.from_dlpack(o).permute(2, 0, 1))
             else:  # host image (CPU backend, or a codec without a GPU decoder)
-                t = torch.from_numpy(np.asarray(o))
+                t = torch.from_numpy(np.asarray(o))  # holds `o` (its buffer) alive
+                if cuda:
+                    host.append(t)
                 images.append(t.to(self.device, non_blocking=True).permute(2, 0, 1))
+        if host:
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._in_flight.append((event, host))
         return images
 
 
 def decode_batch(datas: list[torch.Tensor], device: torch.device,
-                 nvdecoder: Optional[NvImageCodecDecoder] = None) -> tuple[list[Optional[torch.Tensor]], list[Optional[str]]]:
+                 nvdecoder: Optional[NvImageCodecDecoder] = None,
+                 fallbacks: Optional[collections.Counter] = None
+                 ) -> tuple[list[Optional[torch.Tensor]], list[Optional[str]]]:
     """Decode file bytes (CPU uint8 1-D) -> (uint8 3×H×W RGB on `device` or None, error or None).
+    `fallbacks` counts, by reason, the images the one batch call did not decode (each then
+    decoded alone, on the CPU where the GPU cannot): a decoder build that falls back for
+    every image would cut speed 10x, so the loader reports the count every epoch.
 
     With `nvdecoder`, nvImageCodec decodes the whole batch (any format it knows). Else JPEGs
     go through one batched torchvision `decode_jpeg` call; if it raises (one bad file fails
@@ -136,13 +170,16 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
     errors: list[Optional[str]] = [None] * len(datas)
     if not datas:
         return images, errors
+    fallbacks = collections.Counter() if fallbacks is None else fallbacks
     if nvdecoder is not None:
         images = nvdecoder(datas)
         alone = [i for i, im in enumerate(images) if im is None]
+        fallbacks["nvImageCodec returned no image"] += len(alone)
     else:
         is_jpeg = [_is_jpeg(d) for d in datas]
         jpeg = [i for i, j in enumerate(is_jpeg) if j]
         alone = [i for i, j in enumerate(is_jpeg) if not j]
+        fallbacks["not a JPEG (decode_jpeg reads only JPEG)"] += len(alone)
         if jpeg:
             try:
                 out = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
@@ -150,6 +187,7 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
                     images[i] = im
             except RuntimeError:
                 alone += jpeg  # rare: find the bad file(s) one at a time
+                fallbacks["the batch decode_jpeg call failed"] += len(jpeg)
     for i in alone:
         try:
             if nvdecoder is None and device.type == "cuda" and _is_jpeg(datas[i]):
@@ -165,11 +203,12 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
 
 
 class FileBytes(Dataset):
-    """Map-style dataset keyed by (index, epoch): returns (uint8 1-D file bytes, label,
-    index, error or None, crop or None). Workers read the bytes and, in training, the image
-    size from the header (PIL, lazy: no decode) to draw the crop box and flip from the
-    per-sample generator (seed, epoch, index), exactly as the PIL path does: that per-image
-    Python work (~30 us) stays off the main process. crop = (top, left, h, w, flip, H, W)."""
+    """Map-style dataset keyed by (index, epoch): returns (file bytes, label, index, error
+    or None, crop or None). Workers read and screen the bytes (fastcls.data.screen: only
+    image signatures reach a decoder) and, in training, read the image size from the header
+    (PIL, lazy: no decode) to draw the crop box and flip from the per-sample generator
+    (seed, epoch, index), exactly as the PIL path does: that per-image Python work (~30 us)
+    stays off the main process. crop = (top, left, h, w, flip, H, W)."""
 
     def __init__(self, index: FolderIndex, train: bool = False, scale=(0.08, 1.0),
                  ratio=(3 / 4, 4 / 3), hflip: float = 0.5, seed: int = 0):
@@ -182,16 +221,11 @@ class FileBytes(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         idx, epoch = key
         path, label = self.samples[idx]
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            return torch.empty(0, dtype=torch.uint8), label, idx, f"{type(e).__name__}: {e}", None
-        if jpeg_truncated(raw):
-            return torch.empty(0, dtype=torch.uint8), label, idx, "truncated JPEG (no end-of-image marker)", None
-        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        raw, err = read_screened(path)
+        if err is not None:
+            return b"", label, idx, err, None
         crop = None
-        if self.train and raw:
+        if self.train:
             try:
                 import io
                 from PIL import Image
@@ -202,12 +236,26 @@ class FileBytes(Dataset):
                 crop = (*box, bool(rng.random() < self.hflip), height, width)
             except Exception:  # unreadable header: the main process decides (decode error)
                 crop = None
-        return data, label, idx, None, crop
+        return raw, label, idx, None, crop
 
 
 def collate_bytes(batch):
-    """-> (list of byte tensors, labels, indices, read errors, crops), lists."""
-    return tuple(list(x) for x in zip(*batch))
+    """-> (one uint8 tensor of every file's bytes back to back, offsets (N+1 ints), labels,
+    indices, read errors, crops). One tensor per batch: a DataLoader worker hands each
+    returned tensor over through a file descriptor of its own, so a tensor per image would
+    exhaust `ulimit -n` (1024) at batch 256 x prefetch (and costs 3x the time)."""
+    raws, labels, idxs, errors, crops = (list(x) for x in zip(*batch))
+    offsets = [0]
+    for r in raws:
+        offsets.append(offsets[-1] + len(r))
+    joined = b"".join(raws)
+    buf = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
+    return buf, offsets, labels, idxs, errors, crops
+
+
+def split_bytes(buf: torch.Tensor, offsets: list[int]) -> list[torch.Tensor]:
+    """The per-file uint8 1-D views of a collated buffer (no copies)."""
+    return [buf[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
 class BatchedNativeLoader(LoaderBase):
@@ -244,9 +292,10 @@ class BatchedNativeLoader(LoaderBase):
         errors = []
         for _ in range(_REPLACEMENT_TRIES):
             j = int(rng.integers(len(self.samples)))
-            data, label, _, err, _ = self.loader.dataset[(j, epoch)]  # same read + checks
+            raw, label, _, err, _ = self.loader.dataset[(j, epoch)]  # same read + checks
             if err is None:
-                (img,), (err,) = decode_batch([data], self.device, self._nvdecoder())
+                data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+                (img,), (err,) = decode_batch([data], self.device, self._nvdecoder(), self.fallbacks)
                 if img is not None:
                     return img, label, rng
             errors.append(f"{self.samples[j][0]}: {err}")
@@ -257,9 +306,10 @@ class BatchedNativeLoader(LoaderBase):
         from fastcls.kernels.resized_crop import (build_params, pack_images,
                                                   resize_center_crop_box,
                                                   resized_crop_normalize, rrc_box)
-        datas, labels, idxs, read_errors, crops = batch
+        buf, offsets, labels, idxs, read_errors, crops = batch
+        datas = split_bytes(buf, offsets)
         epoch = self.sampler.epoch
-        images, errors = decode_batch(datas, self.device, self._nvdecoder())
+        images, errors = decode_batch(datas, self.device, self._nvdecoder(), self.fallbacks)
         bad = []
         kept_images, kept_labels, boxes, windows, flips = [], [], [], [], []
         for img, label, idx, rerr, derr, crop in zip(images, labels, idxs, read_errors, errors, crops):
@@ -303,13 +353,21 @@ class BatchedNativeLoader(LoaderBase):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.bad_files = []
-        batches = batches_with_timeout(iter(self.loader), self.timeout)
-        if self.device.type == "cuda":
-            # sync_side_stream: torchvision's CUDA decode_jpeg runs nvJPEG on a private stream
-            # without waiting for the caller's (pytorch/vision PR 9606), so the previous
-            # batch's kernel, still reading blocks the allocator may hand to the decoder, must
-            # be finished first (the training stream is not waited on).
-            yield from cuda_prefetch(batches, self._process, self.device, sync_side_stream=True)
-            return
-        for batch in batches:
-            yield self._process(batch)
+        self.fallbacks = collections.Counter()
+        # Read -> decode -> kernel of the next batches in a background thread (a side stream
+        # on CUDA), so the decoders' host waits never hold the training thread.
+        # sync_side_stream: torchvision's CUDA decode_jpeg runs nvJPEG on a private stream
+        # without waiting for the caller's (pytorch/vision PR 9606), so the previous batch's
+        # kernel, still reading blocks the allocator may hand to the decoder, must be
+        # finished first (the training stream is not waited on).
+        yield from staged(batches_with_timeout(iter(self.loader), self.timeout), self._process,
+                          self.device, sync_side_stream=self.decoder == "torchvision")
+
+    def epoch_warnings(self) -> list[str]:
+        """One line when images fell back from the batch decoder this epoch."""
+        n = sum(self.fallbacks.values())
+        if not n:
+            return []
+        why = ", ".join(f"{k}: {v}" for k, v in self.fallbacks.most_common())
+        return [f"{n} of {self.num_images} images this epoch were not decoded by the "
+                f"{self.decoder} batch call and were decoded one by one ({why})"]

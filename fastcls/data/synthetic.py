@@ -46,6 +46,9 @@ class SyntheticLoader:
             raise ValueError(f"start_step {start_step} outside 0..{self.steps} batches per epoch")
         self.start_step = start_step
 
+    def epoch_warnings(self) -> list[str]:
+        return []
+
     def __iter__(self):
         start, self.start_step = self.start_step, 0  # one iteration only
         for _ in range(start, self.steps):

@@ -12,12 +12,12 @@ import sys
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastcls.config import config_from_dict, resolve
 from fastcls.data import build_loader
 from fastcls.dist import setup_distributed
 from fastcls.optim import build_optimizer
+from fastcls.train import wrap_for_training
 
 STEPS = 3
 
@@ -49,7 +49,7 @@ cfg = config_from_dict(tree)
 single_cfg = config_from_dict({**tree, "data": {**tree["data"], "batch_size": 4}})  # one process: 2B
 lr_ddp, lr_single = resolve(cfg, info.world_size).lr, resolve(single_cfg, 1).lr
 loader = build_loader(cfg, "train", info.device, rank=info.rank, world_size=info.world_size)
-flat = train(DDP(net()), loader, lr_ddp)
+flat = train(wrap_for_training(net(), cfg, info), loader, lr_ddp)  # the trainer's DDP wrap
 gathered = [torch.zeros_like(flat) for _ in range(info.world_size)]
 tdist.all_gather(gathered, flat)
 if info.rank == 0:
