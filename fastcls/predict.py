@@ -176,7 +176,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"{path}: error: {err}")
     else:
         fmt = FORMATS[Path(args.out).suffix.lower()]
-        write_text_atomic(args.out, to_jsonl(rows) if fmt == "jsonl" else to_csv(rows, min(args.topk, len(names))))
+        text = to_jsonl(rows) if fmt == "jsonl" else to_csv(rows, min(args.topk, len(names)))
+        write_text_atomic(args.out, text)
         print(f"wrote {len(rows) - failed} predictions to {args.out}"
               + (f" and {failed} errors (on their lines)" if failed else ""))
     if failed:

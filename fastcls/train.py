@@ -241,7 +241,8 @@ def build_data(cfg: Config, dist: DistInfo, log: RunLog, dtype: torch.dtype):
         log.warn(f"class folder {name!r} has no images")
     res = resolve(cfg, dist.world_size, train_loader.dataset_size)
     # the loader yields micro-batches; an optimizer step takes accum_steps of them
-    assert res.steps_per_epoch == len(train_loader) // res.accum_steps, (res.steps_per_epoch, len(train_loader))
+    assert res.steps_per_epoch == len(train_loader) // res.accum_steps, \
+        (res.steps_per_epoch, len(train_loader), res.accum_steps)
     log.write_config(resolved_tree(cfg, res))
     log.info(f"fastcls: {cfg.name} on {dist.device} x{dist.world_size} | {res.train_images} train "
              f"images, {n_cls} classes | global batch {res.global_batch_size} ({res.batch_size}/process"

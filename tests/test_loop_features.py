@@ -81,7 +81,8 @@ def test_accumulation_equals_the_bigger_batch(tmp_path):
 def test_accumulation_under_torchrun_equals_the_bigger_batch_and_skips_allreduces(tmp_path):
     data = make_folder(tmp_path / "d", per_class=(10, 10, 10))
     out = tmp_path / "accum.json"
-    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "helpers" / "accum_equivalence.py"), str(data), str(out)],
+    helper = ROOT / "tests" / "helpers" / "accum_equivalence.py"
+    proc = subprocess.run([*TORCHRUN, str(helper), str(data), str(out)],
                           cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -137,7 +138,8 @@ def test_print_config_with_accumulation_runs_the_4096_recipe_on_2_gpus(capsys):
     assert main(["pipelines/imagenet_bs4096.yaml", "--print-config", "--world-size", "2",
                  "train.accum_steps=8"]) == 0
     r = yaml.safe_load(capsys.readouterr().out)["resolved"]
-    assert (r["world_size"], r["batch_size_per_process"], r["accum_steps"], r["global_batch_size"]) == (2, 256, 8, 4096)
+    assert (r["world_size"], r["batch_size_per_process"], r["accum_steps"]) == (2, 256, 8)
+    assert r["global_batch_size"] == 4096
     assert r["lr_effective"] == pytest.approx(1.6)
     c = load_config(ROOT / "pipelines" / "imagenet_bs4096.yaml", ["train.accum_steps=3"])
     with pytest.raises(ConfigError, match="does not divide over 2 processes x 3 accumulation steps"):
@@ -148,9 +150,10 @@ def test_print_config_with_accumulation_runs_the_4096_recipe_on_2_gpus(capsys):
     assert r.lr == pytest.approx(0.1 * 1024 / 256)
 
 
-@pytest.mark.parametrize("override, needle", [("train.accum_steps=0", "train.accum_steps: must be >= 1"),
-                                              ("optim.clip_grad_norm=-1", "optim.clip_grad_norm: must be >= 0"),
-                                              ("train.tensorboard=yes please", "train.tensorboard: expected true/false")])
+@pytest.mark.parametrize("override, needle", [
+    ("train.accum_steps=0", "train.accum_steps: must be >= 1"),
+    ("optim.clip_grad_norm=-1", "optim.clip_grad_norm: must be >= 0"),
+    ("train.tensorboard=yes please", "train.tensorboard: expected true/false")])
 def test_knob_errors(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(ROOT / "pipelines" / "demo.yaml", [override])
@@ -195,8 +198,33 @@ def test_clip_grad_norm_matches_torch(tmp_path, amp, accum):
     ref, norms = reference_epoch(cfg, build_loader(cfg, "train", CPU), amp=amp, accum=accum, clip=clip)
     assert len(norms) == 4 and min(norms) > clip  # clipping was active on every step
     assert (ours - ref).abs().max().item() < 1e-6
-    unclipped, _, _ = loop_epoch(cfg_for(data, 4 // accum, accum=accum), net(), build_loader(cfg, "train", CPU), amp=amp)
+    plain_cfg = cfg_for(data, 4 // accum, accum=accum)
+    unclipped, _, _ = loop_epoch(plain_cfg, net(), build_loader(cfg, "train", CPU), amp=amp)
     assert (unclipped - ref).abs().max().item() > 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [False, True])
+def test_accumulation_and_clipping_on_gpu(tmp_path, compile_):
+    """On CUDA (fp16 GradScaler, optionally torch.compile): 2 x 2 accumulated equals one batch
+    of 4 for a model without BatchNorm, to fp16 rounding, with clipping on."""
+    data = make_folder(tmp_path / "d", per_class=(7, 6, 6))
+    dev = torch.device("cuda")
+    out = []
+    for batch, accum in ((2, 2), (4, 1)):
+        cfg = cfg_for(data, batch, accum=accum, clip=0.05)
+        model = net().to(dev)
+        res = resolve(cfg, 1)
+        ctx = EpochContext(torch.compile(model) if compile_ else model, build_optimizer(cfg.optim, model, res.lr),
+                           torch.amp.GradScaler("cuda"), nn.CrossEntropyLoss(), lambda s: res.lr,
+                           lambda: torch.autocast("cuda", dtype=torch.float16), None, cfg,
+                           DistInfo(0, 0, 1, dev), RunLog(".", enabled=False))
+        loader = build_loader(cfg, "train", dev)
+        loader.set_epoch(0)
+        _, steps = train_one_epoch(ctx, loader, epoch=0, step=0)
+        assert steps == 4
+        out.append(torch.cat([p.detach().flatten().float() for p in model.parameters()]))
+    assert (out[0] - out[1]).abs().max().item() < 1e-3
 
 
 # ---------------------------------------------------------------- TensorBoard
@@ -278,3 +306,25 @@ def test_accumulation_clipping_and_tensorboard_add_no_sync_per_step(tmp_path):
     assert "_foreach_norm" in ops or "linalg_vector_norm" in ops  # clipping ran
     assert two == four and every > four, (two, four, every)
     log.close()
+
+
+def test_trainer_under_torchrun_with_accumulation_clipping_and_tensorboard(tmp_path):
+    """The real trainer on 2 processes with 2 micro-batches of 2 each: global batch 8, its LR,
+    optimizer steps per epoch; one TensorBoard event file (rank 0's)."""
+    data = make_folder(tmp_path / "d", per_class=(7, 6, 6))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "fastcls.train", "pipelines/demo.yaml", f"data.train={data}", f"data.val={data}",
+         "model.num_classes=3", "data.batch_size=2", "train.accum_steps=2", "optim.clip_grad_norm=1.0",
+         "train.tensorboard=true", "train.log_every=1", "data.image_size=32", "data.val_resize=32",
+         "data.workers=0", "train.epochs=2", f"train.out_dir={out}", "train.progress=false"],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = yaml.safe_load((out / "config.yaml").read_text())["resolved"]
+    assert (res["world_size"], res["accum_steps"], res["global_batch_size"]) == (2, 2, 8)
+    assert res["steps_per_epoch"] == (19 // 2) // 4 and res["lr_effective"] == pytest.approx(0.8 * 8 / 256)
+    assert "global batch 8 (2/process x 2 accumulation steps)" in proc.stdout
+    assert ckpt.load(out / "last.pt")["step"] == 2 * 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["val_images"] == 19
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
