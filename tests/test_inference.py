@@ -263,20 +263,23 @@ def test_eval_and_predict_on_gpu(tmp_path, capsys):
 
 # ---------------------------------------------------------------- predict
 
-def test_predict_equals_the_model_on_the_val_loader_and_reports_bad_files(r18, tmp_path, capsys):
-    """Top-5 classes and probabilities from `predict` (folders, a text list, single files)
-    equal softmax(model(x)) on fastcls's native val batches, image by image; the broken-file
-    zoo gets one error line each, odd-but-valid files a prediction."""
-    run, val = r18
+def test_predict_equals_the_model_on_the_val_loader_and_reports_bad_files(tiny, demo_cache, tmp_path, capsys):
+    """Top-k classes and probabilities from `predict` (folders, a text list, single files) on
+    the demo's real images equal softmax(model(x)) on fastcls's native val batches of the same
+    files, image by image; the broken-file zoo gets one error line each, odd-but-valid files a
+    prediction."""
+    run, _ = tiny
+    val = ensure_demo_dataset(demo_cache)[1]
     loaded = load_checkpoint(run / "last.pt", ["train.amp=off"])
     model = build_inference_model(loaded, CPU)
     ref = {}
-    loader = build_loader(loaded.cfg, "val", CPU, classes=loaded.classes)
+    # the demo's 10 class folders through the checkpoint's val transform (their labels unused)
+    loader = build_loader(loaded.cfg, "val", CPU, path=val)
     paths = [p for p, _ in loader.dataset.samples]
     with torch.no_grad():
         probs = torch.cat([model(x).softmax(1) for x, _ in loader])
     for p, pr in zip(paths, probs):
-        v, i = pr.topk(5)
+        v, i = pr.topk(2)
         ref[p] = [(loaded.classes[j], j, q) for j, q in zip(i.tolist(), v.tolist())]
     zoo = bad_folder(tmp_path)
     write_odd_images([zoo / "a"] * 4, np.random.default_rng(0))
@@ -284,7 +287,8 @@ def test_predict_equals_the_model_on_the_val_loader_and_reports_bad_files(r18, t
     listed.write_text("# two demo images\n" + "\n".join(paths[:2]) + "\n\n" + str(tmp_path / "gone.jpg") + "\n")
     out = tmp_path / "p.jsonl"
     rc, stdout, err = run_cli("predict", [run / "last.pt", val, listed, zoo, tmp_path / "nowhere",
-                                          "train.amp=off", "--out", out, "--batch-size", "7"], capsys)
+                                          "train.amp=off", "--out", out, "--batch-size", "7", "--topk", "2"],
+                         capsys)
     assert rc == 0, err
     got = [json.loads(x) for x in out.read_text().splitlines()]
     n_zoo = 23 + 4
