@@ -53,10 +53,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     notes: list[str] = []
     try:
         loaded = load_checkpoint(args.checkpoint, args.overrides, ema=args.ema, notes=notes)
-    except USER_ERRORS as e:
+        dist = setup_distributed(loaded.cfg.train.device)
+    except (*USER_ERRORS, RuntimeError) as e:  # RuntimeError: train.device=cuda without CUDA
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dist = setup_distributed(loaded.cfg.train.device)
     try:
         if dist.is_main:
             for note in notes:

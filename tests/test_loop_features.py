@@ -78,6 +78,44 @@ def test_accumulation_equals_the_bigger_batch(tmp_path):
     assert stats_a["epoch_sums"][2] == stats_b["epoch_sums"][2] == 16  # images trained on
 
 
+class Counting:
+    """A loader wrapper counting the micro-batches drawn from it."""
+
+    def __init__(self, loader):
+        self.loader, self.drawn = loader, 0
+        self.bad_files = loader.bad_files
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.drawn += 1
+            yield batch
+
+
+def test_preemption_stops_on_an_optimizer_step_boundary(tmp_path):
+    """A signal already received: the epoch stops after its first optimizer step, i.e. after
+    both of its micro-batches, never between them (the checkpoint holds no half-accumulated
+    gradients)."""
+    from fastcls.preempt import Preemption
+    data = make_folder(tmp_path / "d")
+    cfg = cfg_for(data, 2, accum=2)
+    loader = build_loader(cfg, "train", CPU)
+    loader.set_epoch(0)
+    counting = Counting(loader)
+    model = net()
+    res = resolve(cfg, 1)
+    ctx = EpochContext(model, build_optimizer(cfg.optim, model, res.lr), None, nn.CrossEntropyLoss(),
+                       lambda s: res.lr, contextlib.nullcontext, None, cfg, ONE, RunLog(".", enabled=False))
+    with Preemption(ONE, check_every=1, signals=()) as stop:
+        stop.requested = "SIGUSR1"
+        ctx.stop = stop
+        stats, step = train_one_epoch(ctx, counting, epoch=0, step=0)
+    assert stats["epoch_steps"] == step == 1 and counting.drawn == 2
+    assert stats["epoch_sums"][2] == 4  # both micro-batches' images
+
+
 def test_accumulation_under_torchrun_equals_the_bigger_batch_and_skips_allreduces(tmp_path):
     data = make_folder(tmp_path / "d", per_class=(10, 10, 10))
     out = tmp_path / "accum.json"
