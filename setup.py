@@ -27,12 +27,23 @@ setup(
         # nvImageCodec: GPU batch decode on the hardware JPEG engines (torch built for CUDA 12 / 13)
         "nvimgcodec": ["nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
         "nvimgcodec-cu13": ["nvidia-nvimgcodec-cu13", "nvidia-nvjpeg"],
+        # python -m fastcls.export --format onnx: torch's torch.export-based ONNX exporter needs
+        # onnxscript; onnxruntime verifies the export against eager PyTorch
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        # train.tensorboard: true (torch.utils.tensorboard writes the event files)
+        "tensorboard": ["tensorboard"],
         # timm: reference for the mixup/cutmix tests; nvidia-nvimgcodec-cu12 (32 MB, no CUDA
-        # needed) so CI tests its CPU-only decode path
-        # scikit-image: real photographs (skimage.data) for the loader tests
-        "test": ["pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "scikit-image"],
+        # needed) so CI tests its CPU-only decode path; tensorboard (its EventAccumulator reads
+        # the event files back) and the onnx extra so CI tests both; scikit-image: real
+        # photographs (skimage.data) for the loader tests
+        "test": ["pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "tensorboard",
+                 "onnx", "onnxruntime", "onnxscript", "scikit-image"],
         "all": ["nvidia-dali-cuda120", "ffcv==1.0.2", "numba>=0.59",
-                "pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
+                "pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12",
+                "tensorboard", "onnx", "onnxruntime", "onnxscript"],
     },
-    entry_points={"console_scripts": ["fastcls-train=fastcls.train:main"]},
+    entry_points={"console_scripts": ["fastcls-train=fastcls.train:main",
+                                      "fastcls-eval=fastcls.eval:main",
+                                      "fastcls-predict=fastcls.predict:main",
+                                      "fastcls-export=fastcls.export:main"]},
 )

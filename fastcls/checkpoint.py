@@ -101,9 +101,8 @@ def load(path: str | os.PathLike) -> dict:
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "classes")
 
 
-def load_verified(path: str | os.PathLike) -> dict:
-    """Load `path` after checking its `.sha256` sidecar (when present); CheckpointError
-    names the file and what is wrong with it."""
+def verify_digest(path: str | os.PathLike) -> None:
+    """CheckpointError when `path` has a `.sha256` sidecar whose digest it does not match."""
     path = Path(path)
     side = _sidecar(path)
     if side.is_file():
@@ -114,12 +113,28 @@ def load_verified(path: str | os.PathLike) -> dict:
                 h.update(block)
         if h.hexdigest() != want:
             raise CheckpointError(f"{path}: SHA-256 differs from {side.name} (corrupt or truncated)")
+
+
+def load_any(path: str | os.PathLike):
+    """The digest-checked, unpickled contents of `path` (any torch.save file of tensors and
+    plain types); CheckpointError names the file and what is wrong with it."""
+    verify_digest(path)
     try:
-        state = load(path)
+        return load(path)
     except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError/... for bad files
         raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+
+
+def is_fastcls_state(state) -> bool:
+    return isinstance(state, dict) and all(k in state for k in REQUIRED_KEYS)
+
+
+def load_verified(path: str | os.PathLike) -> dict:
+    """Load `path` after checking its `.sha256` sidecar (when present); CheckpointError
+    names the file and what is wrong with it."""
+    state = load_any(path)
+    if not is_fastcls_state(state):
         raise CheckpointError(f"{path}: not a fastcls checkpoint (keys {REQUIRED_KEYS} expected)")
     return state
 

@@ -99,9 +99,11 @@ class DataConfig:
     val: str = knob("", "validation ImageFolder root (ffcv: a .beton file)")
     demo: bool = knob(False, "generate and use the embedded demo dataset; an explicit data.train/"
                       "data.val on the command line turns it off")
-    batch_size: Optional[int] = knob(None, "images per process per step; or ...", gt=0)
-    global_batch_size: Optional[int] = knob(None, "... images per step over all processes (set "
-                                            "exactly one; must divide over the processes)", gt=0)
+    batch_size: Optional[int] = knob(None, "images per process per forward/backward pass (x "
+                                     "train.accum_steps per optimizer step); or ...", gt=0)
+    global_batch_size: Optional[int] = knob(None, "... images per optimizer step over all "
+                                            "processes (set exactly one; must divide over the "
+                                            "processes x train.accum_steps)", gt=0)
     image_size: int = knob(224, "training crop size and validation crop size", gt=0)
     val_resize: int = knob(256, "validation: shorter side resized to this, then center crop "
                            "image_size", gt=0)
@@ -244,6 +246,9 @@ class OptimConfig:
                         ge=0, le=1)
     rho: float = knob(0.9, "adadelta: smoothing of the running averages", ge=0, le=1)
     trust_coeff: float = knob(0.001, "lars: trust coefficient eta (You et al. 2017)", gt=0)
+    clip_grad_norm: float = knob(0.0, "clip the global gradient L2 norm to this before each "
+                                 "optimizer step (torch.nn.utils.clip_grad_norm_; fp16: after "
+                                 "GradScaler.unscale_); 0 = off", ge=0)
     impl: Literal["auto", "torch", "apex"] = knob(
         "auto", "auto: apex's fused kernel (sgd, adam, adamw, lamb) when apex imports and the model "
         "is on CUDA, else torch/timm; torch; apex (an error if unavailable)")
@@ -296,6 +301,12 @@ class TrainConfig:
                                "(bitwise resume)")
     slurm_requeue: bool = knob(True, "in a SLURM job, on SIGUSR1/SIGTERM: checkpoint, then rank 0 "
                                "runs scontrol requeue")
+    accum_steps: int = knob(1, "gradient accumulation: micro-batches of data.batch_size per "
+                            "optimizer step; the global batch (LR scaling, schedule steps) is "
+                            "batch x processes x accum_steps", ge=1)
+    tensorboard: bool = knob(False, "write TensorBoard event files to out_dir/tb (rank 0): the "
+                             "progress-bar scalars every log_every steps, metrics.jsonl values "
+                             "per evaluation")
 
 
 @dataclass(frozen=True)
@@ -450,17 +461,19 @@ def to_dict(cfg: Config) -> dict:
 class Resolved:
     """Everything that follows from the config and the world size."""
     world_size: int
-    batch_size: int          # per process
-    global_batch_size: int
+    batch_size: int          # per process per forward/backward (a micro-batch when accumulating)
+    global_batch_size: int   # images per optimizer step: batch_size x world_size x accum_steps
     lr: float                # effective peak LR after scaling to the global batch
-    steps_per_epoch: Optional[int]  # None when the dataset size is not known yet
+    steps_per_epoch: Optional[int]  # optimizer steps; None when the dataset size is not known yet
     train_images: Optional[int]
+    accum_steps: int = 1     # micro-batches per optimizer step (train.accum_steps)
 
     def as_dict(self, cfg: Config) -> dict:
         spe = self.steps_per_epoch
         return {
             "world_size": self.world_size,
             "batch_size_per_process": self.batch_size,
+            "accum_steps": self.accum_steps,
             "global_batch_size": self.global_batch_size,
             "lr_effective": self.lr,
             "lr_rule": f"{cfg.optim.lr} per {cfg.optim.base_batch} images, "
@@ -487,20 +500,24 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def resolve(cfg: Config, world_size: int, train_images: Optional[int] = None) -> Resolved:
-    d = cfg.data
+    """Batches, LR and steps for `world_size` processes. With gradient accumulation the
+    optimizer sees batch x world_size x accum_steps images per step: that global batch is
+    what the LR is scaled to and what the schedule's steps count."""
+    d, accum = cfg.data, cfg.train.accum_steps
     if d.global_batch_size is not None:
-        if d.global_batch_size % world_size:
+        if d.global_batch_size % (world_size * accum):
+            over = f"{world_size} processes" + (f" x {accum} accumulation steps" if accum > 1 else "")
             raise ConfigError(f"data.global_batch_size={d.global_batch_size} does not divide over "
-                              f"{world_size} processes; pick a multiple of {world_size} or set "
+                              f"{over}; pick a multiple of {world_size * accum} or set "
                               f"data.batch_size (per process) instead")
-        per = d.global_batch_size // world_size
+        per = d.global_batch_size // (world_size * accum)
     else:
         per = d.batch_size
-    glob = per * world_size
+    glob = per * world_size * accum
     spe = None
     if train_images is not None:
-        spe = (train_images // world_size) // per
+        spe = (train_images // world_size) // (per * accum)
         if spe == 0:
             raise ConfigError(f"data.train has {train_images} images: fewer than one global batch "
                               f"of {glob}; lower the batch size")
-    return Resolved(world_size, per, glob, scaled_lr(cfg.optim, glob), spe, train_images)
+    return Resolved(world_size, per, glob, scaled_lr(cfg.optim, glob), spe, train_images, accum)

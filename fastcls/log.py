@@ -1,4 +1,5 @@
-"""What a user sees: rank-0 messages, the progress bar, metrics.jsonl, config.yaml, curves.png."""
+"""What a user sees: rank-0 messages, the progress bar, metrics.jsonl, config.yaml, curves.png,
+and (train.tensorboard) TensorBoard event files in out_dir/tb."""
 from __future__ import annotations
 
 import json
@@ -9,16 +10,60 @@ from typing import Optional
 import yaml
 from tqdm import tqdm
 
+from .schema import ConfigError
+
+TB_DIR = "tb"
+
+
+def summary_writer(log_dir: Path):
+    """torch's TensorBoard SummaryWriter; a one-line error when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard: true needs the tensorboard package: "
+                          "pip install tensorboard  (or pip install 'fastcls[tensorboard]')") from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def summary_line(record: dict, quiet: tuple[str, ...] = ()) -> str:
+    """`val_top1 71.3 | val_top5 90.1 | ...`: how a metrics record is printed."""
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in record.items() if k not in quiet)
+
 
 class RunLog:
-    """Writes only on rank 0 (`enabled=False` elsewhere); pass it around, no globals."""
+    """Writes only on rank 0 (`enabled=False` elsewhere); pass it around, no globals.
+    With `tensorboard`, scalars also go to out_dir/tb: `scalars()` (the progress bar's, by
+    global optimizer step) and every numeric metrics.jsonl value as `epoch/<key>` by epoch
+    (strings as text). A context manager: leaving it closes (flushes) the event file."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool, progress: bool = True):
+    def __init__(self, out_dir: str | Path, enabled: bool, progress: bool = True,
+                 tensorboard: bool = False):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.progress = progress and enabled
+        self.tb = None
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                self.tb = summary_writer(self.out_dir / TB_DIR)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars at global step `step` (host numbers: logging never syncs)."""
+        if self.tb is not None:
+            for tag, v in values.items():
+                self.tb.add_scalar(tag, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def info(self, msg: str) -> None:
         if self.enabled:
@@ -43,9 +88,15 @@ class RunLog:
             return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                 if k not in quiet]
-        self.info(" | ".join(parts))
+        if self.tb is not None:
+            epoch = record.get("epoch", 0)
+            for k, v in record.items():
+                if isinstance(v, str):
+                    self.tb.add_text(f"epoch/{k}", v, epoch)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
+                    self.tb.add_scalar(f"epoch/{k}", v, epoch)
+            self.tb.flush()  # once per evaluation: the curves survive a crash
+        self.info(summary_line(record, quiet))
 
     def read_metrics(self) -> list[dict]:
         p = self.out_dir / "metrics.jsonl"

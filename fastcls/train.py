@@ -132,7 +132,8 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     # ------------------------------------------------------------------ setup
     device = dist.device
     out_dir = Path(cfg.train.out_dir or f"runs/{cfg.name}")
-    log = RunLog(out_dir, enabled=dist.is_main, progress=cfg.train.progress)
+    log = RunLog(out_dir, enabled=dist.is_main, progress=cfg.train.progress,
+                 tensorboard=cfg.train.tensorboard)
     for note in notes:
         log.info(note)
     amp_dtype = AMP_DTYPES[cfg.train.amp]
@@ -178,7 +179,8 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
 
     # ------------------------------------------------------------------ loop
     record: dict = {}
-    with Preemption(dist, check_every=cfg.train.log_every) as stop:  # SIGUSR1/SIGTERM handlers
+    # `log` closes its TensorBoard writer on the way out; Preemption installs SIGUSR1/SIGTERM handlers
+    with log, Preemption(dist, check_every=cfg.train.log_every) as stop:
         ctx.stop = stop
         for epoch in range(pos.epoch, cfg.train.epochs):
             if frozen and epoch >= cfg.model.freeze_epochs:
@@ -187,11 +189,11 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
                 ctx.model, frozen = wrap_for_training(raw_model, cfg, dist), False  # DDP sees all params
                 log.info(f"epoch {epoch + 1}: backbone unfrozen (model.freeze_epochs={cfg.model.freeze_epochs})")
             first = pos.epoch_step if epoch == pos.epoch else 0
-            train_loader.set_epoch(epoch, first)
+            train_loader.set_epoch(epoch, first * cfg.train.accum_steps)  # in micro-batches
             stats, step = train_one_epoch(ctx, train_loader, epoch, step, start_step=first,
                                           carry=pos.epoch_sums if epoch == pos.epoch else None)
             done, sums = stats.pop("epoch_steps"), stats.pop("epoch_sums")
-            if done < len(train_loader):
+            if done < res.steps_per_epoch:
                 raise ckpts.preempted(stop.requested, epoch, done, step, sums)
             val, is_best = None, False
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
@@ -249,10 +251,13 @@ def build_data(cfg: Config, dist: DistInfo, log: RunLog, dtype: torch.dtype):
     for name in train_loader.empty_classes:
         log.warn(f"class folder {name!r} has no images")
     res = resolve(cfg, dist.world_size, train_loader.dataset_size)
-    assert res.steps_per_epoch == len(train_loader), (res.steps_per_epoch, len(train_loader))
+    # the loader yields micro-batches; an optimizer step takes accum_steps of them
+    assert res.steps_per_epoch == len(train_loader) // res.accum_steps, \
+        (res.steps_per_epoch, len(train_loader), res.accum_steps)
     log.write_config(resolved_tree(cfg, res))
     log.info(f"fastcls: {cfg.name} on {dist.device} x{dist.world_size} | {res.train_images} train "
-             f"images, {n_cls} classes | global batch {res.global_batch_size} ({res.batch_size}/process) "
+             f"images, {n_cls} classes | global batch {res.global_batch_size} ({res.batch_size}/process"
+             + (f" x {res.accum_steps} accumulation steps" if res.accum_steps > 1 else "") + ") "
              f"| lr {res.lr:.4g} | {res.steps_per_epoch} steps/epoch | out {log.out_dir}")
     return train_loader, val_loader, res
 
@@ -353,12 +358,17 @@ class EpochContext:
 
 def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_step: int = 0,
                     carry: Optional[list] = None) -> tuple[dict, int]:
-    """Steps start_step..len(loader)-1 of `epoch` (the loader was set to start there).
-    Returns (stats, global step); stats["epoch_steps"] < len(loader) when `ctx.stop` agreed
-    on a preemption signal, stats["epoch_sums"] = [loss sum, correct, images] over all ranks.
-    `carry` = epoch_sums of the steps before start_step (a resumed epoch), so the epoch's
-    train_loss/train_top1 cover all its steps."""
+    """Optimizer steps start_step..S-1 of `epoch`, S = len(loader) // train.accum_steps (the
+    loader yields micro-batches and was set to start at micro-batch start_step x accum_steps).
+    Each optimizer step accumulates the gradients of accum_steps micro-batches, then clips
+    them (optim.clip_grad_norm) and steps. Returns (stats, global step); stats["epoch_steps"]
+    (optimizer steps) < S when `ctx.stop` agreed on a preemption signal,
+    stats["epoch_sums"] = [loss sum, correct, images] over all ranks. `carry` = epoch_sums of
+    the steps before start_step (a resumed epoch), so the epoch's train_loss/train_top1
+    cover all its steps."""
     model, optimizer, scaler, cfg, dist = ctx.model, ctx.optimizer, ctx.scaler, ctx.cfg, ctx.dist
+    accum, clip = cfg.train.accum_steps, cfg.optim.clip_grad_norm
+    steps = len(loader) // accum
     model.train()
     # Running sums stay on the device: reading them is a sync, done every log_every steps.
     # [loss * n, correct, images]; a resumed epoch's earlier totals count once, on rank 0.
@@ -367,59 +377,74 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_s
         sums += sums.new_tensor(carry)
     images_seen, wait, t_epoch = 0, 0.0, time.perf_counter()
     win_images, win_wait, t_win = 0, 0.0, t_epoch
-    bar = ctx.log.bar(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
+    bar = ctx.log.bar(steps, f"epoch {epoch + 1}/{cfg.train.epochs}")
     bar.update(start_step)
     it = iter(loader)
-    done = len(loader)
-    for i in range(start_step, len(loader)):
-        t0 = time.perf_counter()
-        images, labels = next(it)
-        dt = time.perf_counter() - t0
-        wait, win_wait = wait + dt, win_wait + dt
-        # On-device augmentation; targets are soft (N, C) while mixup/cutmix is on.
-        images, targets = ctx.augmenter(images, labels, epoch, step) if ctx.augmenter else (images, labels)
-        if not cfg.model.channels_last:
-            images = images.contiguous()
+    done = steps
+    for i in range(start_step, steps):
         lr = ctx.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with ctx.autocast():
-            logits = model(images)
-            loss = ctx.criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            images, labels = next(it)
+            dt = time.perf_counter() - t0
+            wait, win_wait = wait + dt, win_wait + dt
+            # On-device augmentation, seeded per micro-batch (= per step without accumulation);
+            # targets are soft (N, C) while mixup/cutmix is on.
+            images, targets = ctx.augmenter(images, labels, epoch, step * accum + micro) \
+                if ctx.augmenter else (images, labels)
+            if not cfg.model.channels_last:
+                images = images.contiguous()
+            # DDP all-reduces the gradients in the last micro-batch's backward only.
+            with no_sync(model) if micro < accum - 1 else contextlib.nullcontext():
+                with ctx.autocast():
+                    logits = model(images)
+                    loss = ctx.criterion(logits, targets)
+                # mean over the accum_steps x batch images of the optimizer step
+                part = loss / accum if accum > 1 else loss
+                (scaler.scale(part) if scaler is not None else part).backward()
+            if ctx.guard is not None:
+                ctx.guard.observe(loss, step)
+            n = labels.shape[0]
+            sums[0] += loss.detach().double() * n
+            sums[1] += (logits.detach().argmax(1) == dominant_label(targets)).sum()  # mixed: larger share
+            sums[2] += n
+            images_seen += n
+            win_images += n
+        if clip > 0:
+            if scaler is not None:  # clip the true gradients; an inf/nan step is still skipped
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # on the device: no sync
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
-        if ctx.guard is not None:
-            ctx.guard.observe(loss, step)
-        n = labels.shape[0]
-        sums[0] += loss.detach().double() * n
-        sums[1] += (logits.detach().argmax(1) == dominant_label(targets)).sum()  # mixed: larger share
-        sums[2] += n
         step += 1
-        images_seen += n
-        win_images += n
-        if (i + 1) % cfg.train.log_every == 0 or i + 1 == len(loader):
+        if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps:
             loss_now = loss.item()  # sync, once per log_every steps
             now = time.perf_counter()
-            bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.3g}",
-                            img_s=f"{win_images * dist.world_size / (now - t_win):.0f}",
-                            stall=f"{100 * win_wait / (now - t_win):.0f}%", refresh=False)
+            img_s, stall = win_images * dist.world_size / (now - t_win), 100 * win_wait / (now - t_win)
+            bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}",
+                            stall=f"{stall:.0f}%", refresh=False)
+            ctx.log.scalars(step, {"train/loss": loss_now, "train/lr": lr, "train/img_per_s": img_s,
+                                   "train/data_stall": stall})  # host floats: no further sync
             win_images, win_wait, t_win = 0, 0.0, now
             if ctx.guard is not None:
                 ctx.guard.check(ctx.lr_at, ctx.ckpts.last if ctx.ckpts else None)
         bar.update(1)
         every = cfg.train.checkpoint_every
-        if ctx.ckpts is not None and every and (i + 1) % every == 0 and i + 1 < len(loader):
+        if ctx.ckpts is not None and every and (i + 1) % every == 0 and i + 1 < steps:
             ctx.ckpts.save(epoch, i + 1, step, epoch_sums=all_reduce_sum(sums.clone()).tolist())
-        if ctx.stop is not None and i + 1 < len(loader) and ctx.stop.agreed(i):
+        if ctx.stop is not None and i + 1 < steps and ctx.stop.agreed(i):
             done = i + 1
             break
     bar.close()
+    if done == steps and len(loader) > steps * accum:  # the len(loader) % accum_steps
+        for _ in it:                                     # micro-batches left: read, not trained on
+            pass
     totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([len(loader.bad_files)])]))
     loss_sum, correct, count, bad = totals.tolist()
     elapsed = time.perf_counter() - t_epoch
@@ -434,14 +459,25 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_s
             "epoch_sums": [loss_sum, correct, count]}, step
 
 
+def no_sync(model):
+    """DDP's `no_sync()` (no gradient all-reduce in this backward) for a DDP model, also
+    inside torch.compile; a no-op context for a model of one process."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner.no_sync() if isinstance(inner, DDP) else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def evaluate(model, loader, autocast, dist: DistInfo, pad_to: Optional[int] = None) -> dict:
+def evaluate(model, loader, autocast, dist: DistInfo, pad_to: Optional[int] = None, *,
+             confusion_classes: int = 0) -> dict:
     """Top-1/top-5 and loss over the whole val set; each image counted once across ranks.
     `pad_to` (a compiled model): smaller batches (the last one) are padded to this size with
     zeros and the padding's logits dropped, so the compiled graph sees one shape and does not
-    recompile (BatchNorm in eval mode treats every image alone: the padding changes nothing)."""
+    recompile (BatchNorm in eval mode treats every image alone: the padding changes nothing).
+    With `confusion_classes` = C > 0 also "confusion": the int64 C×C confusion matrix on the
+    CPU (row = true class, column = top-1 prediction; C = the model's outputs)."""
     model.eval()
     sums = torch.zeros(4, device=dist.device, dtype=torch.float64)  # loss, top1, top5, n
+    conf = torch.zeros(confusion_classes ** 2, device=dist.device, dtype=torch.int64)
     for images, labels in loader:
         n = images.shape[0]
         if n == 0:  # every image of this batch failed to decode
@@ -455,11 +491,17 @@ def evaluate(model, loader, autocast, dist: DistInfo, pad_to: Optional[int] = No
         sums[0] += loss.double()
         sums[1:3] += topk_correct(logits, labels, (1, 5)).double()
         sums[3] += labels.shape[0]
+        if confusion_classes:
+            conf += torch.bincount(labels * confusion_classes + logits.argmax(1),
+                                   minlength=confusion_classes ** 2)
     all_reduce_sum(sums)
     loss_sum, top1, top5, n = sums.tolist()
     n = max(n, 1.0)
-    return {"val_loss": loss_sum / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n,
-            "val_images": int(n)}
+    out = {"val_loss": loss_sum / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n,
+           "val_images": int(n)}
+    if confusion_classes:
+        out["confusion"] = all_reduce_sum(conf).view(confusion_classes, confusion_classes).cpu()
+    return out
 
 
 if __name__ == "__main__":
