@@ -118,42 +118,41 @@ def read_list(path: str, key: str = "data.train", *, root: str = "", classes_fil
     except OSError as e:
         raise DatasetError(f"{key}: cannot read {path!r}: {e.strerror}") from None
 
-    entries, errors = [], []  # (line number, absolute path, relative path, label)
+    entries, errors = [], []  # (line number, absolute path, relative path, label); (line, why)
     for no, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.rsplit(None, 1)  # the path may contain spaces; the label is last
         if len(parts) != 2:
-            errors.append(f"line {no}: expected 'relative/path label', got {line[:80]!r}")
+            errors.append((no, f"expected 'relative/path label', got {line[:80]!r}"))
             continue
         rel, lab = parts
         try:
             label = int(lab)
         except ValueError:
-            errors.append(f"line {no}: label {lab!r} is not an integer")
+            errors.append((no, f"label {lab!r} is not an integer"))
             continue
         if label < 0 or (limit is not None and label >= limit):
-            errors.append(f"line {no}: label {label} is outside 0..{limit - 1} ({what})"
-                          if limit is not None else f"line {no}: label {label} is negative")
+            errors.append((no, f"label {label} is outside 0..{limit - 1} ({what})"
+                           if limit is not None else f"label {label} is negative"))
             continue
         full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(base, rel))
         entries.append((no, full, rel, label))
-    if not errors:
-        # one listing per folder instead of one stat per file
-        by_dir: dict[str, set] = {}
-        for no, full, rel, _ in entries:
-            d = os.path.dirname(full)
-            if d not in by_dir:
-                try:
-                    by_dir[d] = {e.name for e in os.scandir(d) if e.is_file()}
-                except OSError:
-                    by_dir[d] = set()
-            if os.path.basename(full) not in by_dir[d]:
-                errors.append(f"line {no}: file {rel!r} does not exist (looked for {full})")
+    listed: dict[str, set] = {}  # one listing per folder instead of one stat per file
+    for no, full, rel, _ in entries:
+        d = os.path.dirname(full)
+        if d not in listed:
+            try:
+                listed[d] = {e.name for e in os.scandir(d) if e.is_file()}
+            except OSError:
+                listed[d] = set()
+        if os.path.basename(full) not in listed[d]:
+            errors.append((no, f"file {rel!r} does not exist (looked for {full})"))
     if errors:
+        errors.sort()
         more = f" (and {len(errors) - 1} more bad lines)" if len(errors) > 1 else ""
-        raise DatasetError(f"{key}: {path}: {errors[0]}{more}")
+        raise DatasetError(f"{key}: {path}: line {errors[0][0]}: {errors[0][1]}{more}")
     if not allow_repeats:
         first: dict[str, int] = {}
         for no, full, _, _ in entries:

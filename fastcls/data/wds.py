@@ -70,7 +70,9 @@ from torch.utils.data import Dataset
 
 from .base import LoaderBase, LoaderSpec, Normalizer
 from .folder import IMAGE_EXTENSIONS, DatasetError
-from .native import _REPLACEMENT_TRIES, NativeLoader, collate_uint8, decode_train, decode_val, worker_loader
+from .listfile import INDEX_SUFFIX, is_local as _is_local, is_shards  # noqa: F401  (path shapes)
+from .native import (_REPLACEMENT_TRIES, NativeLoader, collate_uint8, decode_train, decode_val,
+                     worker_loader)
 
 FORMAT = "fastcls-wds-v1"
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -97,12 +99,10 @@ def sample_rng(seed: int, epoch: int, sid: int) -> np.random.Generator:
 
 # --------------------------------------------------------------------------- shard sets
 
-from .listfile import INDEX_SUFFIX, is_local as _is_local, is_shards  # noqa: E402,F401  (path shapes)
-
-
 def _open(url: str):
-    if _is_local(url):
-        return open(re.sub(r"^file://?", "/", url) if url.startswith("file:") else url, "rb")
+    if _is_local(url):  # 1 MiB reads: few, large requests to a network file system
+        return open(re.sub(r"^file://?", "/", url) if url.startswith("file:") else url, "rb",
+                    buffering=1 << 20)
     from webdataset.gopen import gopen  # pipe:, http(s) via curl, ...
     return gopen(url, "rb")
 
@@ -222,7 +222,15 @@ def open_shards(path: str, key: str = "data.train",
         if guess and (not _is_local(guess) or os.path.isfile(guess)):
             index_url = guess
     if index_url is not None:
-        shards = _from_index(read_index(index_url, key), index_url, urls, key)
+        try:
+            meta = read_index(index_url, key)
+        except DatasetError as e:
+            if urls is None or _is_local(index_url):
+                raise
+            raise DatasetError(f"{e}; no shard index for {path!r}: write one with python -m "
+                               f"fastcls.data.wds index '{path}' OUT{INDEX_SUFFIX} and put it "
+                               f"there") from None
+        shards = _from_index(meta, index_url, urls, key)
     elif _is_local(urls[0]):
         gone = [u for u in urls if not os.path.isfile(u)]
         if gone:
