@@ -237,6 +237,29 @@ def test_resume_is_exact_and_does_not_replay(data, workers, monkeypatch):
     free(loader)
 
 
+def test_reader_api_streams_and_random_access_agree(data, monkeypatch):
+    """The worker-side API other decode paths build on: the bytes of any batch, streamed or
+    by seeks, are the plan's samples, and streaming opens each shard once per stream."""
+    _, shards = data
+    s = open_shards(str(shards))
+    plan = ShardPlan(s.counts, 4, 1, 2, train=True, seed=5, streams=2, shuffle_buffer=6)
+    reader, other = wds.ShardReader(s, plan), wds.ShardReader(s, plan)
+    opened, orig = [], wds._open
+    monkeypatch.setattr(wds, "_open", lambda url: opened.append(url) or orig(url))
+    batches = {g: reader.read_batch(2, g) for g in (1, 3, 5)}  # stream 1, in order
+    runs = list(plan.runs(2, plan.stream_starts[1], plan.stream_starts[1] + plan.stream_sizes[1]))
+    assert opened == [s.urls[k] for k, _, _ in runs] and len(set(opened)) == len(opened)  # once each
+    monkeypatch.undo()
+    batches.update({g: reader.read_batch(2, g) for g in (0, 2, 4)})  # then stream 0
+    for g, got in batches.items():
+        sh, mem = plan.batch_positions(2, g)
+        assert [r.sid for r in got] == (s.starts[sh] + mem).tolist()
+        assert got == other.read_positions(sh, mem)  # by seeks: the same samples
+    assert len({r.sid for b in batches.values() for r in b}) == 24
+    assert all(r.error is None for b in batches.values() for r in b)
+    assert wds.sample_rng(0, 2, 7).random() == np.random.default_rng((0, 2, 7)).random()
+
+
 def test_pipe_urls_read_the_same(data):
     _, shards = data
     pattern = str(shards / "train-{000000..000006}.tar")
@@ -392,3 +415,15 @@ def test_demo_trains_from_shards_to_bar(demo_cache, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 30 and rows[-1]["val_images"] == 200
     assert rows[-1]["val_top1"] > 80.0, rows[-1]  # the demo's bar (test_train.py)
+
+
+@pytest.mark.gpu
+def test_shards_cuda_contract(data):
+    _, shards = data
+    dev = torch.device("cuda")
+    cfg = loader_cfg(shards, shards, workers=2)
+    loader = build_loader(cfg, "train", dev, dtype=torch.bfloat16)  # auto: the PIL workers
+    check_contract(loader, dtype=torch.bfloat16, device=dev, tol=0.02)
+    val = build_loader(cfg, "val", dev, classes=loader.classes)
+    assert sum(y.shape[0] for _, y in val) == N
+    free(loader, val)

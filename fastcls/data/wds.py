@@ -49,8 +49,13 @@ Worker-side API (for any decode path):
     plan = ShardPlan(shards.counts, batch, rank, world, train=, seed=, streams=, shuffle_buffer=)
     reader = ShardReader(shards, plan)              # in each worker process
     reader.read_batch(epoch, g) -> [RawSample(data, label, key, sid, error)], len = plan.batch_len(g)
-Sequential batches of one stream (g, g+K, ...) asked of one process stream the shards; any
-other request re-seeks, still exact. `sample_rng(seed, epoch, sid)` seeds per-sample crops.
+    reader.read_positions(*plan.batch_positions(epoch, g))   # the same samples, by seeks
+read_batch streams: the batches g, g+K, g+2K, ... of stream g % K asked in that order of one
+process read each shard once, sequentially (pipe: URLs too); any other request rebuilds the
+stream at that batch (exact, but it re-reads up to one shuffle buffer). read_positions
+needs local shards with offsets and costs one seek per sample (open handles are kept), for
+callers whose batches may land on any worker. `sample_rng(seed, epoch, sid)` seeds the
+per-sample crop exactly as the folder dataset does.
 """
 from __future__ import annotations
 
@@ -103,8 +108,7 @@ def _open(url: str):
     if _is_local(url):  # 1 MiB reads: few, large requests to a network file system
         return open(re.sub(r"^file://?", "/", url) if url.startswith("file:") else url, "rb",
                     buffering=1 << 20)
-    from webdataset.gopen import gopen  # pipe:, http(s) via curl, ...
-    return gopen(url, "rb")
+    return _need("webdataset.gopen").gopen(url, "rb")  # pipe:, http(s) via curl, ...
 
 
 @dataclass
@@ -129,9 +133,18 @@ class ShardSet:
         return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
 
 
+def _need(module: str):
+    """Import webdataset / braceexpand (install_requires) or say how to get them."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DatasetError(f"tar shards need the webdataset package ({module} is missing): "
+                           f"pip install webdataset") from None
+
+
 def _expand(path: str) -> list[str]:
-    from braceexpand import braceexpand  # webdataset's dependency
-    return list(braceexpand(path))
+    return list(_need("braceexpand").braceexpand(path))  # webdataset's dependency
 
 
 def read_index(url: str, key: str) -> dict:
@@ -268,19 +281,21 @@ def split_name(name: str) -> tuple[Optional[str], str]:
 
 def iter_shard(url: str, m0: int = 0, m1: Optional[int] = None, *, sid0: int = 0,
                offsets: Optional[np.ndarray] = None, data: bool = True,
-               num_classes: Optional[int] = None, key: str = "data") -> Iterator[RawSample]:
+               num_classes: Optional[int] = None, key: str = "data",
+               fileobj=None) -> Iterator[RawSample]:
     """Samples m0..m1-1 of the shard `url`, streamed (one open; a local shard with
     `offsets` is entered at sample m0 with one seek, anything else reads through the
     members before it). A sample is the run of consecutive members sharing a key; its
-    image member and `.cls` are read (`data=False`: only `.cls`; data is b"")."""
+    image member and `.cls` are read (`data=False`: only `.cls`; data is b"").
+    `fileobj`: an open handle of the local shard to use (and leave open) instead."""
     name = _shard_name(url)
     try:
-        f = _open(url)
+        f = _open(url) if fileobj is None else fileobj
     except OSError as e:
         raise DatasetError(f"{key}: cannot open shard {url!r}: {e}") from None
     idx = 0
     try:
-        if m0 and offsets is not None and _is_local(url):
+        if (m0 or fileobj is not None) and offsets is not None and _is_local(url):
             f.seek(int(offsets[m0]))
             idx = m0
         tar = tarfile.open(fileobj=f, mode="r|")
@@ -311,7 +326,8 @@ def iter_shard(url: str, m0: int = 0, m1: Optional[int] = None, *, sid0: int = 0
                            f"{type(e).__name__}: {e}") from None
     finally:
         try:
-            f.close()
+            if fileobj is None:
+                f.close()
         except OSError:  # a pipe: command that failed after we stopped reading
             pass
     if m1 is not None and idx < m1:
@@ -507,6 +523,7 @@ class ShardReader:
         self.shards, self.plan, self.key = shards, plan, key
         self.starts = shards.starts
         self._streams: dict[tuple[int, int], _Stream] = {}
+        self._handles: dict[int, object] = {}  # read_positions' open shards
 
     def read_batch(self, epoch: int, g: int) -> list[RawSample]:
         if not 0 <= g < len(self.plan):
@@ -520,6 +537,29 @@ class ShardReader:
         out = s.take(g)
         if s.next_i * self.plan.streams + j >= len(self.plan):
             self._streams.pop((epoch, j)).samples.close()  # the stream's last batch: close it
+        return out
+
+    def read_positions(self, shard: Sequence[int], member: Sequence[int]) -> list[RawSample]:
+        """The samples at (shard, member) positions (e.g. `plan.batch_positions(epoch, g)`),
+        each read with one seek into a handle kept open per shard (the 16 most recent):
+        random access for readers that cannot keep a stream per process (a callback that
+        any worker may serve). Local shards with offsets in their index only."""
+        if not all(o is not None for o in self.shards.offsets) or \
+                not all(_is_local(u) for u in self.shards.urls):
+            raise DatasetError(f"{self.key}: random access needs local shards with offsets in "
+                               f"their index; stream them with read_batch instead")
+        out, n = [], len(self.shards.classes)
+        for s, m in zip(shard, member):
+            s, m = int(s), int(m)
+            f = self._handles.pop(s, None)
+            if f is None:
+                if len(self._handles) >= 16:
+                    self._handles.pop(next(iter(self._handles))).close()
+                f = _open(self.shards.urls[s])
+            self._handles[s] = f  # most recent last
+            out += iter_shard(self.shards.urls[s], m, m + 1, sid0=int(self.starts[s]),
+                              offsets=self.shards.offsets[s], num_classes=n, key=self.key,
+                              fileobj=f)
         return out
 
     def _read(self, epoch: int, t0: int, t1: int) -> Iterator[RawSample]:
