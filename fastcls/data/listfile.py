@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .folder import DatasetError, FolderIndex, scan_folder
+from .folder import IMAGE_EXTENSIONS, DatasetError, FolderIndex, scan_folder
 
 # Files that are datasets of another kind, never list files.
 _NOT_LISTS = (".tar", ".json", ".beton", ".gz", ".zip")
@@ -57,7 +57,7 @@ def is_shards(path: str) -> bool:
 def is_list_file(path: str) -> bool:
     """A regular file that is not a shard, index or .beton: read as a list file."""
     return bool(path) and is_local(path) and os.path.isfile(path) and \
-        not path.lower().endswith(_NOT_LISTS)
+        not path.lower().endswith(_NOT_LISTS + IMAGE_EXTENSIONS)
 
 
 def read_classes(path: str, key: str = "data.classes_file") -> list[str]:
@@ -187,6 +187,7 @@ def index_split(path: str, key: str = "data.train", *, classes: Optional[Sequenc
         return read_list(path, key, root=root, classes_file=classes_file, classes=classes,
                          exclude=exclude, num_classes=num_classes, allow_repeats=allow_repeats)
     if path and os.path.isfile(path):
-        raise DatasetError(f"{key}: {path!r} is a {Path(path).suffix} file; this backend reads "
-                           f"an ImageFolder root or a list file ('relative/path label' per line)")
+        raise DatasetError(f"{key}: {path!r} is not a directory (expected "
+                           f"{key.split('.')[-1]}/<class>/*.jpg) nor a list file ('relative/path "
+                           f"label' per line); this backend does not read {Path(path).suffix} files")
     return scan_folder(path, key=key, classes=classes, exclude=exclude)
