@@ -294,7 +294,10 @@ def convert_wds(src: str, out_dir: str, *, shard_size: str = "1GB", per_shard: O
     try:
         for name, tmp, group in zip(names, tmps, groups):
             with open(tmp, "wb") as f:
-                writer = TarWriter(f, encoder=False, mtime=0)  # bytes as they are; reproducible
+                # webdataset's TarWriter lays the tar out (key.cls + key.<ext>, bytes as they
+                # are, mtime 0: reproducible). Which rank and worker read which sample, in what
+                # order, is fastcls's plan (wds.ShardPlan), not webdataset's pipeline.
+                writer = TarWriter(f, encoder=False, mtime=0)
                 for i in group:
                     path, label = good[i]
                     ext = os.path.splitext(path)[1].lower().lstrip(".") or "jpg"
