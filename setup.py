@@ -16,6 +16,7 @@ setup(
         "tqdm",
         "matplotlib",
         "timm>=0.9",           # models: ResNet-D (ResNet50_vd), timm:<name>; optimizers: LARS, LAMB
+        "webdataset>=1.0",     # tar shards: pipe:/URL opening, TarWriter (pulls braceexpand)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],

@@ -7,6 +7,8 @@ same process, no model. Prints a table and writes JSON.
 The ffcv backend is measured on .beton copies of the folder in both write modes, jpg
 (re-encoded JPEG, decoded by libjpeg-turbo) and raw (uint8 pixels, no decode); the
 conversion is not timed and neither is the numba JIT (done when the loader is built).
+`shards` is the native PIL-worker path reading a tar-shard copy of the folder (convert
+--to wds, 64 MB shards, not timed) instead of the files: the same decode, other I/O.
 img/s is the median over --repeats timed runs of --steps batches each, after --warmup
 batches (worker start-up, numba/cudnn warm-up); on CUDA every timed run ends in a
 synchronize. The ratio column is each backend over the baseline measured in this run,
@@ -30,7 +32,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 from common import dataset_info, machine_info, now_utc, versions, write_json  # noqa: E402
 from fastcls.config import BACKENDS, config_from_dict  # noqa: E402
 from fastcls.data import DatasetError, build_loader, check_backend, scan_folder  # noqa: E402
-from fastcls.data.convert import ensure_beton  # noqa: E402
+from fastcls.data.convert import convert_wds, ensure_beton  # noqa: E402
 
 FFCV_MODES = ("jpg", "raw")  # .beton write modes measured for the ffcv backend
 from fastcls.dist import pick_device  # noqa: E402
@@ -99,10 +101,11 @@ def main(argv=None) -> int:
     src.add_argument("--data", help="ImageFolder root (e.g. /d/train)")
     src.add_argument("--demo", action="store_true", help="use the embedded demo dataset")
     p.add_argument("--backends", default=",".join(
-                       b for n in BACKENDS for b in (("native:workers", "native:batched") if n == "native" else (n,))),
+                       b for n in BACKENDS
+                       for b in (("native:workers", "native:batched", "shards") if n == "native" else (n,))),
                    help="comma list; unavailable ones are reported and skipped; native:workers|batched "
                         "picks data.native_decode (plain native = auto), native:batched:torchvision|"
-                        "nvimgcodec also data.decoder")
+                        "nvimgcodec also data.decoder; shards: native:workers over a tar-shard copy")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2)
@@ -145,11 +148,17 @@ def main(argv=None) -> int:
             skipped["ffcv"] = str(e)
             print(f"{'ffcv':>10}: skipped ({e})", file=sys.stderr)
             names.remove("ffcv")
+    shards = None
+    if "shards" in names:  # tar shards of the same files (WebDataset layout), written untimed
+        shards = f"{tmp.name}/shards"
+        convert_wds(folder, shards, shard_size="64MB", progress=False)
     for name in names:
         # ffcv reads .beton files: the folder is converted (not timed) once per write mode
         variants = [(f"ffcv ({m})", m) for m in FFCV_MODES] if name == "ffcv" else [(name, None)]
         backend, _, rest = name.partition(":")   # native:batched:nvimgcodec
         decode, _, decoder = rest.partition(":")
+        if name == "shards":
+            backend, decode, variants = "native", "workers", [("native:workers (shards)", None)]
         for label, mode in variants:
             tree["data"]["backend"] = backend
             tree["data"]["native_decode"] = decode or "auto"
@@ -158,6 +167,8 @@ def main(argv=None) -> int:
             try:
                 if mode is not None:
                     tree["data"]["train"] = betons[mode]
+                if name == "shards":
+                    tree["data"]["train"] = shards
                 cfg = config_from_dict(tree, "benchmark")
                 loader = build_loader(cfg, "train", device)
             except DatasetError as e:

@@ -91,12 +91,26 @@ class FFCVConfig:
 
 
 @dataclass(frozen=True)
+class WdsConfig:
+    """Tar shards (WebDataset layout) on the native backend (fastcls/data/wds.py)."""
+    shuffle_buffer: int = knob(4096, "training: samples each reader holds in memory to shuffle "
+                               "within (on top of the per-epoch shard order); 0 = stream order",
+                               ge=0)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     backend: Backend = knob("native", "native: PIL workers on CPU, batched GPU decode + Triton kernel "
                             "on CUDA; dali; ffcv (.beton files); synthetic: random tensors on the "
                             "device, for benchmarks (docs/data.md)")
-    train: str = knob("", "ImageFolder root train/<class>/*.jpg (ffcv: a .beton file)")
-    val: str = knob("", "validation ImageFolder root (ffcv: a .beton file)")
+    train: str = knob("", "ImageFolder root train/<class>/*.jpg, a list file ('path label' per "
+                      "line), or tar shards (native: a brace pattern, folder or .shards.json "
+                      "index); ffcv: a .beton file")
+    val: str = knob("", "validation data, in the same forms as data.train")
+    root: str = knob("", "list files: the folder their relative paths start from (default: the "
+                     "list file's folder)")
+    classes_file: str = knob("", "list files: class names, line i = class i ('name' or 'i name'); "
+                             "default: the labels' numbers")
     demo: bool = knob(False, "generate and use the embedded demo dataset; an explicit data.train/"
                       "data.val on the command line turns it off")
     batch_size: Optional[int] = knob(None, "images per process per forward/backward pass (x "
@@ -129,6 +143,7 @@ class DataConfig:
     timeout: float = knob(600.0, "seconds a worker batch may take before the run fails (hung "
                           "filesystem); 0 = wait forever", ge=0)
     ffcv: FFCVConfig = section(FFCVConfig)
+    wds: WdsConfig = section(WdsConfig)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from . import finetune
 from .augment import build_augmenter, dominant_label
 from .diagnose import diagnose, train_acc_source
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
-from .data import DatasetError, build_loader, dataset_paths, read_exclude, scan_folder
+from .data import DatasetError, build_loader, dataset_paths, split_size
 from .dist import (DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed,
                    world_size_from_env)
 from .guard import LossGuard, NonFiniteLoss
@@ -65,11 +65,7 @@ def count_train_images(cfg: Config) -> tuple[Optional[int], str]:
     if cfg.data.backend == "synthetic":
         return cfg.data.synthetic_images, ""
     try:
-        if cfg.data.backend == "ffcv":  # the converter's sidecar holds the count (no ffcv import)
-            from .data.beton import read_meta
-            return int(read_meta(dataset_paths(cfg)[0], "data.train")["num_samples"]), ""
-        return len(scan_folder(dataset_paths(cfg)[0], key="data.train",
-                               exclude=read_exclude(cfg.data.exclude)).samples), ""
+        return split_size(cfg, "train"), ""
     except DatasetError as e:
         return None, str(e)
 

@@ -117,7 +117,9 @@ def test_bad_data_matrix_check_train_and_exclude(tmp_path, capsys):
     (lambda p: str(p / "missing"), "does not exist"),
     (lambda p: (p / "empty").mkdir() or str(p / "empty"), "has no class sub-folders"),
     (lambda p: (p / "noimg" / "a").mkdir(parents=True) or str(p / "noimg"), "no images"),
-    (lambda p: (p / "file.txt").write_text("x") and str(p / "file.txt"), "is not a directory"),
+    (lambda p: (p / "file.jpg").write_text("x") and str(p / "file.jpg"), "is not a directory"),
+    (lambda p: (p / "file.txt").write_text("x") and str(p / "file.txt"),  # read as a list file
+     "file.txt: line 1: expected 'relative/path label', got 'x'"),
 ])
 def test_unusable_dataset_path_is_one_line_error(tmp_path, capsys, setup, message):
     path = setup(tmp_path)

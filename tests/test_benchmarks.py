@@ -14,7 +14,8 @@ def test_loader_benchmark_smoke(folder, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     backends = {row["backend"]: row for row in r["results"]}
-    assert {"native:workers", "native:batched", "synthetic", "pil_dataloader (baseline)"} <= set(backends)
+    assert {"native:workers", "native:batched", "native:workers (shards)", "synthetic",
+            "pil_dataloader (baseline)"} <= set(backends)
     assert backends["pil_dataloader (baseline)"]["ratio_vs_pil"] == 1.0
     for row in r["results"]:
         assert row["img_per_s"] > 0 and len(row["runs"]) == 2

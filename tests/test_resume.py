@@ -133,12 +133,19 @@ def _train(args, env, **kw):
                           text=True, timeout=300, **kw)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.slow])])
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, device):
+@pytest.mark.parametrize("device, source", [
+    ("cpu", "folder"), ("cpu", "shards"),
+    pytest.param("cuda", "folder", marks=[pytest.mark.gpu, pytest.mark.slow])])
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, device, source):
     """A run killed with SIGKILL right after a mid-epoch checkpoint and resumed with
     train.resume=auto ends with exactly the weights, optimizer state and metrics of an
-    uninterrupted run (deterministic mode: bitwise, no tolerance)."""
+    uninterrupted run (deterministic mode: bitwise, no tolerance). `shards`: the same images
+    as tar shards (the resumed stream seeks to its (shard, sample) position)."""
     data = make_folder(tmp_path / "data", per_class=(8, 8, 8))  # 6 steps/epoch
+    if source == "shards":
+        from fastcls.data.convert import convert_wds
+        convert_wds(str(data), str(tmp_path / "shards"), per_shard=5, workers=1, progress=False)
+        data = tmp_path / "shards"
     env = dict(run_env(), OMP_NUM_THREADS="1")
     common = ["train.epochs=2", "train.checkpoint_every=2", f"train.device={device}"]
     ref = _train(run_args(data, tmp_path / "ref", *common), env)

@@ -22,6 +22,7 @@ import torch
 from ..config import BACKENDS, Config, resolve
 from .base import Loader, LoaderSpec
 from .folder import DatasetError, read_exclude, scan_folder
+from .listfile import index_split, is_shards
 
 SPLITS = ("train", "val")
 
@@ -42,6 +43,22 @@ def dataset_paths(cfg: Config) -> tuple[str, str]:
     return cfg.data.train, cfg.data.val
 
 
+def split_size(cfg: Config, split: str = "train") -> int:
+    """Images in the split named by the config (folder, list file, shards or .beton),
+    without building a loader: what --print-config and resolve() count."""
+    path = dataset_paths(cfg)[SPLITS.index(split)]
+    key = f"data.{split}"
+    if cfg.data.backend == "ffcv":  # the converter's sidecar holds the count (no ffcv import)
+        from .beton import read_meta
+        return int(read_meta(path, key)["num_samples"])
+    if is_shards(path):
+        from .wds import open_shards
+        return open_shards(path, key).num_samples
+    return len(index_split(path, key, exclude=read_exclude(cfg.data.exclude), root=cfg.data.root,
+                           classes_file=cfg.data.classes_file,
+                           num_classes=cfg.model.num_classes).samples)
+
+
 def check_backend(name: str) -> None:
     if name in _OPTIONAL:
         module, install = _OPTIONAL[name]
@@ -51,13 +68,26 @@ def check_backend(name: str) -> None:
 
 
 def _folder(spec: LoaderSpec):
-    """The split's ImageFolder index (val: the classes must be training's)."""
-    return scan_folder(spec.path, key=spec.key, classes=None if spec.train else spec.classes,
-                       exclude=read_exclude(spec.data.exclude))
+    """The split's index, from an ImageFolder root or a list file (val: the classes must be
+    training's). Tar shards are refused with one line: this backend reads files."""
+    d = spec.data
+    if is_shards(spec.path):
+        raise DatasetError(f"{spec.key}: {spec.path!r} names tar shards, which "
+                           f"data.backend={d.backend}" + (" with data.native_decode=batched"
+                                                          if d.backend == "native" else "")
+                           + " does not read yet; use data.backend=native data.native_decode=workers")
+    return index_split(spec.path, spec.key, classes=None if spec.train else spec.classes,
+                       exclude=read_exclude(d.exclude), root=d.root, classes_file=d.classes_file,
+                       num_classes=spec.num_classes, allow_repeats=spec.train)
 
 
 def _native(spec: LoaderSpec) -> Loader:
     d = spec.data
+    if is_shards(spec.path) and d.native_decode != "batched":
+        # Shards are streamed by the PIL workers (auto included, on CUDA too, until the
+        # batched path reads shards; fastcls/data/wds.py)
+        from .wds import build_shard_loader
+        return build_shard_loader(spec)
     if d.native_decode == "batched" or (d.native_decode == "auto" and spec.device.type == "cuda"):
         from .native_batched import BatchedNativeLoader
         return BatchedNativeLoader(_folder(spec), spec)
@@ -106,4 +136,4 @@ def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0
 
 
 __all__ = ["BUILDERS", "Loader", "LoaderSpec", "build_loader", "dataset_paths", "DatasetError",
-           "read_exclude", "scan_folder"]
+           "index_split", "is_shards", "read_exclude", "scan_folder", "split_size"]

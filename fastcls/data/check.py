@@ -1,6 +1,6 @@
-"""`python -m fastcls.data.check DIR [DIR ...]`: find undecodable images before training.
+"""`python -m fastcls.data.check SPLIT [SPLIT ...]`: find undecodable images before training.
 
-Every image under the ImageFolder root(s) is decoded in full, in parallel worker processes.
+Every image under the ImageFolder root(s) or in the list file(s) is decoded in full, in parallel worker processes.
 Bad files are listed one per line as `path<TAB>reason`; the exit status is 1 when any was
 found (0 when all decode, 2 for a usage/dataset error), so a batch script can stop before a
 multi-day run. `--exclude-out FILE` writes the bad paths to FILE, one per line, which the
@@ -19,7 +19,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable, Optional
 
-from .folder import DatasetError, scan_folder
+from .folder import DatasetError
+from .listfile import index_split
 
 
 def check_file(path: str, strict: bool = False) -> Optional[str]:
@@ -72,8 +73,14 @@ def check_paths(paths: Iterable[str], workers: int = 0, strict: bool = False,
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m fastcls.data.check",
-        description="Decode every image of ImageFolder root(s); list the ones that fail.")
-    ap.add_argument("roots", nargs="+", metavar="DIR", help="ImageFolder root (DIR/<class>/*.jpg)")
+        description="Decode every image of ImageFolder root(s) or list file(s); list the ones "
+                    "that fail.")
+    ap.add_argument("roots", nargs="+", metavar="SPLIT",
+                    help="ImageFolder root (DIR/<class>/*.jpg) or list file ('path label' lines)")
+    ap.add_argument("--root", default="", metavar="DIR",
+                    help="list files: the folder their paths start from (as data.root)")
+    ap.add_argument("--classes", default="", metavar="FILE",
+                    help="list files: class names (as data.classes_file)")
     ap.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     ap.add_argument("--strict", action="store_true",
                     help="also decode with torchvision (libjpeg-turbo), as GPU decoders would")
@@ -84,7 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad, total = [], 0
     for root in args.roots:
         try:
-            index = scan_folder(root, key=root)
+            index = index_split(root, root, root=args.root, classes_file=args.classes)
         except DatasetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
