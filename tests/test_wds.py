@@ -214,6 +214,56 @@ def test_labels_and_val_each_image_once(data):
     assert sorted(seen) == list(range(N))
 
 
+# The three decode paths over shards: the PIL workers, the batched path (batch decode + the
+# fused kernel) with each decoder, and DALI (read by position in its Python workers).
+PATHS = ["workers", "batched:torchvision",
+         pytest.param("batched:nvimgcodec", marks=pytest.mark.skipif(
+             __import__("importlib").util.find_spec("nvidia.nvimgcodec") is None, reason="no nvImageCodec")),
+         pytest.param("dali", marks=pytest.mark.skipif(
+             __import__("importlib").util.find_spec("nvidia.dali") is None, reason="no DALI"))]
+
+
+def path_cfg(path: str, train, val="", **data):
+    if path == "dali":
+        return loader_cfg(train, val, backend="dali", **data)
+    decode, *decoder = path.split(":")
+    return loader_cfg(train, val, native_decode=decode, **({"decoder": decoder[0]} if decoder else {}), **data)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_decode_path_reads_the_plans_samples(data, path):
+    """Batched and DALI read shards in the PIL-worker path's order (the same plan for the same
+    data.workers): the same images per rank and epoch; validation scores each image once; a
+    mid-epoch seek continues with the uninterrupted epoch's batches, bit for bit."""
+    _, shards = data
+    kw = dict(workers=2, wds={"shuffle_buffer": 10})
+    ref = [build_loader(path_cfg("workers", shards, **kw), "train", CPU, rank=r, world_size=2)
+           for r in range(2)]
+    got = [build_loader(path_cfg(path, shards, **kw), "train", CPU, rank=r, world_size=2)
+           for r in range(2)]
+    check_contract(got[0])
+    for epoch in (1, 2):
+        for r in range(2):
+            assert epoch_ids(got[r], epoch) == epoch_ids(ref[r], epoch)
+    free(*ref)
+    seen = []
+    for r in range(2):
+        val = build_loader(path_cfg(path, shards, shards, **kw), "val", CPU, rank=r, world_size=2,
+                           classes=["a", "b", "c"])
+        for x, y in val:
+            for i, label in zip(ids(x), y.tolist()):
+                assert label == i // 16
+                seen.append(i)
+        free(val)
+    assert sorted(seen) == list(range(N))
+    got[0].set_epoch(3)
+    full = [x for x, _ in got[0]]
+    got[0].set_epoch(3, 4)
+    rest = [x for x, _ in got[0]]
+    assert len(rest) == len(full) - 4 and all(torch.equal(u, v) for u, v in zip(rest, full[4:]))
+    free(*got)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact_and_does_not_replay(data, workers, monkeypatch):
     _, shards = data
@@ -300,9 +350,8 @@ def test_path_forms_subsets_and_scanning(data, tmp_path):
         open_shards(str(tmp_path / "none-{000000..000001}.tar"))
     with pytest.raises(DatasetError, match="data.exclude applies to folders and list files"):
         build_loader(loader_cfg(shards, exclude=str(tmp_path / "x.txt")), "train", CPU)
-    with pytest.raises(DatasetError, match="names tar shards, which data.backend=native with "
-                                           "data.native_decode=batched does not read yet"):
-        build_loader(loader_cfg(shards, native_decode="batched"), "train", CPU)
+    batched = build_loader(loader_cfg(shards, native_decode="batched"), "train", CPU)
+    assert type(batched).__name__ == "BatchedShardLoader"  # shards on the batched path too
 
 
 def _write_shard(path: Path, samples) -> None:
@@ -312,9 +361,11 @@ def _write_shard(path: Path, samples) -> None:
             w.write(s)
 
 
-def test_bad_members_counted_replaced_and_dropped(tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_bad_members_counted_replaced_and_dropped(tmp_path, path):
     """The broken-file zoo inside a shard: zero-byte, HTML-as-.jpg, truncated JPEG, no .cls,
-    a label out of range; odd but good: grayscale, CMYK, PNG named .jpg, 1x1."""
+    a label out of range; odd but good: grayscale, CMYK, PNG named .jpg, 1x1. On every decode
+    path (no non-image reaches the batched path's or DALI's decoder)."""
     rng = np.random.default_rng(0)
     odd = tmp_path / "odd"
     write_odd_images([odd] * 4, rng)
@@ -333,15 +384,19 @@ def test_bad_members_counted_replaced_and_dropped(tmp_path):
     pattern = str(tmp_path / "s-{000000..000001}.tar")
     wds.write_index(wds.scan_shards(wds._expand(pattern), classes=["0", "1"]),
                     str(tmp_path / "s.shards.json"))  # two classes: label 9 is out of range
-    cfg = loader_cfg(pattern, pattern, batch_size=17, max_bad_fraction=0.5, hflip=0.0)
+    if path == "dali":  # DALI reads by position: local shards with offsets in their index
+        wds.write_index(wds.scan_shards(wds._expand(pattern), classes=["0", "1"]),
+                        str(tmp_path / "s.shards.json"))
+    cfg = path_cfg(path, pattern, pattern, batch_size=17, max_bad_fraction=0.5, hflip=0.0)
     train = build_loader(cfg, "train", CPU)
     (x, y), = list(train)
     assert x.shape[0] == 17 and train.classes == ["0", "1"]  # full batch: replaced
-    assert sorted(b.split(":")[1] for b in train.bad_files) == ["html", "label9", "nocls", "trunc", "zero"]
-    assert any("no .cls member" in b for b in train.bad_files)
+    if path == "workers":  # named by member key; the other paths by position (shard.tar:#k)
+        assert sorted(b.split(":")[1] for b in train.bad_files) == ["html", "label9", "nocls", "trunc", "zero"]
+    assert len(train.bad_files) == 5 and any("no .cls member" in b for b in train.bad_files)
     val = build_loader(cfg, "val", CPU, classes=["0", "1"])
     assert sum(len(y) for _, y in val) == 12 and len(val.bad_files) == 5  # dropped, counted
-    strict = build_loader(loader_cfg(pattern, pattern, max_bad_fraction=0.0), "val", CPU, classes=["0", "1"])
+    strict = build_loader(path_cfg(path, pattern, pattern, max_bad_fraction=0.0), "val", CPU, classes=["0", "1"])
     with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*s-00000[01].tar:"):
         list(strict)
 

@@ -69,13 +69,8 @@ def check_backend(name: str) -> None:
 
 def _folder(spec: LoaderSpec):
     """The split's index, from an ImageFolder root or a list file (val: the classes must be
-    training's). Tar shards are refused with one line: this backend reads files."""
+    training's)."""
     d = spec.data
-    if is_shards(spec.path):
-        raise DatasetError(f"{spec.key}: {spec.path!r} names tar shards, which "
-                           f"data.backend={d.backend}" + (" with data.native_decode=batched"
-                                                          if d.backend == "native" else "")
-                           + " does not read yet; use data.backend=native data.native_decode=workers")
     return index_split(spec.path, spec.key, classes=None if spec.train else spec.classes,
                        exclude=read_exclude(d.exclude), root=d.root, classes_file=d.classes_file,
                        num_classes=spec.num_classes, allow_repeats=spec.train)
@@ -83,12 +78,14 @@ def _folder(spec: LoaderSpec):
 
 def _native(spec: LoaderSpec) -> Loader:
     d = spec.data
-    if is_shards(spec.path) and d.native_decode != "batched":
-        # Shards are streamed by the PIL workers (auto included, on CUDA too, until the
-        # batched path reads shards; fastcls/data/wds.py)
+    batched = d.native_decode == "batched" or (d.native_decode == "auto" and spec.device.type == "cuda")
+    if is_shards(spec.path):  # tar shards, streamed by the workers (fastcls/data/wds.py)
+        if batched:
+            from .wds_backends import build_batched_shard_loader
+            return build_batched_shard_loader(spec)
         from .wds import build_shard_loader
         return build_shard_loader(spec)
-    if d.native_decode == "batched" or (d.native_decode == "auto" and spec.device.type == "cuda"):
+    if batched:
         from .native_batched import BatchedNativeLoader
         return BatchedNativeLoader(_folder(spec), spec)
     from .native import NativeLoader
@@ -96,6 +93,9 @@ def _native(spec: LoaderSpec) -> Loader:
 
 
 def _dali(spec: LoaderSpec) -> Loader:
+    if is_shards(spec.path):  # local shards, read by position (fastcls/data/wds_backends.py)
+        from .wds_backends import build_dali_shard_loader
+        return build_dali_shard_loader(spec)
     from .dali import DaliLoader
     return DaliLoader(_folder(spec), spec)
 

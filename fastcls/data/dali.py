@@ -151,17 +151,27 @@ class DaliSource:
                 col.append(v)
         return tuple(cols)
 
-    def _read(self, idx: int) -> tuple[bytes, Optional[str], tuple[int, int]]:
-        """(bytes, None, (w, h)) or (b"", reason, (0, 0)) for sample `idx`."""
-        if idx in self.known_bad:
-            return b"", self.known_bad[idx], (0, 0)
+    def _bytes(self, idx: int) -> tuple[bytes, Optional[str], int]:
+        """(screened bytes or b"", why not, label) of sample `idx` (a subclass reads shards)."""
         raw, why = read_screened(self.samples[idx][0])
+        return raw, why, self.samples[idx][1]
+
+    def _read(self, idx: int) -> tuple[bytes, Optional[str], tuple[int, int], int]:
+        """(bytes, None, (w, h), label) or (b"", reason, (0, 0), label) for sample `idx`."""
+        if idx in self.known_bad:
+            return b"", self.known_bad[idx], (0, 0), -1
+        raw, why, label = self._bytes(idx)
         if why is None:
             try:
-                return raw, None, _image_size(raw)
+                return raw, None, _image_size(raw), label
             except Exception as e:  # an unreadable header: PIL raises many types
                 why = f"{type(e).__name__}: {e}"
-        return b"", why, (0, 0)
+        return b"", why, (0, 0), label
+
+    @property
+    def size(self) -> int:
+        """Samples of the dataset (replacements are drawn among them)."""
+        return len(self.samples)
 
     def _row(self, raw: bytes, label: int, box, flip: bool, keep: bool, bad: list[int]):
         x, y, w, h = box
@@ -177,25 +187,24 @@ class DaliSource:
         replace = np.random.default_rng((self.seed, epoch, idx, 1))
         bad, cur = [], idx
         for _ in range(_REPLACEMENT_TRIES):
-            raw, why, (w, h) = self._read(cur)
+            raw, why, (w, h), label = self._read(cur)
             if why is None:
                 top, left, ch, cw = sample_rrc(w, h, self.scale, self.ratio, rng)
                 flip = rng.random() < self.hflip
-                return self._row(raw, self.samples[cur][1], (left, top, cw, ch), flip, True, bad)
+                return self._row(raw, label, (left, top, cw, ch), flip, True, bad)
             bad.append(cur)
-            cur, rng = int(replace.integers(len(self.samples))), replace
-        raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode, e.g. "
-                           f"{[self.samples[i][0] for i in bad[:3]]}")
+            cur, rng = int(replace.integers(self.size)), replace
+        raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode, e.g. samples "
+                           f"{bad[:3]}")
 
     def _val_sample(self, idx: int):
         """Resize(val_resize) + CenterCrop(image_size) as one window; a bad file becomes the
         placeholder, its row dropped by the loader (no image is scored twice)."""
-        raw, why, (w, h) = self._read(idx)
+        raw, why, (w, h), label = self._read(idx)
         if why is not None:
             return self._row(self.placeholder, -1, (0, 0, 8, 8), False, False, [idx])
         left, top, right, bottom = center_crop_box(w, h, self.val_resize, self.image_size)
-        return self._row(raw, self.samples[idx][1], (left, top, right - left, bottom - top),
-                         False, True, [])
+        return self._row(raw, label, (left, top, right - left, bottom - top), False, True, [])
 
 
 def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
@@ -293,18 +302,28 @@ class DaliLoader(LoaderBase):
         self._pipe = None
         import gc
         gc.collect()  # the old pipeline's memory and Python workers go before the new ones come
-        source = DaliSource(self.samples, train=self.train, batch_size=self.batch_size,
-                            rank=self.rank, world_size=self.sampler.world, seed=self.seed,
-                            scale=self.scale, ratio=self.ratio, hflip=self.hflip,
-                            image_size=self.image_size, val_resize=self.val_resize,
-                            base_epoch=epoch, first_step=step, known_bad=self.known_bad)
         self._pipe = build_pipeline(
-            source, batch_size=self.batch_size, num_threads=self.num_threads,
+            self._source(epoch, step), batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.device_id, seed=_seed(self.seed, self.rank, epoch, step),
             py_workers=self.workers, prefetch_queue_depth=self.prefetch_queue_depth,
             hw_decoder_load=self.hw_decoder_load, out_fp16=self.out_dtype == torch.float16)
         self.builds += 1
         self._pipe_epoch, self._pipe_step, self._pipe_state = epoch, step, "fresh"
+
+    def _source(self, epoch: int, step: int) -> DaliSource:
+        return DaliSource(self.samples, train=self.train, batch_size=self.batch_size,
+                          rank=self.rank, world_size=self.sampler.world, seed=self.seed,
+                          scale=self.scale, ratio=self.ratio, hflip=self.hflip,
+                          image_size=self.image_size, val_resize=self.val_resize,
+                          base_epoch=epoch, first_step=step, known_bad=self.known_bad)
+
+    def _name(self, idx: int) -> str:
+        """How sample `idx` is named in bad-file messages."""
+        return self.samples[idx][0]
+
+    def _strict_check(self, idx: int) -> Optional[str]:
+        """Why sample `idx` does not decode with a strict CPU decoder, or None."""
+        return check_file(self.samples[idx][0], strict=True)
 
     def _pipeline_at(self, epoch: int, step: int) -> None:
         """A pipeline positioned at batch `step` of `epoch`: the current one when it is there
@@ -332,7 +351,7 @@ class DaliLoader(LoaderBase):
         for i in order[lo:lo + depth * self.batch_size].tolist():
             if i in self.known_bad or i in found:
                 continue
-            why = check_file(self.samples[i][0], strict=True)
+            why = self._strict_check(i)
             if why is not None:
                 found[i] = f"DALI could not decode it: {why}"
         return found
@@ -340,8 +359,14 @@ class DaliLoader(LoaderBase):
     def _reason(self, idx: int) -> str:
         if idx in self.known_bad:
             return self.known_bad[idx]
-        _, why = read_screened(self.samples[idx][0])
-        return why or check_file(self.samples[idx][0], strict=True) or "undecodable"
+        source = self._source(0, 0)
+        raw, why, _ = source._bytes(idx)
+        if why is None:
+            try:
+                _image_size(raw)
+            except Exception as e:  # PIL raises many types
+                why = f"{type(e).__name__}: {e}"
+        return why or self._strict_check(idx) or "undecodable"
 
     # ------------------------------------------------------------------ iteration
 
@@ -365,7 +390,7 @@ class DaliLoader(LoaderBase):
             except RuntimeError as e:
                 found = self._find_bad(e, order, step)
                 if not found:
-                    paths = [self.samples[i][0] for i in order[step * self.batch_size:][:3]]
+                    paths = [self._name(i) for i in order[step * self.batch_size:][:3]]
                     raise DatasetError(
                         f"DALI failed at step {step} and no undecodable file was found among "
                         f"the batches in flight (first: {paths}); run python -m "
@@ -375,7 +400,7 @@ class DaliLoader(LoaderBase):
                 self._build(epoch, step)  # at the same step, the files marked bad
                 continue
             for row in bad:
-                self._account([f"{self.samples[i][0]}: {self._reason(i)}" for i in np.array(row).tolist()])
+                self._account([f"{self._name(i)}: {self._reason(i)}" for i in np.array(row).tolist()])
             step += 1
             if step == steps:
                 self._pipe_state = "ended"

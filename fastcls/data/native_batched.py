@@ -268,15 +268,30 @@ class BatchedNativeLoader(LoaderBase):
         super().__init__(len(index.samples), spec)
         self.classes, self.empty_classes, self.excluded = index.classes, index.empty_classes, index.excluded
         self.samples = index.samples
+        self._init_decode(spec)
+        self.loader = worker_loader(FileBytes(index, spec.train, self.scale, self.ratio, d.hflip, spec.seed),
+                                    self.sampler, collate_bytes, d.workers, d.timeout)
+        self.timeout = d.timeout if d.workers > 0 else 0
+
+    def _init_decode(self, spec: LoaderSpec) -> None:
+        """What the main process's decode + kernel need (shared with the shard loader)."""
+        d = spec.data
         self.train, self.device, self.dtype = spec.train, spec.device, spec.dtype
         self.size, self.val_resize = d.image_size, d.val_resize
         self.scale, self.ratio, self.hflip, self.seed = tuple(d.rrc.scale), tuple(d.rrc.ratio), d.hflip, spec.seed
         self.antialias_above = ANTIALIAS_ABOVE[d.antialias]
         self.decoder = resolve_decoder(d.decoder)  # "nvimgcodec" | "torchvision"
-        self._nv: Optional[NvImageCodecDecoder] = None  # created on first use, main process only
-        self.loader = worker_loader(FileBytes(index, spec.train, self.scale, self.ratio, d.hflip, spec.seed),
-                                    self.sampler, collate_bytes, d.workers, d.timeout)
-        self.timeout = d.timeout if d.workers > 0 else 0
+        self._nv: Optional[NvImageCodecDecoder] = None  # created on first use, in the staging thread
+        self.fallbacks: collections.Counter = collections.Counter()
+
+    def _name(self, idx: int) -> str:
+        """How sample `idx` is named in bad-file messages."""
+        return self.samples[idx][0]
+
+    def _replacement_bytes(self, j: int, epoch: int) -> tuple[bytes, int, Optional[str]]:
+        """(screened bytes, label, error) of sample j, read as a worker reads it."""
+        raw, label, _, err, _ = self.loader.dataset[(j, epoch)]
+        return raw, label, err
 
     # ------------------------------------------------------------------ one batch
 
@@ -285,20 +300,21 @@ class BatchedNativeLoader(LoaderBase):
             self._nv = NvImageCodecDecoder(self.device)
         return self._nv
 
-    def _replace(self, key: int, epoch: int) -> tuple[torch.Tensor, int, np.random.Generator]:
+    def _replace(self, key: int, epoch: int, batch=None) -> tuple[torch.Tensor, int, np.random.Generator]:
         """Training: another sample for a file that failed, drawn from its own generator
-        (rare path: read + decoded alone in the main process)."""
+        (rare path: read + decoded alone in the main process). `batch`: this batch's
+        (image or None, label) pairs (a reader without random access picks among them)."""
         rng = np.random.default_rng((self.seed, epoch, key, 1))
         errors = []
         for _ in range(_REPLACEMENT_TRIES):
-            j = int(rng.integers(len(self.samples)))
-            raw, label, _, err, _ = self.loader.dataset[(j, epoch)]  # same read + checks
+            j = int(rng.integers(self.dataset_size))
+            raw, label, err = self._replacement_bytes(j, epoch)  # same read + checks
             if err is None:
                 data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
                 (img,), (err,) = decode_batch([data], self.device, self._nvdecoder(), self.fallbacks)
                 if img is not None:
                     return img, label, rng
-            errors.append(f"{self.samples[j][0]}: {err}")
+            errors.append(f"{self._name(j)}: {err}")
             self._account(errors[-1:])
         raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode: {errors}")
 
@@ -315,12 +331,12 @@ class BatchedNativeLoader(LoaderBase):
         for img, label, idx, rerr, derr, crop in zip(images, labels, idxs, read_errors, errors, crops):
             rng = None
             if img is None:
-                bad.append(f"{self.samples[idx][0]}: {rerr or derr}")
+                bad.append(f"{self._name(idx)}: {rerr or derr}")
                 if not self.train:
                     continue  # evaluation drops it: no image is scored twice
                 self._account(bad)
                 bad = []
-                img, label, rng = self._replace(idx, epoch)
+                img, label, rng = self._replace(idx, epoch, list(zip(images, labels)))
                 crop = None
             h, w = img.shape[1], img.shape[2]
             if self.train:
