@@ -30,8 +30,10 @@ from .augment import build_augmenter, dominant_label
 from .diagnose import diagnose, train_acc_source
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
 from .data import DatasetError, build_loader, dataset_paths, read_exclude, scan_folder
+from .data.base import image_size_schedule, train_image_size
 from .dist import (DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed,
                    world_size_from_env)
+from .ema import ModelEma
 from .guard import LossGuard, NonFiniteLoss
 from .log import RunLog
 from .loss import SmoothedCrossEntropy
@@ -77,6 +79,8 @@ def count_train_images(cfg: Config) -> tuple[Optional[int], str]:
 def resolved_tree(cfg: Config, res: Resolved) -> dict:
     tree = to_dict(cfg)
     tree["resolved"] = res.as_dict(cfg)
+    if cfg.data.progressive.start_size:  # {"1-66": 160, "67-88": 192}: epochs as the log counts them
+        tree["resolved"]["train_image_size"] = image_size_schedule(cfg.data, cfg.train.epochs)
     return tree
 
 
@@ -150,6 +154,8 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
 
     # ------------------------------------------------------------------ model, optimizer, loss
     raw_model = build_run_model(cfg, dist, log, res.train_images)
+    e = cfg.train.ema  # EMA of the unwrapped model's weights (fastcls/ema.py), before a resume loads it
+    ema = ModelEma(raw_model, e.decay, e.every, e.warmup) if e.decay > 0 else None
     optimizer = build_optimizer(cfg.optim, raw_model, res.lr)
     lr_at = build_schedule(cfg.schedule, res.lr, res.steps_per_epoch, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
@@ -162,7 +168,7 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     ckpts = ckpt.Checkpointer(out_dir, model=raw_model, optimizer=optimizer, scaler=scaler,
                               classes=classes, config=to_dict(cfg), global_batch=res.global_batch_size,
                               keep=cfg.train.keep_checkpoints, dist=dist, log=log,
-                              slurm_requeue=cfg.train.slurm_requeue)
+                              slurm_requeue=cfg.train.slurm_requeue, ema=ema)
     pos = resume(cfg, dist, log, ckpts, res, lr_at)
     step = pos.step
 
@@ -171,12 +177,13 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     frozen = pos.epoch < cfg.model.freeze_epochs and \
         finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, True) > 0
     eval_model = torch.compile(raw_model) if cfg.model.compile else raw_model
+    ema_eval = None if ema is None else torch.compile(ema.module) if cfg.model.compile else ema.module
     fit_source = train_acc_source(cfg)
     clean_loader = clean_train_loader(cfg, dist, data_dtype, classes) if fit_source == "clean" else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     ctx = EpochContext(wrap_for_training(raw_model, cfg, dist), optimizer, scaler, criterion, lr_at,
                        autocast, augmenter, cfg, dist, log,
-                       guard=LossGuard(device, scaler_skips=scaler is not None), ckpts=ckpts)
+                       guard=LossGuard(device, scaler_skips=scaler is not None), ckpts=ckpts, ema=ema)
 
     # ------------------------------------------------------------------ loop
     record: dict = {}
@@ -195,14 +202,20 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
             done, sums = stats.pop("epoch_steps"), stats.pop("epoch_sums")
             if done < len(train_loader):
                 raise ckpts.preempted(stop.requested, epoch, done, step, sums)
-            val, is_best = None, False
+            val, is_best, is_best_ema = None, False, False
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                val = evaluate(eval_model, val_loader, autocast, dist)
+                val = evaluate(eval_model, val_loader, autocast, dist, tta=cfg.train.eval_tta)
                 is_best = val["val_top1"] > ckpts.best_top1
                 ckpts.best_top1 = max(ckpts.best_top1, val["val_top1"])
-            ckpts.save(epoch + 1, 0, step, is_best=is_best)  # every epoch (+ train.checkpoint_every)
+                if ema_eval is not None:
+                    val_ema = evaluate(ema_eval, val_loader, autocast, dist, tta=cfg.train.eval_tta)
+                    val.update({f"{k}_ema": val_ema[k] for k in ("val_loss", "val_top1", "val_top5")})
+                    is_best_ema = val["val_top1_ema"] > ckpts.best_ema_top1
+                    ckpts.best_ema_top1 = max(ckpts.best_ema_top1, val["val_top1_ema"])
+            ckpts.save(epoch + 1, 0, step, is_best=is_best, is_best_ema=is_best_ema)  # every epoch
             if val is not None:
-                record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
+                record = {"epoch": epoch + 1, "image_size": train_image_size(cfg.data, epoch), **stats,
+                          **val, "lr": lr_at(max(step - 1, 0))}
                 fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg, dist)
                 record.update(fit.as_record() if fit is not None else {})
                 log.metrics(record, quiet=("fit_advice",))
@@ -211,8 +224,9 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
             if epoch + 1 < cfg.train.epochs and stop.agreed_now():  # signal during evaluation
                 raise ckpts.preempted(stop.requested, epoch + 1, 0, step)
     curves = log.plot()
-    log.info(f"done: best val top-1 {ckpts.best_top1:.2f}% | run folder {out_dir}"
-             + (f" | curves {curves}" if curves else ""))
+    log.info(f"done: best val top-1 {ckpts.best_top1:.2f}%"
+             + (f" (EMA {ckpts.best_ema_top1:.2f}%)" if ema is not None else "")
+             + f" | run folder {out_dir}" + (f" | curves {curves}" if curves else ""))
     # Ranks leave together: a gloo rank tearing the group down while rank 0 still plots or
     # writes was seen aborting ("terminate called without an active exception").
     barrier()
@@ -249,7 +263,11 @@ def build_data(cfg: Config, dist: DistInfo, log: RunLog, dtype: torch.dtype):
 def build_run_model(cfg: Config, dist: DistInfo, log: RunLog, train_images: Optional[int]):
     """The model on the device (channels_last per the config), pretrained weights loaded
     (fine-tuning; a resume overrides them); then the per-rank RNG stream is seeded."""
-    model = build_model(cfg.model.name, cfg.model.num_classes)
+    try:
+        model = build_model(cfg.model.name, cfg.model.num_classes, blurpool=cfg.model.blurpool,
+                            zero_init_residual=cfg.model.zero_init_residual)
+    except ValueError as e:  # an option the model has nothing to apply to
+        raise ConfigError(str(e)) from None
     if cfg.model.pretrained:
         log.info(str(finetune.load_pretrained(model, cfg.model.pretrained, cfg.model.num_classes)))
         warning = finetune.lr_warning(cfg, train_images)
@@ -273,8 +291,11 @@ def resume(cfg: Config, dist: DistInfo, log: RunLog, ckpts: ckpt.Checkpointer, r
     pos = resume_point(state, res.global_batch_size, res.steps_per_epoch, path)
     if state is None:
         return pos
-    ckpt.restore_state(state, path, ckpts.model, ckpts.optimizer, ckpts.scaler, ckpts.classes)
+    if not ckpt.restore_state(state, path, ckpts.model, ckpts.optimizer, ckpts.scaler, ckpts.classes,
+                              ema=ckpts.ema):
+        log.warn(f"{path} has no EMA weights (train.ema was off): the EMA starts from its weights")
     ckpts.last, ckpts.best_top1 = str(path), pos.best_top1
+    ckpts.best_ema_top1 = state.get("best_ema_top1", -1.0)
     if pos.remapped_from is not None:
         log.warn(f"checkpoint was written at global batch {pos.remapped_from}, now "
                  f"{res.global_batch_size}: continuing at step {pos.epoch_step} of the epoch "
@@ -313,7 +334,7 @@ def diagnose_fit(source: str, stats: dict, val: dict, eval_model, clean_loader, 
     if source == "off":
         return None
     train_top1 = stats["train_top1"] if source == "running" else \
-        evaluate(eval_model, clean_loader, autocast, dist)["val_top1"]
+        evaluate(eval_model, clean_loader, autocast, dist, tta=cfg.train.eval_tta)["val_top1"]
     return diagnose(train_top1, val["val_top1"], cfg, source)
 
 
@@ -322,7 +343,8 @@ class EpochContext:
     """What an epoch of training works with (built once by train(); `model` is the wrapped
     one, replaced when the backbone is unfrozen). `guard` stops the run on a NaN/inf loss,
     `stop` agrees on a preemption signal, `ckpts` writes the train.checkpoint_every
-    checkpoints; each may be None (benchmarks/train.py runs without them)."""
+    checkpoints, `ema` averages the weights (train.ema); each may be None
+    (benchmarks/train.py runs without them)."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
@@ -336,6 +358,7 @@ class EpochContext:
     guard: Optional[LossGuard] = None
     stop: Optional[Preemption] = None
     ckpts: Optional[ckpt.Checkpointer] = None
+    ema: Optional[ModelEma] = None
 
 
 def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_step: int = 0,
@@ -383,6 +406,8 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_s
             optimizer.step()
         if ctx.guard is not None:
             ctx.guard.observe(loss, step)
+        if ctx.ema is not None:  # after optimizer step number step + 1; foreach ops, no sync
+            ctx.ema.step(step + 1)
         n = labels.shape[0]
         sums[0] += loss.detach().double() * n
         sums[1] += (logits.detach().argmax(1) == dominant_label(targets)).sum()  # mixed: larger share
@@ -420,8 +445,12 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_s
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, dist: DistInfo) -> dict:
-    """Top-1/top-5 and loss over the whole val set; each image counted once across ranks."""
+def evaluate(model, loader, autocast, dist: DistInfo, tta: str = "none") -> dict:
+    """Top-1/top-5 and loss over the whole val set; each image counted once across ranks.
+    `tta="flip"` (train.eval_tta): the logits are the mean of the image's and its mirror's
+    (ffcv-imagenet sums them: the same ranking, a loss on the mean)."""
+    if tta not in ("none", "flip"):
+        raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
     model.eval()
     sums = torch.zeros(4, device=dist.device, dtype=torch.float64)  # loss, top1, top5, n
     for images, labels in loader:
@@ -429,6 +458,8 @@ def evaluate(model, loader, autocast, dist: DistInfo) -> dict:
             continue
         with autocast():
             logits = model(images)
+            if tta == "flip":  # mirror along W; flip keeps the channels_last layout
+                logits = (logits.float() + model(images.flip(3)).float()) / 2
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         sums[0] += loss.double()
         sums[1:3] += topk_correct(logits, labels, (1, 5)).double()

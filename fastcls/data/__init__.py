@@ -56,10 +56,21 @@ def _folder(spec: LoaderSpec):
                        exclude=read_exclude(spec.data.exclude))
 
 
+def _sizes_not_wired(spec: LoaderSpec, backend: str) -> None:
+    """Until a backend applies train_image_size/val_image_size, refuse the sizes it would
+    ignore rather than train at data.image_size silently."""
+    d = spec.data
+    if d.progressive.start_size or (d.val_image_size and d.val_image_size != d.image_size):
+        raise DatasetError(f"data.progressive / data.val_image_size are not supported by {backend} "
+                           f"yet; use data.backend=ffcv, data.backend=synthetic or "
+                           f"data.native_decode=workers")
+
+
 def _native(spec: LoaderSpec) -> Loader:
     d = spec.data
     if d.native_decode == "batched" or (d.native_decode == "auto" and spec.device.type == "cuda"):
         from .native_batched import BatchedNativeLoader
+        _sizes_not_wired(spec, "the batched native path")
         return BatchedNativeLoader(_folder(spec), spec)
     from .native import NativeLoader
     return NativeLoader(_folder(spec), spec)
@@ -67,6 +78,7 @@ def _native(spec: LoaderSpec) -> Loader:
 
 def _dali(spec: LoaderSpec) -> Loader:
     from .dali import DaliLoader
+    _sizes_not_wired(spec, "data.backend=dali")
     return DaliLoader(_folder(spec), spec)
 
 
