@@ -196,6 +196,10 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
                 ctx.model, frozen = wrap_for_training(raw_model, cfg, dist), False  # DDP sees all params
                 log.info(f"epoch {epoch + 1}: backbone unfrozen (model.freeze_epochs={cfg.model.freeze_epochs})")
             first = pos.epoch_step if epoch == pos.epoch else 0
+            size = train_image_size(cfg.data, epoch)  # set_epoch applies it (data.progressive)
+            if cfg.data.progressive.start_size and (epoch == pos.epoch or
+                                                    size != train_image_size(cfg.data, epoch - 1)):
+                log.info(f"epoch {epoch + 1}: training images {size} px (data.progressive)")
             train_loader.set_epoch(epoch, first)
             stats, step = train_one_epoch(ctx, train_loader, epoch, step, start_step=first,
                                           carry=pos.epoch_sums if epoch == pos.epoch else None)
@@ -204,18 +208,13 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
                 raise ckpts.preempted(stop.requested, epoch, done, step, sums)
             val, is_best, is_best_ema = None, False, False
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                val = evaluate(eval_model, val_loader, autocast, dist, tta=cfg.train.eval_tta)
-                is_best = val["val_top1"] > ckpts.best_top1
-                ckpts.best_top1 = max(ckpts.best_top1, val["val_top1"])
-                if ema_eval is not None:
-                    val_ema = evaluate(ema_eval, val_loader, autocast, dist, tta=cfg.train.eval_tta)
-                    val.update({f"{k}_ema": val_ema[k] for k in ("val_loss", "val_top1", "val_top5")})
-                    is_best_ema = val["val_top1_ema"] > ckpts.best_ema_top1
-                    ckpts.best_ema_top1 = max(ckpts.best_ema_top1, val["val_top1_ema"])
-            ckpts.save(epoch + 1, 0, step, is_best=is_best, is_best_ema=is_best_ema)  # every epoch
+                val, is_best, is_best_ema = evaluate_run(eval_model, ema_eval, val_loader, autocast,
+                                                         cfg, dist, ckpts)
+            ckpts.save(epoch + 1, 0, step, is_best=is_best,  # every epoch (+ train.checkpoint_every)
+                       is_best_ema=is_best_ema)
             if val is not None:
-                record = {"epoch": epoch + 1, "image_size": train_image_size(cfg.data, epoch), **stats,
-                          **val, "lr": lr_at(max(step - 1, 0))}
+                record = {"epoch": epoch + 1, "image_size": size, **stats, **val,
+                          "lr": lr_at(max(step - 1, 0))}
                 fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg, dist)
                 record.update(fit.as_record() if fit is not None else {})
                 log.metrics(record, quiet=("fit_advice",))
@@ -318,6 +317,22 @@ def wrap_for_training(raw_model, cfg: Config, dist: DistInfo):
     if cfg.model.compile:
         model = torch.compile(model)
     return model
+
+
+def evaluate_run(eval_model, ema_eval, loader, autocast, cfg: Config, dist: DistInfo,
+                 ckpts: ckpt.Checkpointer) -> tuple[dict, bool, bool]:
+    """The epoch's evaluation (train.eval_tta) of the model and, with train.ema, of its EMA
+    (`val_*_ema` keys); the checkpointer's best top-1s follow. -> (metrics, new best model,
+    new best EMA)."""
+    val = evaluate(eval_model, loader, autocast, dist, tta=cfg.train.eval_tta)
+    is_best, is_best_ema = val["val_top1"] > ckpts.best_top1, False
+    ckpts.best_top1 = max(ckpts.best_top1, val["val_top1"])
+    if ema_eval is not None:
+        ema = evaluate(ema_eval, loader, autocast, dist, tta=cfg.train.eval_tta)
+        val.update({f"{k}_ema": ema[k] for k in ("val_loss", "val_top1", "val_top5")})
+        is_best_ema = val["val_top1_ema"] > ckpts.best_ema_top1
+        ckpts.best_ema_top1 = max(ckpts.best_ema_top1, val["val_top1_ema"])
+    return val, is_best, is_best_ema
 
 
 def clean_train_loader(cfg: Config, dist: DistInfo, dtype, classes):
