@@ -6,14 +6,15 @@ A checkpoint is a dict: `model` (unwrapped state_dict), `optimizer`, `scaler` (o
 `step` (global optimizer steps done = the schedule position), `classes`, `best_top1`,
 `config` (the resolved config as a plain dict) and `rng` (one RNG-state dict per rank,
 see fastcls.resume). With train.ema on: `ema` (the EMA model's state_dict, the same keys as
-`model`), `ema_updates` (EMA updates done) and `best_ema_top1`. The loader's position is (epoch, epoch_step): every backend replays
-an epoch's order from (seed, epoch) and seeks with `set_epoch(epoch, start_step)`.
+`model`), `ema_updates` (EMA updates done) and `best_ema_top1`. The loader's position is
+(epoch, epoch_step): every backend replays an epoch's order from (seed, epoch) and seeks
+with `set_epoch(epoch, start_step)`; the epoch also fixes its image size.
 
 Files in the run folder: `last.pt` (newest), `last.1.pt` ... `last.{K-1}.pt` (older, K =
 train.keep_checkpoints), `best.pt` (best val top-1), `best_ema.pt` (best EMA val top-1,
-with train.ema); each with a `NAME.sha256` sidecar in `sha256sum`
-format. Loading checks the digest and unpickles (plain types only); `train.resume=auto`
-takes the newest checkpoint that passes and warns about each one that does not.
+with train.ema); each with a `NAME.sha256` sidecar in `sha256sum` format. Loading checks
+the digest and unpickles (plain types only); `train.resume=auto` takes the newest
+checkpoint that passes and warns about each one that does not.
 """
 from __future__ import annotations
 

@@ -18,9 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
-import torch
-
 import numpy as np
+import torch
 
 from ..config import DataConfig
 from .folder import DatasetError
