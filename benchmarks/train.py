@@ -146,7 +146,8 @@ def main(argv=None) -> int:
         return 2
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, cfg.model.num_classes).to(device)
+    model = build_model(cfg.model.name, cfg.model.num_classes, blurpool=cfg.model.blurpool,
+                        zero_init_residual=cfg.model.zero_init_residual).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ctx = EpochContext(

@@ -5,13 +5,16 @@ A checkpoint is a dict: `model` (unwrapped state_dict), `optimizer`, `scaler` (o
 `epoch_step` (steps of that epoch already done: > 0 for a mid-epoch checkpoint),
 `step` (global optimizer steps done = the schedule position), `classes`, `best_top1`,
 `config` (the resolved config as a plain dict) and `rng` (one RNG-state dict per rank,
-see fastcls.resume). The loader's position is (epoch, epoch_step): every backend replays
-an epoch's order from (seed, epoch) and seeks with `set_epoch(epoch, start_step)`.
+see fastcls.resume). With train.ema on: `ema` (the EMA model's state_dict, the same keys as
+`model`), `ema_updates` (EMA updates done) and `best_ema_top1`. The loader's position is
+(epoch, epoch_step): every backend replays an epoch's order from (seed, epoch) and seeks
+with `set_epoch(epoch, start_step)`; the epoch also fixes its image size.
 
 Files in the run folder: `last.pt` (newest), `last.1.pt` ... `last.{K-1}.pt` (older, K =
-train.keep_checkpoints), `best.pt`; each with a `NAME.sha256` sidecar in `sha256sum`
-format. Loading checks the digest and unpickles (plain types only); `train.resume=auto`
-takes the newest checkpoint that passes and warns about each one that does not.
+train.keep_checkpoints), `best.pt` (best val top-1), `best_ema.pt` (best EMA val top-1,
+with train.ema); each with a `NAME.sha256` sidecar in `sha256sum` format. Loading checks
+the digest and unpickles (plain types only); `train.resume=auto` takes the newest
+checkpoint that passes and warns about each one that does not.
 """
 from __future__ import annotations
 
@@ -189,8 +192,9 @@ def _rotate(out_dir: Path, keep: int) -> None:
 
 
 def save_checkpoint(out_dir: str | os.PathLike, state: dict, *, keep: int = 1,
-                    is_best: bool = False) -> Path:
-    """Write `state` as out_dir/last.pt (older ones rotated, `keep` in all) and best.pt."""
+                    is_best: bool = False, is_best_ema: bool = False) -> Path:
+    """Write `state` as out_dir/last.pt (older ones rotated, `keep` in all), best.pt and
+    best_ema.pt."""
     out_dir = Path(out_dir)
     if keep > 1:
         _rotate(out_dir, keep)
@@ -198,21 +202,28 @@ def save_checkpoint(out_dir: str | os.PathLike, state: dict, *, keep: int = 1,
     save_atomic(state, path)
     if is_best:
         save_atomic(state, out_dir / "best.pt")
+    if is_best_ema:
+        save_atomic(state, out_dir / "best_ema.pt")
     return path
 
 
 def make_state(model: nn.Module, optimizer, scaler, *, epoch: int, step: int,
                classes: Sequence[str], best_top1: float, config: dict, epoch_step: int = 0,
-               rng: Optional[list] = None) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch, "epoch_step": epoch_step, "step": step, "classes": list(classes),
-            "best_top1": best_top1, "config": config, "rng": rng}
+               rng: Optional[list] = None, ema=None, best_ema_top1: float = -1.0) -> dict:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None,
+             "epoch": epoch, "epoch_step": epoch_step, "step": step, "classes": list(classes),
+             "best_top1": best_top1, "config": config, "rng": rng}
+    if ema is not None:  # fastcls.ema.ModelEma
+        state.update(ema=ema.state_dict(), ema_updates=ema.updates, best_ema_top1=best_ema_top1)
+    return state
 
 
 def restore_state(state: dict, path, model: nn.Module, optimizer, scaler,
-                  classes: Sequence[str]) -> None:
-    """Load a verified checkpoint dict into model/optimizer/scaler."""
+                  classes: Sequence[str], ema=None) -> bool:
+    """Load a verified checkpoint dict into model/optimizer/scaler and, when given, the EMA
+    (fastcls.ema.ModelEma). Returns False when an EMA was given but the checkpoint has none:
+    the EMA then starts from the loaded weights."""
     if state["classes"] != list(classes):
         raise CheckpointError(f"train.resume: {path} was trained on other classes "
                            f"({len(state['classes'])}) than data.train ({len(classes)})")
@@ -220,6 +231,13 @@ def restore_state(state: dict, path, model: nn.Module, optimizer, scaler,
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if ema is None:
+        return True
+    if state.get("ema") is None:
+        ema.load(model.state_dict(), 0)  # its first update copies the model (decay 0)
+        return False
+    ema.load(state["ema"], int(state["ema_updates"]))
+    return True
 
 
 class Checkpointer:
@@ -230,14 +248,15 @@ class Checkpointer:
 
     def __init__(self, out_dir: Path, *, model: nn.Module, optimizer, scaler, classes: Sequence[str],
                  config: dict, global_batch: int, keep: int, dist, log, slurm_requeue: bool,
-                 last: Optional[str] = None, best_top1: float = -1.0):
+                 last: Optional[str] = None, best_top1: float = -1.0, ema=None):
         self.out_dir, self.model, self.optimizer, self.scaler = out_dir, model, optimizer, scaler
         self.classes, self.config, self.global_batch, self.keep = list(classes), config, global_batch, keep
         self.dist, self.log, self.slurm_requeue = dist, log, slurm_requeue
         self.last, self.best_top1 = last, best_top1
+        self.ema, self.best_ema_top1 = ema, -1.0  # fastcls.ema.ModelEma or None
 
     def save(self, epoch: int, epoch_step: int, step: int, *, is_best: bool = False,
-             epoch_sums: Optional[list] = None) -> None:
+             is_best_ema: bool = False, epoch_sums: Optional[list] = None) -> None:
         """Checkpoint (epoch, epoch_step, step). Mid-epoch, `epoch_sums` ([loss sum, correct,
         images] over all ranks so far) let the resumed run report the whole epoch's
         train_loss/train_top1. `global_batch` maps epoch_step to another world size."""
@@ -246,11 +265,13 @@ class Checkpointer:
             return
         state = make_state(self.model, self.optimizer, self.scaler, epoch=epoch, epoch_step=epoch_step,
                            step=step, classes=self.classes, best_top1=self.best_top1,
-                           config=self.config, rng=rng)
+                           config=self.config, rng=rng, ema=self.ema,
+                           best_ema_top1=self.best_ema_top1)
         state["global_batch"] = self.global_batch
         if epoch_step:
             state["epoch_sums"] = epoch_sums
-        self.last = str(save_checkpoint(self.out_dir, state, keep=self.keep, is_best=is_best))
+        self.last = str(save_checkpoint(self.out_dir, state, keep=self.keep, is_best=is_best,
+                                        is_best_ema=is_best_ema))
 
     def preempted(self, signal_name: Optional[str], epoch: int, epoch_step: int, step: int,
                   epoch_sums: Optional[list] = None):

@@ -61,6 +61,12 @@ class ModelConfig:
     pretrained: str = knob("", "fine-tuning: a fastcls checkpoint or a torchvision/timm state_dict "
                            "(.pth/.pt/.safetensors); classifier tensors of another shape are skipped")
     freeze_epochs: int = knob(0, "fine-tuning: train only the classifier for the first N epochs", ge=0)
+    blurpool: bool = knob(False, "anti-aliased downsampling as ffcv-imagenet applies it: a 3x3 binomial "
+                          "blur before every stride-2 conv with >= 16 input channels (same weights and "
+                          "state_dict keys)")
+    zero_init_residual: bool = knob(False, "zero the last BN gamma of every residual block (torchvision's "
+                                    "zero_init_residual, timm's zero_init_last); false: the library's "
+                                    "init (timm resnets and resnet_tiny zero it anyway)")
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,18 @@ class WdsConfig:
 
 
 @dataclass(frozen=True)
+class ProgressiveConfig:
+    """Training image size per epoch (ffcv-imagenet's rule; off while start_size is 0).
+    Epochs count from 0 as ffcv-imagenet's start_ramp/end_ramp (docs/data.md)."""
+    start_size: int = knob(0, "training size up to and including epoch start_epoch (0 = off: "
+                           "data.image_size every epoch)", ge=0)
+    end_size: int = knob(0, "training size from epoch end_epoch on (0 = data.image_size)", ge=0)
+    start_epoch: int = knob(0, "last epoch (from 0) at start_size; then linear in the epoch", ge=0)
+    end_epoch: int = knob(0, "first epoch (from 0) at end_size", ge=0)
+    multiple: int = knob(32, "sizes between start and end are rounded to a multiple of this", ge=1)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     backend: Backend = knob("native", "native: PIL workers on CPU, batched GPU decode + Triton kernel "
                             "on CUDA; dali; ffcv (.beton files); synthetic: random tensors on the "
@@ -118,9 +136,13 @@ class DataConfig:
     global_batch_size: Optional[int] = knob(None, "... images per optimizer step over all "
                                             "processes (set exactly one; must divide over the "
                                             "processes x train.accum_steps)", gt=0)
-    image_size: int = knob(224, "training crop size and validation crop size", gt=0)
+    image_size: int = knob(224, "training crop size (data.progressive: per epoch) and validation "
+                           "crop size unless data.val_image_size is set", gt=0)
+    val_image_size: int = knob(0, "validation center-crop size (0 = data.image_size): train low, "
+                               "test high", ge=0)
     val_resize: int = knob(256, "validation: shorter side resized to this, then center crop "
-                           "image_size", gt=0)
+                           "val_image_size", gt=0)
+    progressive: ProgressiveConfig = section(ProgressiveConfig)
     rrc: RRCConfig = section(RRCConfig)
     hflip: float = knob(0.5, "probability of a horizontal flip", ge=0, le=1)
     workers: int = knob(8, "DataLoader worker processes per rank (dali: its num_threads, min 1; "
@@ -287,6 +309,15 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class EMAConfig:
+    """Exponential moving average of the weights (timm's ModelEmaV3 rule); off while decay is 0."""
+    decay: float = knob(0.0, "EMA weight per update: ema = decay * ema + (1 - decay) * model, floating "
+                        "state (params, BN statistics); 0 = off", ge=0, lt=1)
+    every: int = knob(1, "update after every N optimizer steps", gt=0)
+    warmup: bool = knob(False, "timm's decay warmup: update k (from 1) uses min(decay, 1 - k ** -2/3)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = knob(90, "epochs to train", gt=0)
     amp: Literal["bf16", "fp16", "off"] = knob("bf16", "autocast dtype (fp16 with a GradScaler); "
@@ -322,6 +353,9 @@ class TrainConfig:
     tensorboard: bool = knob(False, "write TensorBoard event files to out_dir/tb (rank 0): the "
                              "progress-bar scalars every log_every steps, metrics.jsonl values "
                              "per evaluation")
+    ema: EMAConfig = section(EMAConfig)
+    eval_tta: Literal["none", "flip"] = knob("none", "test-time augmentation at evaluation: flip = mean "
+                                             "of the logits of the image and its mirror")
 
 
 @dataclass(frozen=True)
@@ -350,9 +384,27 @@ def validate(cfg: Config) -> None:
     if d.demo and (d.train or d.val):
         raise ConfigError(f"data.demo: true trains on the demo dataset, but data.train/data.val "
                           f"are set too ({d.train or d.val!r}); set data.demo=false to use them")
-    if d.val_resize < d.image_size:
-        raise ConfigError(f"data.val_resize ({d.val_resize}) must be >= data.image_size "
-                          f"({d.image_size}): validation center-crops image_size")
+    val_size = d.val_image_size or d.image_size
+    if d.val_resize < val_size:
+        which = "data.val_image_size" if d.val_image_size else "data.image_size"
+        raise ConfigError(f"data.val_resize ({d.val_resize}) must be >= {which} ({val_size}): "
+                          f"validation center-crops {val_size} px")
+    p = d.progressive
+    if p.start_size:
+        end = p.end_size or d.image_size
+        if p.start_size > end:
+            raise ConfigError(f"data.progressive.start_size ({p.start_size}) must be <= end_size "
+                              f"({end}{'' if p.end_size else ' = data.image_size'})")
+        if p.start_epoch > p.end_epoch:
+            raise ConfigError(f"data.progressive.start_epoch ({p.start_epoch}) must be <= end_epoch "
+                              f"({p.end_epoch})")
+        if p.end_epoch >= t.epochs:
+            raise ConfigError(f"data.progressive.end_epoch ({p.end_epoch}) must be < train.epochs "
+                              f"({t.epochs}): epochs count from 0, so the ramp would not reach "
+                              f"end_size")
+    elif p.end_size or p.start_epoch or p.end_epoch:
+        raise ConfigError("data.progressive: set start_size > 0 to turn progressive resizing on "
+                          "(end_size/start_epoch/end_epoch do nothing while start_size is 0)")
     if o.nesterov and o.momentum == 0:
         raise ConfigError("optim.nesterov: needs optim.momentum > 0")
     if s.warmup_epochs > t.epochs:

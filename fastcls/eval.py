@@ -30,17 +30,14 @@ import torch
 from .config import to_dict
 from .data import DatasetError, build_loader
 from .dist import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
-from .inference import (USER_ERRORS, InferenceError, Loaded, build_inference_model, load_checkpoint,
-                        write_atomic, write_text_atomic)
+from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, InferenceError,
+                        load_checkpoint, Loaded, write_atomic, write_text_atomic)
 from .log import summary_line
 from .train import AMP_DTYPES, evaluate
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastcls.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a fastcls checkpoint (best.pt, last.pt) or a torchvision/timm "
-                                      "state_dict (with model.name=...)")
+    p = checkpoint_parser("python -m fastcls.eval", __doc__)
     p.add_argument("overrides", nargs="*", help="section.key=value applied to the checkpoint's config")
     p.add_argument("--ema", action="store_true", help="score the checkpoint's EMA weights")
     p.add_argument("--out", default=None, help="write the metrics, per-class accuracy and confusion "
@@ -103,7 +100,8 @@ def run_eval(loaded: Loaded, dist: DistInfo) -> dict:
                              f"{cfg.model.num_classes}")
     eval_model = torch.compile(model) if cfg.model.compile else model
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    result = evaluate(eval_model, loader, autocast, dist, confusion_classes=cfg.model.num_classes)
+    result = evaluate(eval_model, loader, autocast, dist, tta=cfg.train.eval_tta,
+                      confusion_classes=cfg.model.num_classes)
     bad = all_reduce_sum(torch.tensor([len(loader.bad_files)], device=device)).item()
     return {**result, "classes": classes, "bad_files": int(bad), "checkpoint": loaded.path,
             "weights": "ema" if loaded.ema else "model", "config": to_dict(cfg)}

@@ -29,8 +29,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .inference import (USER_ERRORS, InferenceError, build_inference_model, is_override,
-                        load_checkpoint, preprocessing, write_atomic, write_text_atomic)
+from .data.base import val_image_size
+from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, InferenceError,
+                        is_override, load_checkpoint, preprocessing, write_atomic,
+                        write_text_atomic)
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 ATOL, RTOL = 1e-4, 1e-3      # per logit: |export - eager| <= ATOL + RTOL * |eager|
@@ -45,10 +47,7 @@ class ExportMismatch(InferenceError):
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastcls.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a fastcls checkpoint or a torchvision/timm state_dict "
-                                      "(with model.name=...)")
+    p = checkpoint_parser("python -m fastcls.export", __doc__)
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.image_size=288")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="the exported file; PATH.json is written beside it")
@@ -129,7 +128,7 @@ def export(loaded, fmt: str, out: Path, opset: Optional[int] = None) -> dict:
     cfg = loaded.cfg
     model = build_inference_model(loaded, torch.device("cpu")).float()
     model = model.to(memory_format=torch.contiguous_format)  # NCHW in, as the sidecar says
-    size = cfg.data.image_size
+    size = val_image_size(cfg.data)  # the validation crop (data.val_image_size, else image_size)
     sample = torch.randn(SAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
     result: dict = {}
 

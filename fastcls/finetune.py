@@ -63,6 +63,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"model.pretrained: {str(path)!r} holds no state_dict (a dict of tensors, "
                           f"or one under 'model' / 'state_dict')")
+    return strip_prefixes(state)
+
+
+def strip_prefixes(state: dict) -> dict:
+    """The state_dict with the DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes
+    taken off its keys."""
     out = {}
     for k, v in state.items():
         for pre in _PREFIXES:

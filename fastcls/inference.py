@@ -20,6 +20,8 @@ that does not fit the weights, no EMA weights); config errors stay `ConfigError`
 """
 from __future__ import annotations
 
+import argparse
+
 import copy
 import os
 import re
@@ -33,9 +35,10 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, apply_overrides, config_from_dict
 from .data.base import MEAN, STD
+from .data.base import val_image_size
+from .finetune import strip_prefixes
 from .models import build_model
 
-_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
 _STATE_KEYS = ("state_dict", "model", "model_state_dict")  # where other tools nest theirs
 PLAIN_BATCH = 64  # data.batch_size for a plain state_dict unless overridden
 # `section.key=value` (an override) rather than a path, for the commands that take both
@@ -98,16 +101,6 @@ def _plain_state_dict(obj, path: Path) -> dict:
     return obj
 
 
-def _strip(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        for pre in _PREFIXES:
-            if k.startswith(pre):
-                k = k[len(pre):]
-        out[k] = v
-    return out
-
-
 def load_checkpoint(path: str | os.PathLike, overrides: Sequence[str] = (), *, ema: bool = False,
                     notes: Optional[list[str]] = None) -> Loaded:
     """Read CHECKPOINT (see the module docstring) with `overrides` applied to its config."""
@@ -129,7 +122,7 @@ def load_checkpoint(path: str | os.PathLike, overrides: Sequence[str] = (), *, e
                                      f"(trained without train.ema); drop --ema to use its model")
         else:
             weights = obj["model"]
-        return Loaded(str(p), cfg, _strip(weights), list(obj["classes"]), "fastcls", ema)
+        return Loaded(str(p), cfg, strip_prefixes(weights), list(obj["classes"]), "fastcls", ema)
     if ema:
         raise InferenceError(f"{p}: --ema needs a fastcls checkpoint with an 'ema' entry; this is a "
                              f"plain state_dict")
@@ -140,7 +133,16 @@ def load_checkpoint(path: str | os.PathLike, overrides: Sequence[str] = (), *, e
     # the schema's defaults, but a batch size (which the schema leaves to the recipe)
     tree = apply_overrides({"data": {"batch_size": PLAIN_BATCH}}, overrides, notes)
     cfg = config_from_dict(tree, "<defaults> + overrides")
-    return Loaded(str(p), cfg, _strip(weights), None, "state_dict", False)
+    return Loaded(str(p), cfg, strip_prefixes(weights), None, "state_dict", False)
+
+
+def checkpoint_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The argument parser the three commands share: `prog CHECKPOINT ...`."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a fastcls checkpoint (best.pt, last.pt) or a "
+                                      "torchvision/timm state_dict (with model.name=...)")
+    return p
 
 
 def build_inference_model(loaded: Loaded, device: torch.device) -> nn.Module:
@@ -150,7 +152,8 @@ def build_inference_model(loaded: Loaded, device: torch.device) -> nn.Module:
     from .finetune import classifier_keys
     cfg = loaded.cfg
     try:
-        model = build_model(cfg.model.name, cfg.model.num_classes)
+        # blurpool changes the forward, not the keys: build what was trained
+        model = build_model(cfg.model.name, cfg.model.num_classes, blurpool=cfg.model.blurpool)
     except ValueError as e:  # an unknown timm name
         raise InferenceError(f"model.name: {e}") from None
     own, w = model.state_dict(), loaded.weights
@@ -182,7 +185,7 @@ def preprocessing(cfg: Config) -> dict:
     """The val transform as a plain description (export sidecars, docs): RGB, shorter side
     resized to `resize` (bilinear), center crop `crop`, x / 255, (x - mean) / std per channel,
     float32 NCHW."""
-    return {"resize_shorter_side": cfg.data.val_resize, "center_crop": cfg.data.image_size,
+    return {"resize_shorter_side": cfg.data.val_resize, "center_crop": val_image_size(cfg.data),
             "interpolation": "bilinear", "color": "RGB", "scale": "pixel / 255",
             "mean": [round(m / 255, 6) for m in MEAN], "std": [round(s / 255, 6) for s in STD],
             "layout": "NCHW", "dtype": "float32"}

@@ -105,7 +105,8 @@ class RunLog:
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
     def plot(self) -> Optional[Path]:
-        """curves.png: loss, accuracy and LR per epoch from metrics.jsonl."""
+        """curves.png: loss, accuracy (and the EMA model's, with train.ema) and LR per epoch
+        from metrics.jsonl."""
         rows = self.read_metrics() if self.enabled else []
         if not rows:
             return None
@@ -121,6 +122,9 @@ class RunLog:
         ax[1].plot(ep, [r["train_top1"] for r in rows], "o-", label="train top-1")
         ax[1].plot(ep, [r["val_top1"] for r in rows], "o-", label="val top-1")
         ax[1].plot(ep, [r["val_top5"] for r in rows], "o-", label="val top-5")
+        if all("val_top1_ema" in r for r in rows):  # train.ema on
+            ax[0].plot(ep, [r["val_loss_ema"] for r in rows], "o--", label="val (EMA)")
+            ax[1].plot(ep, [r["val_top1_ema"] for r in rows], "o--", label="val top-1 (EMA)")
         ax[1].set_title("accuracy (%)")
         ax[2].plot(ep, [r["lr"] for r in rows], "o-")
         ax[2].set_title("learning rate (end of epoch)")

@@ -14,16 +14,20 @@ no library ships:
 | MobileNetV3_large/small_x0_35/x0_5/x0_75/x1_0/x1_25 | torchvision `mobilenet_v3_*(width_mult=...)` |
 
 Every builder returns a randomly initialized model: input N×3×H×W float (ImageNet-
-normalized, any H, W >= 32), output N×num_classes logits.
+normalized, any H, W >= 32), output N×num_classes logits. Two options change any of them
+after construction (`build_model(..., blurpool=, zero_init_residual=)`): `apply_blurpool`
+(ffcv-imagenet's anti-aliased downsampling) and `zero_init_residual` (Goyal et al.).
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Callable
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
-from torchvision.models.resnet import BasicBlock
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 
 class TinyResNet(nn.Module):
@@ -167,15 +171,90 @@ def is_model_name(name: str) -> bool:
     return name in model_names()
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """Randomly initialized model `name` with a `num_classes`-way classifier."""
+def build_model(name: str, num_classes: int, *, blurpool: bool = False,
+                zero_init_residual: bool = False) -> nn.Module:
+    """Randomly initialized model `name` with a `num_classes`-way classifier; `blurpool`
+    and `zero_init_residual` as model.blurpool / model.zero_init_residual (ValueError when
+    the model has nothing they apply to)."""
     if name in _OWN:
-        return _OWN[name](num_classes)
-    if name.startswith(TIMM_PREFIX):
-        return _timm(name[len(TIMM_PREFIX):], num_classes)
-    if not is_model_name(name):
+        model = _OWN[name](num_classes)
+    elif name.startswith(TIMM_PREFIX):
+        model = _timm(name[len(TIMM_PREFIX):], num_classes)
+    elif not is_model_name(name):
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(model_names())}")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if zero_init_residual and zero_init_last_bn(model) == 0:
+        raise ValueError(f"model.zero_init_residual: {name} has no residual blocks "
+                         f"(torchvision BasicBlock/Bottleneck or timm zero_init_last)")
+    if blurpool and apply_blurpool(model) == 0:
+        raise ValueError(f"model.blurpool: {name} has no stride-2 convolution with >= 16 input "
+                         f"channels to blur")
+    return model
+
+
+def zero_init_last_bn(model: nn.Module) -> int:
+    """Zero the last BN gamma of every residual block, so each block starts as the identity
+    (Goyal et al. 2017, arXiv:1706.02677, §5.1): exactly torchvision's
+    `resnet(zero_init_residual=True)` for its BasicBlock/Bottleneck (ResNet, ResNeXt, Wide
+    ResNet) and timm's `zero_init_last()` for the blocks that define it (timm's ResNets, ...).
+    Draws no random numbers. Returns the number of blocks changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+            nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+            nn.init.zeros_(m.bn2.weight)
+        elif callable(getattr(m, "zero_init_last", None)):
+            m.zero_init_last()
+        else:
+            continue
+        n += 1
+    return n
+
+
+class BlurPoolConv2d(nn.Conv2d):
+    """A Conv2d that first low-pass filters its input (Zhang 2019, "Making convolutional
+    networks shift-invariant again", arXiv:1904.11486) as ffcv-imagenet's BlurPoolConv2d:
+    per channel, the 3x3 binomial filter [1,2,1]x[1,2,1]/16, zero padding 1, stride 1, then
+    the convolution with its own stride. Same parameters and state_dict keys as the Conv2d it
+    replaces (the filter is a non-persistent buffer), so checkpoints load into plain models.
+
+    Written here rather than wrapping timm's BlurPool2d: that one is a separate module that
+    also subsamples (reflect padding by default), which would change the module tree and the
+    state_dict keys; tests/test_fast.py checks this blur equals BlurPool2d(stride=1,
+    pad_mode='constant')."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "BlurPoolConv2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                  device="meta")  # meta: no init, no random numbers drawn; the weights are conv's
+        new.weight, new.bias = conv.weight, conv.bias
+        taps = torch.tensor([1.0, 2.0, 1.0], device=conv.weight.device)
+        filt = (taps[:, None] * taps[None, :] / 16.0).to(conv.weight.dtype)
+        new.register_buffer("blur_filter", filt.expand(conv.in_channels, 1, 3, 3).contiguous(),
+                            persistent=False)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.blur_filter, stride=1, padding=1, groups=self.in_channels)
+        return super().forward(x)
+
+
+def apply_blurpool(model: nn.Module) -> int:
+    """ffcv-imagenet's rule: every Conv2d with a stride > 1 and >= 16 input channels becomes
+    a BlurPoolConv2d (in a torchvision ResNet-50: the stride-2 3x3 convs and 1x1 downsample
+    convs of layer2-4; the 3-channel stem conv is left alone). Returns the number replaced."""
+    n = 0
+    for name, child in model.named_children():
+        if isinstance(child, nn.Conv2d) and not isinstance(child, BlurPoolConv2d) and \
+                max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(model, name, BlurPoolConv2d.from_conv(child))
+            n += 1
+        else:
+            n += apply_blurpool(child)
+    return n
 
 
 def classifier(model: nn.Module, num_classes: int) -> nn.Module:

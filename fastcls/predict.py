@@ -33,12 +33,12 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data.base import Normalizer
+from .data.base import Normalizer, val_image_size
 from .data.folder import IMAGE_EXTENSIONS
 from .data.native import decode_val
 from .dist import pick_device
-from .inference import (USER_ERRORS, build_inference_model, is_override, load_checkpoint,
-                        write_text_atomic)
+from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, is_override,
+                        load_checkpoint, write_text_atomic)
 from .train import AMP_DTYPES
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -46,10 +46,7 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastcls.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a fastcls checkpoint or a torchvision/timm state_dict "
-                                      "(with model.name=...)")
+    p = checkpoint_parser("python -m fastcls.predict", __doc__)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="images, folders, text lists of paths; and section.key=value overrides")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
@@ -161,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     good = [p for p, err in inputs if err is None]
     results = {}
     if good:
-        for path, top, err in predict(model, good, names, topk=args.topk, size=cfg.data.image_size,
+        for path, top, err in predict(model, good, names, topk=args.topk, size=val_image_size(cfg.data),
                                       resize=cfg.data.val_resize, device=device, autocast=autocast,
                                       batch_size=args.batch_size, workers=args.workers):
             results[path] = (top, err)

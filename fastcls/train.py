@@ -30,8 +30,10 @@ from .augment import build_augmenter, dominant_label
 from .diagnose import diagnose, train_acc_source
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
 from .data import DatasetError, build_loader, dataset_paths, split_size
+from .data.base import image_size_schedule, train_image_size
 from .dist import (DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed,
                    world_size_from_env)
+from .ema import ModelEma
 from .guard import LossGuard, NonFiniteLoss
 from .log import RunLog
 from .loss import SmoothedCrossEntropy
@@ -73,6 +75,8 @@ def count_train_images(cfg: Config) -> tuple[Optional[int], str]:
 def resolved_tree(cfg: Config, res: Resolved) -> dict:
     tree = to_dict(cfg)
     tree["resolved"] = res.as_dict(cfg)
+    if cfg.data.progressive.start_size:  # {"1-66": 160, "67-88": 192}: epochs as the log counts them
+        tree["resolved"]["train_image_size"] = image_size_schedule(cfg.data, cfg.train.epochs)
     return tree
 
 
@@ -144,6 +148,8 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
 
     # ------------------------------------------------------------------ model, optimizer, loss
     raw_model = build_run_model(cfg, dist, log, res.train_images)
+    e = cfg.train.ema  # EMA of the unwrapped model's weights (fastcls/ema.py), before a resume loads it
+    ema = ModelEma(raw_model, e.decay, e.every, e.warmup) if e.decay > 0 else None
     optimizer = build_optimizer(cfg.optim, raw_model, res.lr)
     lr_at = build_schedule(cfg.schedule, res.lr, res.steps_per_epoch, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
@@ -156,7 +162,7 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     ckpts = ckpt.Checkpointer(out_dir, model=raw_model, optimizer=optimizer, scaler=scaler,
                               classes=classes, config=to_dict(cfg), global_batch=res.global_batch_size,
                               keep=cfg.train.keep_checkpoints, dist=dist, log=log,
-                              slurm_requeue=cfg.train.slurm_requeue)
+                              slurm_requeue=cfg.train.slurm_requeue, ema=ema)
     pos = resume(cfg, dist, log, ckpts, res, lr_at)
     step = pos.step
 
@@ -166,12 +172,13 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
         finetune.set_backbone_frozen(raw_model, cfg.model.num_classes, True) > 0
     eval_model = torch.compile(raw_model) if cfg.model.compile else raw_model
     eval_pad = res.batch_size if cfg.model.compile else None  # one shape for the compiled graph
+    ema_eval = None if ema is None else torch.compile(ema.module) if cfg.model.compile else ema.module
     fit_source = train_acc_source(cfg)
     clean_loader = clean_train_loader(cfg, dist, data_dtype, classes) if fit_source == "clean" else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     ctx = EpochContext(wrap_for_training(raw_model, cfg, dist), optimizer, scaler, criterion, lr_at,
                        autocast, augmenter, cfg, dist, log,
-                       guard=LossGuard(device, scaler_skips=scaler is not None), ckpts=ckpts)
+                       guard=LossGuard(device, scaler_skips=scaler is not None), ckpts=ckpts, ema=ema)
 
     # ------------------------------------------------------------------ loop
     record: dict = {}
@@ -185,20 +192,25 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
                 ctx.model, frozen = wrap_for_training(raw_model, cfg, dist), False  # DDP sees all params
                 log.info(f"epoch {epoch + 1}: backbone unfrozen (model.freeze_epochs={cfg.model.freeze_epochs})")
             first = pos.epoch_step if epoch == pos.epoch else 0
+            size = train_image_size(cfg.data, epoch)  # set_epoch applies it (data.progressive)
+            if cfg.data.progressive.start_size and (epoch == pos.epoch or
+                                                    size != train_image_size(cfg.data, epoch - 1)):
+                log.info(f"epoch {epoch + 1}: training images {size} px (data.progressive)")
             train_loader.set_epoch(epoch, first * cfg.train.accum_steps)  # in micro-batches
             stats, step = train_one_epoch(ctx, train_loader, epoch, step, start_step=first,
                                           carry=pos.epoch_sums if epoch == pos.epoch else None)
             done, sums = stats.pop("epoch_steps"), stats.pop("epoch_sums")
             if done < res.steps_per_epoch:
                 raise ckpts.preempted(stop.requested, epoch, done, step, sums)
-            val, is_best = None, False
+            val, is_best, is_best_ema = None, False, False
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                val = evaluate(eval_model, val_loader, autocast, dist, pad_to=eval_pad)
-                is_best = val["val_top1"] > ckpts.best_top1
-                ckpts.best_top1 = max(ckpts.best_top1, val["val_top1"])
-            ckpts.save(epoch + 1, 0, step, is_best=is_best)  # every epoch (+ train.checkpoint_every)
+                val, is_best, is_best_ema = evaluate_run(eval_model, ema_eval, val_loader, autocast,
+                                                         cfg, dist, ckpts, eval_pad)
+            ckpts.save(epoch + 1, 0, step, is_best=is_best,  # every epoch (+ train.checkpoint_every)
+                       is_best_ema=is_best_ema)
             if val is not None:
-                record = {"epoch": epoch + 1, **stats, **val, "lr": lr_at(max(step - 1, 0))}
+                record = {"epoch": epoch + 1, "image_size": size, **stats, **val,
+                          "lr": lr_at(max(step - 1, 0))}
                 fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg,
                                    dist, eval_pad)
                 record.update(fit.as_record() if fit is not None else {})
@@ -208,8 +220,9 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
             if epoch + 1 < cfg.train.epochs and stop.agreed_now():  # signal during evaluation
                 raise ckpts.preempted(stop.requested, epoch + 1, 0, step)
     curves = log.plot()
-    log.info(f"done: best val top-1 {ckpts.best_top1:.2f}% | run folder {out_dir}"
-             + (f" | curves {curves}" if curves else ""))
+    log.info(f"done: best val top-1 {ckpts.best_top1:.2f}%"
+             + (f" (EMA {ckpts.best_ema_top1:.2f}%)" if ema is not None else "")
+             + f" | run folder {out_dir}" + (f" | curves {curves}" if curves else ""))
     # Ranks leave together: a gloo rank tearing the group down while rank 0 still plots or
     # writes was seen aborting ("terminate called without an active exception").
     barrier()
@@ -261,7 +274,11 @@ def build_data(cfg: Config, dist: DistInfo, log: RunLog, dtype: torch.dtype):
 def build_run_model(cfg: Config, dist: DistInfo, log: RunLog, train_images: Optional[int]):
     """The model on the device (channels_last per the config), pretrained weights loaded
     (fine-tuning; a resume overrides them); then the per-rank RNG stream is seeded."""
-    model = build_model(cfg.model.name, cfg.model.num_classes)
+    try:
+        model = build_model(cfg.model.name, cfg.model.num_classes, blurpool=cfg.model.blurpool,
+                            zero_init_residual=cfg.model.zero_init_residual)
+    except ValueError as e:  # an option the model has nothing to apply to
+        raise ConfigError(str(e)) from None
     if cfg.model.pretrained:
         log.info(str(finetune.load_pretrained(model, cfg.model.pretrained, cfg.model.num_classes)))
         warning = finetune.lr_warning(cfg, train_images)
@@ -285,8 +302,11 @@ def resume(cfg: Config, dist: DistInfo, log: RunLog, ckpts: ckpt.Checkpointer, r
     pos = resume_point(state, res.global_batch_size, res.steps_per_epoch, path)
     if state is None:
         return pos
-    ckpt.restore_state(state, path, ckpts.model, ckpts.optimizer, ckpts.scaler, ckpts.classes)
+    if not ckpt.restore_state(state, path, ckpts.model, ckpts.optimizer, ckpts.scaler, ckpts.classes,
+                              ema=ckpts.ema):
+        log.warn(f"{path} has no EMA weights (train.ema was off): the EMA starts from its weights")
     ckpts.last, ckpts.best_top1 = str(path), pos.best_top1
+    ckpts.best_ema_top1 = state.get("best_ema_top1", -1.0)
     if pos.remapped_from is not None:
         log.warn(f"checkpoint was written at global batch {pos.remapped_from}, now "
                  f"{res.global_batch_size}: continuing at step {pos.epoch_step} of the epoch "
@@ -313,6 +333,22 @@ def wrap_for_training(raw_model, cfg: Config, dist: DistInfo):
     return model
 
 
+def evaluate_run(eval_model, ema_eval, loader, autocast, cfg: Config, dist: DistInfo,
+                 ckpts: ckpt.Checkpointer, pad_to: Optional[int] = None) -> tuple[dict, bool, bool]:
+    """The epoch's evaluation (train.eval_tta) of the model and, with train.ema, of its EMA
+    (`val_*_ema` keys); the checkpointer's best top-1s follow. -> (metrics, new best model,
+    new best EMA)."""
+    val = evaluate(eval_model, loader, autocast, dist, pad_to, tta=cfg.train.eval_tta)
+    is_best, is_best_ema = val["val_top1"] > ckpts.best_top1, False
+    ckpts.best_top1 = max(ckpts.best_top1, val["val_top1"])
+    if ema_eval is not None:
+        ema = evaluate(ema_eval, loader, autocast, dist, pad_to, tta=cfg.train.eval_tta)
+        val.update({f"{k}_ema": ema[k] for k in ("val_loss", "val_top1", "val_top5")})
+        is_best_ema = val["val_top1_ema"] > ckpts.best_ema_top1
+        ckpts.best_ema_top1 = max(ckpts.best_ema_top1, val["val_top1_ema"])
+    return val, is_best, is_best_ema
+
+
 def clean_train_loader(cfg: Config, dist: DistInfo, dtype, classes):
     """The training images through the validation transform (no augmentation), for the
     `clean` fit diagnosis; every image counted once across ranks."""
@@ -327,7 +363,7 @@ def diagnose_fit(source: str, stats: dict, val: dict, eval_model, clean_loader, 
     if source == "off":
         return None
     train_top1 = stats["train_top1"] if source == "running" else \
-        evaluate(eval_model, clean_loader, autocast, dist, pad_to)["val_top1"]
+        evaluate(eval_model, clean_loader, autocast, dist, pad_to, tta=cfg.train.eval_tta)["val_top1"]
     return diagnose(train_top1, val["val_top1"], cfg, source)
 
 
@@ -336,7 +372,8 @@ class EpochContext:
     """What an epoch of training works with (built once by train(); `model` is the wrapped
     one, replaced when the backbone is unfrozen). `guard` stops the run on a NaN/inf loss,
     `stop` agrees on a preemption signal, `ckpts` writes the train.checkpoint_every
-    checkpoints; each may be None (benchmarks/train.py runs without them)."""
+    checkpoints, `ema` averages the weights (train.ema); each may be None
+    (benchmarks/train.py runs without them)."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
@@ -350,6 +387,7 @@ class EpochContext:
     guard: Optional[LossGuard] = None
     stop: Optional[Preemption] = None
     ckpts: Optional[ckpt.Checkpointer] = None
+    ema: Optional[ModelEma] = None
 
 
 def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_step: int = 0,
@@ -418,6 +456,8 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_s
             scaler.update()
         else:
             optimizer.step()
+        if ctx.ema is not None:  # after optimizer step number step + 1; foreach ops, no sync
+            ctx.ema.step(step + 1)
         step += 1
         if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps:
             loss_now = loss.item()  # sync, once per log_every steps
@@ -464,13 +504,17 @@ def no_sync(model):
 
 @torch.no_grad()
 def evaluate(model, loader, autocast, dist: DistInfo, pad_to: Optional[int] = None, *,
-             confusion_classes: int = 0) -> dict:
+             tta: str = "none", confusion_classes: int = 0) -> dict:
     """Top-1/top-5 and loss over the whole val set; each image counted once across ranks.
     `pad_to` (a compiled model): smaller batches (the last one) are padded to this size with
     zeros and the padding's logits dropped, so the compiled graph sees one shape and does not
     recompile (BatchNorm in eval mode treats every image alone: the padding changes nothing).
+    `tta="flip"` (train.eval_tta): the logits are the mean of the image's and its mirror's
+    (ffcv-imagenet sums them: the same ranking, a loss on the mean).
     With `confusion_classes` = C > 0 also "confusion": the int64 C×C confusion matrix on the
     CPU (row = true class, column = top-1 prediction; C = the model's outputs)."""
+    if tta not in ("none", "flip"):
+        raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
     model.eval()
     sums = torch.zeros(4, device=dist.device, dtype=torch.float64)  # loss, top1, top5, n
     conf = torch.zeros(confusion_classes ** 2, device=dist.device, dtype=torch.int64)
@@ -482,7 +526,10 @@ def evaluate(model, loader, autocast, dist: DistInfo, pad_to: Optional[int] = No
             pad = images.new_zeros((pad_to - n, *images.shape[1:]))
             images = torch.cat([images, pad]).contiguous(memory_format=torch.channels_last)
         with autocast():
-            logits = model(images)[:n]
+            logits = model(images)
+            if tta == "flip":  # mirror along W; flip keeps the channels_last layout
+                logits = (logits.float() + model(images.flip(3)).float()) / 2
+            logits = logits[:n]
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         sums[0] += loss.double()
         sums[1:3] += topk_correct(logits, labels, (1, 5)).double()

@@ -117,10 +117,11 @@ def test_trainer_under_torchrun(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["train.amp=bf16"], ["train.amp=fp16"],
-                                   ["train.amp=bf16", "model.compile=true"],
+                                   ["train.amp=bf16", "model.compile=true", "train.ema.decay=0.9"],
                                    ["model.channels_last=false", "augment.label_smoothing=0.1"]])
 def test_training_paths(tmp_path, extra):
-    """bf16 autocast, fp16 with GradScaler, torch.compile (inductor on CPU), NCHW."""
+    """bf16 autocast, fp16 with GradScaler, torch.compile (inductor on CPU; with an EMA, whose
+    copy is compiled for evaluation too), NCHW."""
     import math
     data = make_folder(tmp_path / "data")
     assert _small_run(data, tmp_path / "r", "train.epochs=2", *extra) == 0
@@ -129,6 +130,8 @@ def test_training_paths(tmp_path, extra):
     state = checkpoint.load(tmp_path / "r" / "last.pt")
     assert (state["scaler"] is not None) == ("train.amp=fp16" in extra)
     assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in state["model"])
+    if "train.ema.decay=0.9" in extra:
+        assert list(state["ema"]) == list(state["model"]) and all("val_top1_ema" in r for r in rows)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,9 @@
   .beton backends;
 - `Normalizer` (uint8 -> normalized float on the device) and `staged` (prepare the next
   batches in a background thread, on a side stream on CUDA), the two steps several backends
-  end with.
+  end with;
+- `train_image_size(data, epoch)` and `val_image_size(data)`: the crop sizes every backend
+  uses (progressive resizing, train low / test high).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 
 from ..config import DataConfig
@@ -53,12 +56,51 @@ class Loader(Protocol):
         """Images this rank yields per epoch."""
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Epoch `epoch`'s order; the next iteration starts at batch `start_step` of it."""
+        """Epoch `epoch`'s order and, for training, its image size
+        (`train_image_size(data, epoch)`); the next iteration starts at batch `start_step`."""
 
     def epoch_warnings(self) -> list[str]:
         """Lines the trainer logs after an epoch (e.g. decoder fallbacks); [] when none."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def train_image_size(data: DataConfig, epoch: int) -> int:
+    """Side in pixels of the training crops of `epoch` (counted from 0, as the training loop
+    and ffcv-imagenet's `get_resolution` count): `data.image_size` while progressive
+    resizing is off (`data.progressive.start_size == 0`), else ffcv-imagenet's rule:
+    start_size up to start_epoch, end_size (0 = data.image_size) from end_epoch on, and in
+    between the linear interpolation in the epoch rounded (half to even, as np.round) to a
+    multiple of `multiple`, kept within [start_size, end_size]. A pure function of the config
+    and the epoch, so a resumed run and every worker process agree on it."""
+    p = data.progressive
+    if not p.start_size:
+        return data.image_size
+    end = p.end_size or data.image_size
+    if epoch <= p.start_epoch:
+        return p.start_size
+    if epoch >= p.end_epoch:
+        return end
+    size = np.interp(epoch, [p.start_epoch, p.end_epoch], [p.start_size, end])
+    return int(min(max(int(np.round(size / p.multiple)) * p.multiple, p.start_size), end))
+
+
+def val_image_size(data: DataConfig) -> int:
+    """Side in pixels of the validation center crops: `data.val_image_size`, 0 = image_size."""
+    return data.val_image_size or data.image_size
+
+
+def image_size_schedule(data: DataConfig, epochs: int) -> dict[str, int]:
+    """{"epochs 1-71": 160, "epochs 72-88": 192}: the training size per run of epochs,
+    numbered from 1 as the progress bar and metrics.jsonl number them (--print-config)."""
+    out: dict[str, int] = {}
+    first = 0
+    for e in range(1, epochs + 1):
+        if e == epochs or train_image_size(data, e) != train_image_size(data, first):
+            key = f"epochs {first + 1}-{e}" if e > first + 1 else f"epoch {e}"
+            out[key] = train_image_size(data, first)
+            first = e
+    return out
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,21 @@ def _on_worker_failure(signum, frame):
     raise _WorkerFailed()
 
 
+def _keep_decodable(samples, bad: list[str], bad_paths: set, src: str, max_bad_fraction: float,
+                    listed_in: str) -> tuple[list, list[str]]:
+    """(the samples that decode, the "path: reason" of those that do not); a DatasetError
+    when more than `max_bad_fraction` of the files are bad (or none is good)."""
+    good = [s for s in samples if s[0] not in bad_paths]
+    if len(bad) > max_bad_fraction * len(samples) or not good:
+        shown = "\n  ".join(bad[:20])
+        raise DatasetError(f"{len(bad)} of {len(samples)} files of {src!r} do not decode, more "
+                           f"than --max-bad-fraction={max_bad_fraction} allows:\n  {shown}")
+    if bad:
+        print(f"convert: skipping {len(bad)} undecodable files (listed in {listed_in}): "
+              f"{bad[:3]}", file=sys.stderr)
+    return good, bad
+
+
 def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution: Optional[int] = None,
                  jpeg_quality: int = 90, compress_probability: float = 0.5, workers: int = 0,
                  max_bad_fraction: float = 0.01, chunksize: int = 100, progress: bool = True,
@@ -130,15 +145,9 @@ def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution:
     with mp.get_context("fork").Pool(workers) as pool:
         results = list(tqdm(pool.imap(_probe, paths, chunksize=16), total=len(paths),
                             desc="checking", disable=not progress, file=sys.stderr))
-    bad = [r for r in results if r is not None]
-    good = [s for s, r in zip(index.samples, results) if r is None]
-    if len(bad) > max_bad_fraction * len(paths) or not good:
-        shown = "\n  ".join(bad[:20])
-        raise DatasetError(f"{len(bad)} of {len(paths)} files under {src!r} do not decode, more "
-                           f"than --max-bad-fraction={max_bad_fraction} allows:\n  {shown}")
-    if bad:
-        print(f"convert: skipping {len(bad)} undecodable files (listed in {meta_path(out_p)}): "
-              f"{bad[:3]}", file=sys.stderr)
+    good, bad = _keep_decodable(index.samples, [r for r in results if r is not None],
+                                {p for p, r in zip(paths, results) if r is not None}, src,
+                                max_bad_fraction, str(meta_path(out_p)))
 
     # 2. write under a temporary name, then rename
     tmp = out_p.with_name(f"{out_p.name}.tmp-{os.getpid()}")
@@ -262,16 +271,8 @@ def convert_wds(src: str, out_dir: str, *, shard_size: str = "1GB", per_shard: O
 
     paths = [p for p, _ in index.samples]
     bad = check_paths(paths, workers, progress=progress)
-    bad_set = {p for p, _ in bad}
-    good = [s for s in index.samples if s[0] not in bad_set]
-    skipped = [f"{p}: {why}" for p, why in bad]
-    if len(bad) > max_bad_fraction * len(paths) or not good:
-        shown = "\n  ".join(skipped[:20])
-        raise DatasetError(f"{len(bad)} of {len(paths)} files of {src!r} do not decode, more "
-                           f"than --max-bad-fraction={max_bad_fraction} allows:\n  {shown}")
-    if bad:
-        print(f"convert: skipping {len(bad)} undecodable files (listed in the index): "
-              f"{skipped[:3]}", file=sys.stderr)
+    good, skipped = _keep_decodable(index.samples, [f"{p}: {why}" for p, why in bad],
+                                    {p for p, _ in bad}, src, max_bad_fraction, "the index")
     good = [good[i] for i in np.random.default_rng(seed).permutation(len(good))]
     keys = _sample_keys(index, good)
     stats = [os.stat(p) for p, _ in good]

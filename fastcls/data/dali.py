@@ -51,7 +51,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .base import MEAN, STD, LoaderBase, LoaderSpec
+from ..config import DataConfig
+from .base import MEAN, STD, LoaderBase, LoaderSpec, train_image_size, val_image_size
 from .check import check_file
 from .crop import center_crop_box, sample_rrc
 from .folder import DatasetError, FolderIndex
@@ -112,11 +113,11 @@ class DaliSource:
     def __init__(self, samples: list[tuple[str, int]], *, train: bool, batch_size: int,
                  rank: int, world_size: int, seed: int, scale, ratio, hflip: float,
                  image_size: int, val_resize: int, base_epoch: int, first_step: int,
-                 known_bad: dict[int, str]):
+                 known_bad: dict[int, str], data: Optional[DataConfig] = None):
         self.samples, self.train, self.batch_size = samples, train, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
-        self.image_size, self.val_resize = image_size, val_resize
+        self.image_size, self.val_resize, self.data = image_size, val_resize, data
         self.base_epoch, self.first_step, self.known_bad = base_epoch, first_step, dict(known_bad)
         self.placeholder = _placeholder_jpeg()
         self._orders: dict[int, np.ndarray] = {}
@@ -135,6 +136,14 @@ class DaliSource:
     def epoch_of(self, epoch_idx: int) -> int:
         return self.base_epoch + epoch_idx if self.train else 0
 
+    def size_of(self, epoch: int) -> int:
+        """The output side of `epoch`'s images: data.progressive's size in training (an input
+        of the pipeline, so the one pipeline serves every size), val_image_size in validation;
+        `image_size` without a data config."""
+        if self.data is None:
+            return self.image_size
+        return train_image_size(self.data, epoch) if self.train else val_image_size(self.data)
+
     def __call__(self, info):
         if not self._signals_set and os.getpid() != self._owner:
             _worker_signals()
@@ -146,8 +155,10 @@ class DaliSource:
         if lo >= len(order):
             raise StopIteration
         cols = [[] for _ in range(8)]
+        size = self.size_of(epoch)
         for idx in order[lo:lo + self.batch_size].tolist():
-            for col, v in zip(cols, self._train_sample(idx, epoch) if self.train else self._val_sample(idx)):
+            row = self._train_sample(idx, epoch, size) if self.train else self._val_sample(idx, size)
+            for col, v in zip(cols, row):
                 col.append(v)
         return tuple(cols)
 
@@ -173,14 +184,14 @@ class DaliSource:
         """Samples of the dataset (replacements are drawn among them)."""
         return len(self.samples)
 
-    def _row(self, raw: bytes, label: int, box, flip: bool, keep: bool, bad: list[int]):
+    def _row(self, raw: bytes, label: int, box, flip: bool, keep: bool, bad: list[int], size: int):
         x, y, w, h = box
         return (np.frombuffer(raw, dtype=np.uint8), np.array([label], dtype=np.int64),
                 np.array([x, y], dtype=np.float32), np.array([w, h], dtype=np.float32),
-                np.array(int(flip), dtype=np.int32), np.array(self.image_size, dtype=np.float32),
+                np.array(int(flip), dtype=np.int32), np.array(size, dtype=np.float32),
                 np.array([int(keep)], dtype=np.uint8), np.array(bad, dtype=np.int64))
 
-    def _train_sample(self, idx: int, epoch: int):
+    def _train_sample(self, idx: int, epoch: int, size: int):
         """The native backends' sample: crop and flip from (seed, epoch, index); a bad file's
         replacement and its crop from (seed, epoch, index, 1)."""
         rng = np.random.default_rng((self.seed, epoch, idx))
@@ -191,20 +202,20 @@ class DaliSource:
             if why is None:
                 top, left, ch, cw = sample_rrc(w, h, self.scale, self.ratio, rng)
                 flip = rng.random() < self.hflip
-                return self._row(raw, label, (left, top, cw, ch), flip, True, bad)
+                return self._row(raw, label, (left, top, cw, ch), flip, True, bad, size)
             bad.append(cur)
             cur, rng = int(replace.integers(self.size)), replace
         raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode, e.g. samples "
                            f"{bad[:3]}")
 
-    def _val_sample(self, idx: int):
+    def _val_sample(self, idx: int, size: int):
         """Resize(val_resize) + CenterCrop(image_size) as one window; a bad file becomes the
         placeholder, its row dropped by the loader (no image is scored twice)."""
         raw, why, (w, h), label = self._read(idx)
         if why is not None:
-            return self._row(self.placeholder, -1, (0, 0, 8, 8), False, False, [idx])
-        left, top, right, bottom = center_crop_box(w, h, self.val_resize, self.image_size)
-        return self._row(raw, label, (left, top, right - left, bottom - top), False, True, [])
+            return self._row(self.placeholder, -1, (0, 0, 8, 8), False, False, [idx], size)
+        left, top, right, bottom = center_crop_box(w, h, self.val_resize, size)
+        return self._row(raw, label, (left, top, right - left, bottom - top), False, True, [], size)
 
 
 def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
@@ -272,7 +283,7 @@ class DaliLoader(LoaderBase):
         super().__init__(len(index.samples), spec)
         self.classes, self.empty_classes, self.excluded = index.classes, index.empty_classes, index.excluded
         self.samples = index.samples
-        self.train, self.batch_size, self.image_size = spec.train, spec.batch_size, d.image_size
+        self.train, self.batch_size, self.image_size, self.data = spec.train, spec.batch_size, d.image_size, d
         self.val_resize, self.scale, self.ratio, self.hflip = d.val_resize, d.rrc.scale, d.rrc.ratio, d.hflip
         self.workers = d.workers
         self.num_threads = max(1, d.workers)  # DALI CPU threads (decode on CPU, resize)
@@ -315,7 +326,8 @@ class DaliLoader(LoaderBase):
                           rank=self.rank, world_size=self.sampler.world, seed=self.seed,
                           scale=self.scale, ratio=self.ratio, hflip=self.hflip,
                           image_size=self.image_size, val_resize=self.val_resize,
-                          base_epoch=epoch, first_step=step, known_bad=self.known_bad)
+                          base_epoch=epoch, first_step=step, known_bad=self.known_bad,
+                          data=self.data)
 
     def _name(self, idx: int) -> str:
         """How sample `idx` is named in bad-file messages."""

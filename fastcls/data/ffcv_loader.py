@@ -3,11 +3,14 @@ read by FFCV's `Loader`, JPEG decode (libjpeg-turbo) + crop + resize in numba th
 
 Pipelines (one per split, compiled by numba once per Loader):
 
-    train image: RandomResizedCropRGBImageDecoder(image_size, data.rrc.scale, data.rrc.ratio)
+    train image: RandomResizedCropRGBImageDecoder(size, data.rrc.scale, data.rrc.ratio)
                  -> RandomHorizontalFlip(data.hflip) -> ToTensor -> ToDevice(non_blocking, CUDA)
                  -> ToTorchImage(channels_last)
-    val image:   CenterCropRGBImageDecoder(image_size, ratio=image_size / data.val_resize)
-                 (= Resize(val_resize) + CenterCrop(image_size)) -> same tail
+                 size = train_image_size(data, epoch): `set_epoch` sets the decoder's
+                 output_size, as ffcv-imagenet does for progressive resizing (FFCV sizes its
+                 buffers per epoch iterator, so nothing is recompiled)
+    val image:   CenterCropRGBImageDecoder(size, ratio=size / data.val_resize), size =
+                 val_image_size(data) (= Resize(val_resize) + CenterCrop(size)) -> same tail
     label:       IntDecoder -> ToTensor -> Squeeze -> ToDevice
 
 then, on the device, uint8 -> float, ImageNet normalization, cast to `dtype`. This last step
@@ -38,7 +41,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .base import LoaderBase, LoaderSpec, Normalizer
+from .base import LoaderBase, LoaderSpec, Normalizer, train_image_size, val_image_size
 from .beton import import_ffcv, read_meta
 from .folder import DatasetError
 from .sampler import ShardBatchSampler
@@ -113,7 +116,8 @@ class FFCVLoader(LoaderBase):
         self.empty_classes: list[str] = meta.get("empty_classes", [])
         self.skipped_at_conversion: list[str] = meta.get("skipped", [])
         self.train, self.batch_size, self.device = train, spec.batch_size, spec.device
-        image_size, val_resize, hflip, device = d.image_size, d.val_resize, d.hflip, spec.device
+        self.data = d
+        val_resize, hflip, device = d.val_resize, d.hflip, spec.device
         self._threads = torch.get_num_threads()
 
         import_ffcv()  # a clear error when missing; keeps torch.get_num_threads()
@@ -122,13 +126,16 @@ class FFCVLoader(LoaderBase):
         from ffcv.loader import Loader
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-        size = (image_size, image_size)
         if train:
-            image = [RandomResizedCropRGBImageDecoder(size, scale=tuple(d.rrc.scale), ratio=tuple(d.rrc.ratio))]
+            size = train_image_size(d, 0)
+            self._decoder = RandomResizedCropRGBImageDecoder((size, size), scale=tuple(d.rrc.scale),
+                                                             ratio=tuple(d.rrc.ratio))
+            image = [self._decoder]
             if hflip > 0:
                 image.append(RandomHorizontalFlip(hflip))
         else:
-            image = [CenterCropRGBImageDecoder(size, ratio=image_size / val_resize)]
+            size = val_image_size(d)
+            image = [CenterCropRGBImageDecoder((size, size), ratio=size / val_resize)]
         image.append(ToTensor())
         label = [IntDecoder(), ToTensor(), Squeeze(1)]
         if device.type == "cuda":  # on CPU the tensors already are where they must be
@@ -164,6 +171,14 @@ class FFCVLoader(LoaderBase):
         if len(self.loader) != len(self.sampler):  # both implement the same last-batch rule
             raise AssertionError((len(self.loader), len(self.sampler)))
         self._compile(verbose and spec.rank == 0, spec.split)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch's order and seek (LoaderBase) and, in training, its image size: the
+        decoder's output_size, read when the next epoch's buffers are allocated."""
+        super().set_epoch(epoch, start_step)
+        if self.train:
+            size = train_image_size(self.data, epoch)
+            self._decoder.output_size = (size, size)
 
     def _compile(self, verbose: bool, split: str) -> None:
         """Run one batch now so numba's JIT (seconds) happens here, not in the first epoch's

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .base import LoaderBase, LoaderSpec, Normalizer, staged
+from ..config import DataConfig
+from .base import LoaderBase, LoaderSpec, Normalizer, staged, train_image_size, val_image_size
 from .crop import center_crop_box, sample_rrc
 from .folder import DatasetError, FolderIndex
 from .screen import read_screened
@@ -71,18 +72,22 @@ def decode_val(src, size: int, resize: int) -> np.ndarray:
 
 class FolderDataset(Dataset):
     """Map-style dataset keyed by (index, epoch), so a sample's random crop depends only on
-    (seed, epoch, index), whichever worker decodes it.
+    (seed, epoch, index), whichever worker decodes it, and so does its size: training crops
+    are `train_image_size(data, epoch)` px (progressive resizing changes them per epoch
+    inside the persistent workers, no restart), validation crops `val_image_size(data)`.
 
     Returns (uint8 H×W×3 tensor, int label, list of "path: error" for files that failed).
     A file that fails to decode is replaced in training by another sample (counted), and
     dropped in evaluation (label -1, counted) so no image is scored twice.
     """
 
-    def __init__(self, index: FolderIndex, train: bool, size: int, val_resize: int,
-                 scale: tuple[float, float], ratio: tuple[float, float], hflip: float, seed: int):
+    def __init__(self, index: FolderIndex, train: bool, data: DataConfig, seed: int):
         self.samples = index.samples
-        self.train, self.size, self.val_resize = train, size, val_resize
-        self.scale, self.ratio, self.hflip, self.seed = scale, ratio, hflip, seed
+        self.train, self.data, self.val_resize = train, data, data.val_resize
+        self.scale, self.ratio, self.hflip, self.seed = data.rrc.scale, data.rrc.ratio, data.hflip, seed
+
+    def size(self, epoch: int) -> int:
+        return train_image_size(self.data, epoch) if self.train else val_image_size(self.data)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -90,6 +95,7 @@ class FolderDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         idx, epoch = key
         rng = np.random.default_rng((self.seed, epoch, idx))
+        size = self.size(epoch)
         # A replacement for a bad file comes from a generator of its own, (seed, epoch,
         # index, 1), which then also draws its crop: the batched path's replacements.
         replace = np.random.default_rng((self.seed, epoch, idx, 1))
@@ -100,10 +106,10 @@ class FolderDataset(Dataset):
             if why is None:
                 try:
                     if self.train:
-                        arr = decode_train(io.BytesIO(raw), self.size, self.scale, self.ratio,
+                        arr = decode_train(io.BytesIO(raw), size, self.scale, self.ratio,
                                            self.hflip, rng)
                     else:
-                        arr = decode_val(io.BytesIO(raw), self.size, self.val_resize)
+                        arr = decode_val(io.BytesIO(raw), size, self.val_resize)
                     return torch.from_numpy(arr.copy()), label, errors
                 except Exception as e:  # any undecodable file: PIL raises many types
                     why = f"{type(e).__name__}: {e}"
@@ -111,7 +117,7 @@ class FolderDataset(Dataset):
             idx, rng = int(replace.integers(len(self.samples))), replace
         if self.train:
             raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode: {errors}")
-        return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1, errors
+        return torch.zeros(size, size, 3, dtype=torch.uint8), -1, errors
 
 
 def collate_uint8(batch):
@@ -179,8 +185,7 @@ class NativeLoader(LoaderBase):
         super().__init__(len(index.samples), spec)
         self.classes, self.empty_classes, self.excluded = index.classes, index.empty_classes, index.excluded
         self.device = spec.device
-        self.dataset = FolderDataset(index, spec.train, d.image_size, d.val_resize, d.rrc.scale,
-                                     d.rrc.ratio, d.hflip, spec.seed)
+        self.dataset = FolderDataset(index, spec.train, d, spec.seed)
         self.loader = worker_loader(self.dataset, self.sampler, collate_uint8, d.workers, d.timeout,
                                     pin_memory=d.pin_memory and spec.device.type == "cuda")
         self.timeout = d.timeout if d.workers > 0 else 0

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ANTIALIAS_MODES
-from .base import MEAN, STD, LoaderBase, LoaderSpec, staged
+from .base import MEAN, STD, LoaderBase, LoaderSpec, staged, train_image_size, val_image_size
 from .crop import sample_rrc
 from .folder import DatasetError, FolderIndex
 from .screen import read_screened
@@ -277,7 +277,7 @@ class BatchedNativeLoader(LoaderBase):
         """What the main process's decode + kernel need (shared with the shard loader)."""
         d = spec.data
         self.train, self.device, self.dtype = spec.train, spec.device, spec.dtype
-        self.size, self.val_resize = d.image_size, d.val_resize
+        self.data, self.val_resize = d, d.val_resize
         self.scale, self.ratio, self.hflip, self.seed = tuple(d.rrc.scale), tuple(d.rrc.ratio), d.hflip, spec.seed
         self.antialias_above = ANTIALIAS_ABOVE[d.antialias]
         self.decoder = resolve_decoder(d.decoder)  # "nvimgcodec" | "torchvision"
@@ -325,6 +325,9 @@ class BatchedNativeLoader(LoaderBase):
         buf, offsets, labels, idxs, read_errors, crops = batch
         datas = split_bytes(buf, offsets)
         epoch = self.sampler.epoch
+        # the epoch's training size (data.progressive) or the validation size: only the
+        # output grid changes, the crop boxes are in source pixels
+        size = train_image_size(self.data, epoch) if self.train else val_image_size(self.data)
         images, errors = decode_batch(datas, self.device, self._nvdecoder(), self.fallbacks)
         bad = []
         kept_images, kept_labels, boxes, windows, flips = [], [], [], [], []
@@ -344,10 +347,10 @@ class BatchedNativeLoader(LoaderBase):
                     if rng is None:
                         rng = np.random.default_rng((self.seed, epoch, idx))
                     crop = (*sample_rrc(w, h, self.scale, self.ratio, rng), bool(rng.random() < self.hflip))
-                b, win = rrc_box(*crop[:4], (self.size, self.size))
+                b, win = rrc_box(*crop[:4], (size, size))
                 flips.append(crop[4])
             else:
-                b, win = resize_center_crop_box(h, w, self.val_resize, self.size)
+                b, win = resize_center_crop_box(h, w, self.val_resize, size)
                 flips.append(False)
             kept_images.append(img)
             kept_labels.append(label)
@@ -356,12 +359,12 @@ class BatchedNativeLoader(LoaderBase):
         self._account(bad)
         y = torch.tensor(kept_labels, dtype=torch.int64).to(self.device, non_blocking=True)
         if not kept_images:
-            return torch.empty((0, 3, self.size, self.size), dtype=self.dtype, device=self.device,
+            return torch.empty((0, 3, size, size), dtype=self.dtype, device=self.device,
                                memory_format=torch.channels_last), y
         src, geom, _ = pack_images(kept_images)  # CHW or HWC-memory views: strides recorded
         geom, box = build_params(geom, boxes, windows)
         flip = torch.tensor(flips, dtype=torch.uint8)
-        x = resized_crop_normalize(src, geom, box, flip, (self.size, self.size), MEAN, STD,
+        x = resized_crop_normalize(src, geom, box, flip, (size, size), MEAN, STD,
                                    self.dtype, self.antialias_above)
         return x, y
 

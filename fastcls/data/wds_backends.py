@@ -244,7 +244,7 @@ class DaliShardLoader(DaliLoader):
                                world_size=self.sampler.world, seed=self.seed, scale=self.scale,
                                ratio=self.ratio, hflip=self.hflip, image_size=self.image_size,
                                val_resize=self.val_resize, base_epoch=epoch, first_step=step,
-                               known_bad=self.known_bad)
+                               known_bad=self.known_bad, data=self.data)
 
     def _name(self, idx: int) -> str:
         return sample_name(self.shards, idx)
