@@ -176,6 +176,7 @@ def main(argv=None) -> int:
                 print(f"{name:>10}: skipped ({e})", file=sys.stderr)
                 break
             rows.append({"backend": label, **time_loader(loader, args, device)})
+            loader.close()  # its workers stop before the next backend's start
     tree["data"]["train"] = folder
     if not args.no_baseline:
         rows.append({"backend": "pil_dataloader (baseline)",

@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 
 from common import dataset_info, device_name, machine_info, now_utc, versions, write_json  # noqa: E402
 from fastcls.config import ConfigError, load_config, resolve, to_dict  # noqa: E402
-from fastcls.data import DatasetError, build_loader, dataset_paths  # noqa: E402
+from fastcls.data import DatasetError, build_loader, closing_loaders, dataset_paths  # noqa: E402
 from fastcls.dist import DistInfo, pick_device  # noqa: E402
 from fastcls.log import RunLog  # noqa: E402
 from fastcls.loss import SmoothedCrossEntropy  # noqa: E402
@@ -203,4 +203,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with closing_loaders():  # the loaders' workers stop before the interpreter exits
+        sys.exit(main())

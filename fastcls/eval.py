@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Optional
 import torch
 
 from .config import to_dict
-from .data import DatasetError, build_loader
+from .data import DatasetError, build_loader, closing_loaders
 from .dist import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
 from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, InferenceError,
                         load_checkpoint, Loaded, write_atomic, write_text_atomic)
@@ -58,7 +57,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if dist.is_main:
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
-        result = run_eval(loaded, dist)
+        with closing_loaders():  # the loader's workers stop at the end (see fastcls.train.main)
+            result = run_eval(loaded, dist)
         if dist.is_main:
             print(summary_line({k: result[k] for k in ("val_loss", "val_top1", "val_top5", "val_images")}))
             if result["bad_files"]:
@@ -72,7 +72,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error (rank {dist.rank}): {e}", file=sys.stderr)
         return 2
     finally:
-        gc.collect()  # the loader's workers shut down now (see fastcls.train.main)
         cleanup_distributed()
 
 

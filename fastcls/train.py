@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from . import finetune
 from .augment import build_augmenter, dominant_label
 from .diagnose import diagnose, train_acc_source
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
-from .data import DatasetError, build_loader, dataset_paths, split_size
+from .data import DatasetError, build_loader, closing_loaders, dataset_paths, split_size
 from .data.base import image_size_schedule, train_image_size
 from .dist import (DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed,
                    world_size_from_env)
@@ -106,7 +105,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     dist = setup_distributed(cfg.train.device)
     try:
-        train(cfg, dist, notes)
+        # The loaders' workers stop when the run ends, however it ends: left to the garbage
+        # collector or to exit-time terminate(), each outlives the run by 30 s (a worker must
+        # survive SLURM's SIGTERM: data/native.py _worker_init; data/base.shutdown_workers).
+        with closing_loaders():
+            train(cfg, dist, notes)
         return 0
     except (ConfigError, DatasetError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error (rank {dist.rank}): {e}", file=sys.stderr)
@@ -118,10 +121,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"preempted (rank {dist.rank}): {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     finally:
-        # Free the loaders now (they sit in reference cycles) so their DataLoader workers
-        # shut down cleanly, not via multiprocessing's exit-time terminate(), which a worker
-        # outlives by 30 s (it must survive SLURM's SIGTERM: see data/native.py _worker_init).
-        gc.collect()
         cleanup_distributed()
 
 

@@ -395,6 +395,14 @@ def test_dali_builds_one_pipeline_per_loader(tmp_path):
     assert len(list(train)) == 4 and train.builds == 2
     train.set_epoch(4)  # follows the epoch just finished: the same pipeline again
     assert len(list(train)) == 6 and train.builds == 2
+    import multiprocessing
+    assert multiprocessing.active_children()  # DALI's Python source workers
+    train.close()
+    val.close()
+    assert multiprocessing.active_children() == []  # close(): the pipelines and workers are gone
+    train.set_epoch(5)
+    assert len(list(train)) == 6 and train.builds == 3  # iterating after close builds again
+    train.close()
 
 
 def test_dali_mid_epoch_seek_repeats_the_crops_bitwise(tmp_path):

@@ -416,9 +416,9 @@ def _rows(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-# (the batched native path's sizes: test_native_loader_applies_the_epoch_size_in_its_workers;
-# on the CPU its decode is too slow for a whole demo here)
-@pytest.mark.parametrize("backend", ["native", pytest.param("ffcv", marks=needs_ffcv),
+# native:batched is the default decode path on CUDA (byte-reading workers, torchvision
+# decode, the crop kernel at each epoch's size)
+@pytest.mark.parametrize("backend", ["native", "native:batched", pytest.param("ffcv", marks=needs_ffcv),
                                      pytest.param("dali", marks=pytest.mark.skipif(not _HAVE_DALI,
                                                                                    reason="no DALI"))])
 def test_fast_demo_trains_end_to_end(backend, demo_cache, tmp_path):

@@ -44,6 +44,32 @@ def _small_run(data, out, *extra):
                  "schedule.warmup_start_factor=0.1", "train.amp=off", *extra])
 
 
+@pytest.mark.parametrize("decode", ["workers", "batched"])
+def test_run_stops_its_workers_even_when_its_frames_are_kept(tmp_path, monkeypatch, decode):
+    """Seen: matplotlib's first import (the curves) stores an exception whose traceback keeps
+    train()'s frame, and so its loaders, alive past the return; the workers then stopped only
+    in the garbage collector, missed their stop message and held the process's exit ~70 s.
+    main() must stop them itself, whatever keeps the loaders alive."""
+    import multiprocessing
+    from fastcls.log import RunLog
+    kept = []
+    plot = RunLog.plot
+
+    def plot_and_keep_a_traceback(self):
+        try:
+            raise ValueError("stored, as a parser's cached error is")
+        except ValueError as e:
+            kept.append(e)  # e.__traceback__ -> this frame -> f_back: train()'s frame
+        return plot(self)
+
+    monkeypatch.setattr(RunLog, "plot", plot_and_keep_a_traceback)
+    data = make_folder(tmp_path / "data")
+    assert _small_run(data, tmp_path / "o", "train.epochs=1", "data.workers=2",
+                      f"data.native_decode={decode}") == 0
+    assert kept and multiprocessing.active_children() == []
+    kept.clear()
+
+
 def test_resume_continues_at_right_epoch_and_lr(tmp_path):
     data = make_folder(tmp_path / "data")
     assert _small_run(data, tmp_path / "a", "train.epochs=3") == 0

@@ -308,11 +308,17 @@ class DaliLoader(LoaderBase):
 
     # ------------------------------------------------------------------ pipelines
 
+    def close(self) -> None:
+        """The pipeline (its memory, threads and Python source workers) goes now; the next
+        iteration builds a new one."""
+        if self._pipe is not None:
+            self._pipe, self._pipe_state = None, "none"
+            import gc
+            gc.collect()  # DALI tears a pipeline down in its finalizers, which gc also runs
+
     def _build(self, epoch: int, step: int) -> None:
         """A new pipeline at batch `step` of `epoch` (the old one, if any, shut down first)."""
-        self._pipe = None
-        import gc
-        gc.collect()  # the old pipeline's memory and Python workers go before the new ones come
+        self.close()  # the old pipeline's memory and workers go before the new ones come
         self._pipe = build_pipeline(
             self._source(epoch, step), batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.device_id, seed=_seed(self.seed, self.rank, epoch, step),

@@ -59,6 +59,9 @@ class SyntheticLoader:
     def epoch_warnings(self) -> list[str]:
         return []
 
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
     def __iter__(self):
         start, self.start_step = self.start_step, 0  # one iteration only
         for _ in range(start, self.steps):
