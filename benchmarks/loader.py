@@ -153,22 +153,21 @@ def main(argv=None) -> int:
         shards = f"{tmp.name}/shards"
         convert_wds(folder, shards, shard_size="64MB", progress=False)
     for name in names:
-        # ffcv reads .beton files: the folder is converted (not timed) once per write mode
-        variants = [(f"ffcv ({m})", m) for m in FFCV_MODES] if name == "ffcv" else [(name, None)]
         backend, _, rest = name.partition(":")   # native:batched:nvimgcodec
         decode, _, decoder = rest.partition(":")
-        if name == "shards":
-            backend, decode, variants = "native", "workers", [("native:workers (shards)", None)]
-        for label, mode in variants:
+        # (row label, data.train): ffcv reads the .beton copies (one per write mode), shards
+        # the tar-shard copy (native PIL workers), every other backend the folder
+        variants = [(name, folder)]
+        if name == "ffcv":
+            variants = [(f"ffcv ({m})", betons[m]) for m in FFCV_MODES]
+        elif name == "shards":
+            backend, decode, variants = "native", "workers", [("native:workers (shards)", shards)]
+        for label, train in variants:
             tree["data"]["backend"] = backend
             tree["data"]["native_decode"] = decode or "auto"
             tree["data"]["decoder"] = decoder or "auto"
-            tree["data"]["train"] = folder
+            tree["data"]["train"] = train
             try:
-                if mode is not None:
-                    tree["data"]["train"] = betons[mode]
-                if name == "shards":
-                    tree["data"]["train"] = shards
                 cfg = config_from_dict(tree, "benchmark")
                 loader = build_loader(cfg, "train", device)
             except DatasetError as e:

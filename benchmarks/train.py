@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import contextlib
 import itertools
 import statistics
 import sys
@@ -45,7 +44,7 @@ from fastcls.log import RunLog  # noqa: E402
 from fastcls.loss import SmoothedCrossEntropy  # noqa: E402
 from fastcls.models import build_model  # noqa: E402
 from fastcls.optim import build_optimizer  # noqa: E402
-from fastcls.train import AMP_DTYPES, EpochContext, train_one_epoch  # noqa: E402
+from fastcls.train import EpochContext, amp_setup, train_one_epoch  # noqa: E402
 
 
 class Window:
@@ -128,8 +127,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
-    amp_dtype = AMP_DTYPES[cfg.train.amp]
-    data_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else torch.float32
+    autocast, data_dtype = amp_setup(cfg.train.amp, device)
 
     # Loaders first: a bad folder fails before the model is built.
     real_cfg = cfg
@@ -157,8 +155,7 @@ def main(argv=None) -> int:
         scaler=torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None,
         criterion=SmoothedCrossEntropy(cfg.model.num_classes, cfg.augment.label_smoothing),
         lr_at=lambda step: res.lr,
-        autocast=((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype
-                  else contextlib.nullcontext),
+        autocast=autocast,
         augmenter=None, cfg=cfg, dist=dist, log=RunLog(ROOT / "bench_out", enabled=False))
 
     print(f"benchmarks/train.py: {cfg.model.name} bs {res.batch_size} {cfg.data.image_size}px "

@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .atomic import write_text_atomic
 from .dist import barrier
 from .preempt import Preempted, slurm_requeue
 from .resume import gather_rng_states
@@ -54,15 +55,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`: a crash
     at any point leaves either the old file or the new one, never a half-written one.
@@ -82,7 +74,7 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
         except FileNotFoundError:
             pass
         os.replace(tmp, path)
-        _write_text_atomic(_sidecar(path), f"{w.h.hexdigest()}  {path.name}\n")
+        write_text_atomic(_sidecar(path), f"{w.h.hexdigest()}  {path.name}\n")
     except BaseException:
         try:
             os.unlink(tmp)

@@ -18,7 +18,6 @@ keys plus per-class accuracy and the confusion matrix, and `eval_confusion.png` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -26,13 +25,14 @@ from typing import Optional
 
 import torch
 
-from .config import to_dict
+from .atomic import write_atomic, write_text_atomic
+from .config import resolve, to_dict
 from .data import DatasetError, build_loader, closing_loaders
 from .dist import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
 from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, InferenceError,
-                        load_checkpoint, Loaded, write_atomic, write_text_atomic)
+                        load_checkpoint, Loaded)
 from .log import summary_line
-from .train import AMP_DTYPES, evaluate
+from .train import amp_setup, evaluate
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -80,9 +80,7 @@ def run_eval(loaded: Loaded, dist: DistInfo) -> dict:
     ranks: val_loss, val_top1, val_top5, val_images, plus `confusion` (C×C int64 tensor,
     row = true class), `classes`, `bad_files` (all ranks) and the config used."""
     cfg, device = loaded.cfg, dist.device
-    amp_dtype = AMP_DTYPES[cfg.train.amp]
-    # as in training: the loader hands over the AMP dtype on GPU, fp32 on CPU
-    dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else torch.float32
+    autocast, dtype = amp_setup(cfg.train.amp, device)  # as in training
     model = build_inference_model(loaded, device)  # first: a wrong architecture is the likelier error
     loader = build_loader(cfg, "val", device, rank=dist.rank, world_size=dist.world_size,
                           dtype=dtype, classes=loaded.classes)
@@ -98,8 +96,8 @@ def run_eval(loaded: Loaded, dist: DistInfo) -> dict:
         raise InferenceError(f"{loaded.path}: {len(classes)} classes but model.num_classes="
                              f"{cfg.model.num_classes}")
     eval_model = torch.compile(model) if cfg.model.compile else model
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    result = evaluate(eval_model, loader, autocast, dist, tta=cfg.train.eval_tta,
+    pad = resolve(cfg, dist.world_size).batch_size if cfg.model.compile else None  # as training
+    result = evaluate(eval_model, loader, autocast, dist, pad, tta=cfg.train.eval_tta,
                       confusion_classes=cfg.model.num_classes)
     bad = all_reduce_sum(torch.tensor([len(loader.bad_files)], device=device)).item()
     return {**result, "classes": classes, "bad_files": int(bad), "checkpoint": loaded.path,

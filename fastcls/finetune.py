@@ -54,16 +54,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
             raise ConfigError(f"model.pretrained: cannot read {str(path)!r} as a torch "
                               f"checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    if isinstance(state, dict):
-        for key in ("model", "state_dict", "model_state_dict"):  # fastcls / timm / common
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not state or \
-            not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state = unwrap_state_dict(state)
+    if state is None:
         raise ConfigError(f"model.pretrained: {str(path)!r} holds no state_dict (a dict of tensors, "
                           f"or one under 'model' / 'state_dict')")
     return strip_prefixes(state)
+
+
+STATE_KEYS = ("model", "state_dict", "model_state_dict")  # where fastcls / timm / others nest it
+
+
+def unwrap_state_dict(obj) -> Optional[dict]:
+    """The state_dict in a loaded file: the object itself or the dict under one of
+    STATE_KEYS; None unless that is a non-empty dict of tensors."""
+    if isinstance(obj, dict):
+        for key in STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return None
+    return obj
 
 
 def strip_prefixes(state: dict) -> dict:

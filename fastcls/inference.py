@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,10 +36,9 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, apply_overrides, config_from_dict
 from .data.base import MEAN, STD
 from .data.base import val_image_size
-from .finetune import strip_prefixes
+from .finetune import STATE_KEYS, strip_prefixes, unwrap_state_dict
 from .models import build_model
 
-_STATE_KEYS = ("state_dict", "model", "model_state_dict")  # where other tools nest theirs
 PLAIN_BATCH = 64  # data.batch_size for a plain state_dict unless overridden
 # `section.key=value` (an override) rather than a path, for the commands that take both
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
@@ -52,13 +51,11 @@ class InferenceError(ValueError):
 @dataclass(frozen=True)
 class Loaded:
     """A checkpoint read for inference. `weights`: the state_dict to load (model or EMA);
-    `classes`: the class names (None for a plain state_dict: the val folder's, or indices);
-    `kind`: "fastcls" or "state_dict"."""
+    `classes`: the class names (None for a plain state_dict: the val folder's, or indices)."""
     path: str
     cfg: Config
     weights: dict
     classes: Optional[list[str]]
-    kind: str
     ema: bool
 
     def class_names(self) -> list[str]:
@@ -90,15 +87,11 @@ def _read(path: Path):
 
 
 def _plain_state_dict(obj, path: Path) -> dict:
-    if isinstance(obj, dict):
-        for key in _STATE_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    state = unwrap_state_dict(obj)  # as model.pretrained reads one
+    if state is None:
         raise InferenceError(f"{path}: neither a fastcls checkpoint nor a state_dict (a dict of "
-                             f"tensors, or one under {' / '.join(_STATE_KEYS)})")
-    return obj
+                             f"tensors, or one under {' / '.join(STATE_KEYS)})")
+    return state
 
 
 def load_checkpoint(path: str | os.PathLike, overrides: Sequence[str] = (), *, ema: bool = False,
@@ -122,7 +115,7 @@ def load_checkpoint(path: str | os.PathLike, overrides: Sequence[str] = (), *, e
                                      f"(trained without train.ema); drop --ema to use its model")
         else:
             weights = obj["model"]
-        return Loaded(str(p), cfg, strip_prefixes(weights), list(obj["classes"]), "fastcls", ema)
+        return Loaded(str(p), cfg, strip_prefixes(weights), list(obj["classes"]), ema)
     if ema:
         raise InferenceError(f"{p}: --ema needs a fastcls checkpoint with an 'ema' entry; this is a "
                              f"plain state_dict")
@@ -133,7 +126,7 @@ def load_checkpoint(path: str | os.PathLike, overrides: Sequence[str] = (), *, e
     # the schema's defaults, but a batch size (which the schema leaves to the recipe)
     tree = apply_overrides({"data": {"batch_size": PLAIN_BATCH}}, overrides, notes)
     cfg = config_from_dict(tree, "<defaults> + overrides")
-    return Loaded(str(p), cfg, strip_prefixes(weights), None, "state_dict", False)
+    return Loaded(str(p), cfg, strip_prefixes(weights), None, False)
 
 
 def checkpoint_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -189,28 +182,6 @@ def preprocessing(cfg: Config) -> dict:
             "interpolation": "bilinear", "color": "RGB", "scale": "pixel / 255",
             "mean": [round(m / 255, 6) for m in MEAN], "std": [round(s / 255, 6) for s in STD],
             "layout": "NCHW", "dtype": "float32"}
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` into a temp file beside `path`, fsync it, rename it over `path`: a reader
-    sees the old file or the whole new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the suffix stays last: some writers/readers check it (torch.export wants .pt2)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 # Shown with every command's error: what a user can fix, as one line (exit status 2).

@@ -20,7 +20,6 @@ checkpoint or arguments.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
@@ -36,10 +35,11 @@ from torch.utils.data import DataLoader, Dataset
 from .data.base import Normalizer, val_image_size
 from .data.folder import IMAGE_EXTENSIONS
 from .data.native import decode_val
+from .atomic import write_text_atomic
 from .dist import pick_device
 from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, is_override,
-                        load_checkpoint, write_text_atomic)
-from .train import AMP_DTYPES
+                        load_checkpoint)
+from .train import amp_setup
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
@@ -152,8 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = loaded.cfg
-    amp = AMP_DTYPES[cfg.train.amp]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    autocast, _ = amp_setup(cfg.train.amp, device)
     names = loaded.class_names()
     good = [p for p, err in inputs if err is None]
     results = {}

@@ -46,6 +46,15 @@ from .schedule import build_schedule
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
+def amp_setup(amp: str, device: torch.device) -> tuple[Callable, torch.dtype]:
+    """(autocast factory, loader dtype) for train.amp on `device`: autocast in the AMP dtype
+    (a no-op context when off); the loaders hand over that dtype on GPU (it halves the bytes
+    moved), fp32 on the CPU."""
+    dtype = AMP_DTYPES[amp]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    return autocast, dtype if (dtype is not None and device.type == "cuda") else torch.float32
+
+
 # ============================================================================ CLI
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -135,9 +144,7 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
                  tensorboard=cfg.train.tensorboard)
     for note in notes:
         log.info(note)
-    amp_dtype = AMP_DTYPES[cfg.train.amp]
-    # Loader output dtype: the AMP dtype on GPU halves the bytes moved; fp32 on CPU.
-    data_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else torch.float32
+    autocast, data_dtype = amp_setup(cfg.train.amp, device)
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP broadcasts anyway)
     set_determinism(cfg.train.deterministic)
 
@@ -174,7 +181,6 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     ema_eval = None if ema is None else torch.compile(ema.module) if cfg.model.compile else ema.module
     fit_source = train_acc_source(cfg)
     clean_loader = clean_train_loader(cfg, dist, data_dtype, classes) if fit_source == "clean" else None
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     ctx = EpochContext(wrap_for_training(raw_model, cfg, dist), optimizer, scaler, criterion, lr_at,
                        autocast, augmenter, cfg, dist, log,
                        guard=LossGuard(device, scaler_skips=scaler is not None), ckpts=ckpts, ema=ema)

@@ -19,6 +19,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable, Optional
 
+from ..atomic import write_text_atomic
 from .folder import DatasetError
 from .listfile import index_split
 
@@ -103,10 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for path, why in bad:
         print(f"{path}\t{why}")
     if args.exclude_out:
-        tmp = args.exclude_out + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(f"{os.path.abspath(p)}\n" for p, _ in bad)
-        os.replace(tmp, args.exclude_out)
+        write_text_atomic(args.exclude_out, "".join(f"{os.path.abspath(p)}\n" for p, _ in bad))
     print(f"checked {total} images: {len(bad)} bad" +
           (f"; wrote {args.exclude_out} (set data.exclude={args.exclude_out})"
            if args.exclude_out else ""), file=sys.stderr)

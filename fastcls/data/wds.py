@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..atomic import write_text_atomic
 from .base import LoaderBase, LoaderSpec, Normalizer
 from .folder import IMAGE_EXTENSIONS, DatasetError
 from .listfile import INDEX_SUFFIX, is_local as _is_local, is_shards  # noqa: F401  (path shapes)
@@ -678,9 +679,7 @@ def write_index(shards: ShardSet, out: str, source: str = "") -> dict:
             "shards": [{"name": _shard_name(u), "count": int(c),
                         **({"offsets": o.tolist()} if o is not None else {})}
                        for u, c, o in zip(shards.urls, shards.counts, shards.offsets)]}
-    tmp = f"{out}.tmp-{os.getpid()}"
-    Path(tmp).write_text(json.dumps(meta))
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(meta))
     return meta
 
 

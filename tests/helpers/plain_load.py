@@ -21,7 +21,7 @@ else:
 state = torch.load(path, map_location="cpu", weights_only=True)
 model.load_state_dict(state["model"])
 
-result = {"keys": len(state["model"]), "fastcls_imported": any(m.split(".")[0] == "fastcls" for m in sys.modules)}
+result = {"keys": len(state["model"])}
 if len(sys.argv) > 6:
     from torchvision import datasets
     from torchvision.transforms import v2
@@ -29,7 +29,7 @@ if len(sys.argv) > 6:
     tf = v2.Compose([v2.Resize(resize), v2.CenterCrop(crop), v2.PILToTensor(),
                      v2.ToDtype(torch.float32, scale=True),
                      v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    ds = datasets.ImageFolder(val, transform=lambda im: tf(im.convert("RGB")))
+    ds = datasets.ImageFolder(val, transform=tf)  # its loader converts to RGB
     model.eval()
     preds, correct = {}, 0
     with torch.no_grad():
@@ -40,6 +40,6 @@ if len(sys.argv) > 6:
                 preds[ds.samples[i + j][0]] = p
                 correct += int(p == y)
     result.update(top1=100.0 * correct / len(ds), images=len(ds), preds=preds)
-result["fastcls_imported"] |= any(m.split(".")[0] == "fastcls" for m in sys.modules)
+result["fastcls_imported"] = any(m.split(".")[0] == "fastcls" for m in sys.modules)  # at any point
 with open(out, "w") as f:
     json.dump(result, f)
