@@ -117,13 +117,21 @@ def pipe(name):
 _HAVE_DALI = __import__("importlib").util.find_spec("nvidia.dali") is not None
 
 
-@pytest.mark.parametrize("path", ["workers", "batched", pytest.param(
-    "dali", marks=pytest.mark.skipif(not _HAVE_DALI, reason="no DALI"))])
-def test_native_loader_applies_the_epoch_size_in_its_workers(folder, path):
+_NEEDS_DALI = pytest.mark.skipif(not _HAVE_DALI, reason="no DALI")
+
+
+@pytest.mark.parametrize("path", ["workers", "batched", pytest.param("dali", marks=_NEEDS_DALI),
+                                  "shards:workers", "shards:batched",
+                                  pytest.param("shards:dali", marks=_NEEDS_DALI)])
+def test_native_loader_applies_the_epoch_size_in_its_workers(folder, tmp_path, path):
     """The PIL workers (persistent across epochs) derive the size from each sample's
     (index, epoch) key, the batched path's kernel resizes to the epoch's size, DALI's one
     pipeline takes it as an input; validation crops are val_image_size; a mid-epoch seek
-    keeps the size."""
+    keeps the size. The same from tar shards of the folder on each path."""
+    if path.startswith("shards:"):
+        from fastcls.data.convert import convert_wds
+        convert_wds(str(folder), str(tmp_path / "shards"), per_shard=7, workers=1, progress=False)
+        folder, path = tmp_path / "shards", path.split(":")[1]
     kw = {"backend": "dali"} if path == "dali" else {"native_decode": path}
     cfg = ramp_cfg(folder, folder, val_image_size=40, val_resize=44, workers=2, **kw)
     train = build_loader(cfg, "train", CPU)

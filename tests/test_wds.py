@@ -363,22 +363,26 @@ def _write_shard(path: Path, samples) -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 def test_bad_members_counted_replaced_and_dropped(tmp_path, path):
-    """The broken-file zoo inside a shard: zero-byte, HTML-as-.jpg, truncated JPEG, no .cls,
-    a label out of range; odd but good: grayscale, CMYK, PNG named .jpg, 1x1. On every decode
-    path (no non-image reaches the batched path's or DALI's decoder)."""
+    """The broken-file zoo inside a shard: zero-byte, HTML-as-.jpg, truncated JPEG, a GIF as
+    .jpg (PIL reads it; screened out as on folders), no .cls, a label out of range; odd but
+    good: grayscale, CMYK, PNG named .jpg, 1x1. On every decode path (no non-image reaches
+    the batched path's or DALI's decoder)."""
     rng = np.random.default_rng(0)
     odd = tmp_path / "odd"
     write_odd_images([odd] * 4, rng)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (60, 60, 3), dtype=np.uint8)).save(buf, "JPEG")
     good = buf.getvalue()
+    Image.fromarray(rng.integers(0, 256, (60, 60, 3), dtype=np.uint8)).save(buf := io.BytesIO(), "GIF")
+    gif = buf.getvalue()
     samples = [{"__key__": f"g{i}", "cls": b"%d" % (i % 2), "jpg": good} for i in range(8)]
     samples += [{"__key__": p.stem, "cls": b"1", "jpg": p.read_bytes()} for p in sorted(odd.glob("*.jpg"))]
     bad = [{"__key__": "zero", "cls": b"0", "jpg": b""},
            {"__key__": "html", "cls": b"0", "jpg": b"<html><body>not found</body></html>"},
            {"__key__": "trunc", "cls": b"1", "jpg": good[: len(good) // 3]},
            {"__key__": "nocls", "jpg": good},
-           {"__key__": "label9", "cls": b"9", "jpg": good}]
+           {"__key__": "label9", "cls": b"9", "jpg": good},
+           {"__key__": "gif", "cls": b"1", "jpg": gif}]
     _write_shard(tmp_path / "s-000000.tar", samples[:6] + bad[:3])
     _write_shard(tmp_path / "s-000001.tar", samples[6:] + bad[3:])
     pattern = str(tmp_path / "s-{000000..000001}.tar")
@@ -387,15 +391,17 @@ def test_bad_members_counted_replaced_and_dropped(tmp_path, path):
     if path == "dali":  # DALI reads by position: local shards with offsets in their index
         wds.write_index(wds.scan_shards(wds._expand(pattern), classes=["0", "1"]),
                         str(tmp_path / "s.shards.json"))
-    cfg = path_cfg(path, pattern, pattern, batch_size=17, max_bad_fraction=0.5, hflip=0.0)
+    cfg = path_cfg(path, pattern, pattern, batch_size=18, max_bad_fraction=0.5, hflip=0.0)
     train = build_loader(cfg, "train", CPU)
     (x, y), = list(train)
-    assert x.shape[0] == 17 and train.classes == ["0", "1"]  # full batch: replaced
+    assert x.shape[0] == 18 and train.classes == ["0", "1"]  # full batch: replaced
     if path == "workers":  # named by member key; the other paths by position (shard.tar:#k)
-        assert sorted(b.split(":")[1] for b in train.bad_files) == ["html", "label9", "nocls", "trunc", "zero"]
-    assert len(train.bad_files) == 5 and any("no .cls member" in b for b in train.bad_files)
+        assert sorted(b.split(":")[1] for b in train.bad_files) == ["gif", "html", "label9", "nocls",
+                                                                      "trunc", "zero"]
+    assert len(train.bad_files) == 6 and any("no .cls member" in b for b in train.bad_files)
+    assert any("not an image file" in b for b in train.bad_files)  # the GIF, screened
     val = build_loader(cfg, "val", CPU, classes=["0", "1"])
-    assert sum(len(y) for _, y in val) == 12 and len(val.bad_files) == 5  # dropped, counted
+    assert sum(len(y) for _, y in val) == 12 and len(val.bad_files) == 6  # dropped, counted
     strict = build_loader(path_cfg(path, pattern, pattern, max_bad_fraction=0.0), "val", CPU, classes=["0", "1"])
     with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*s-00000[01].tar:"):
         list(strict)

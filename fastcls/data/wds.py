@@ -74,11 +74,13 @@ import torch
 from torch.utils.data import Dataset
 
 from ..atomic import write_text_atomic
+from ..config import DataConfig
 from .base import LoaderBase, LoaderSpec, Normalizer
 from .folder import IMAGE_EXTENSIONS, DatasetError
 from .listfile import INDEX_SUFFIX, is_local as _is_local, is_shards  # noqa: F401  (path shapes)
-from .native import (_REPLACEMENT_TRIES, NativeLoader, collate_uint8, decode_train, decode_val,
-                     worker_loader)
+from .native import (_REPLACEMENT_TRIES, FolderDataset, NativeLoader, collate_uint8, decode_train,
+                     decode_val, worker_loader)
+from .screen import screen
 
 FORMAT = "fastcls-wds-v1"
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -422,6 +424,7 @@ class ShardPlan:
         self.stream_starts = self.lo + np.concatenate([[0], np.cumsum(self.stream_sizes)[:-1]])
         self.epoch, self.start_step = 0, 0
         self._cache: dict = {}
+        self._orders: dict = {}  # (epoch, j) -> stream_order, for the latest epoch asked
 
     def __len__(self) -> int:
         return self.steps
@@ -459,12 +462,21 @@ class ShardPlan:
         return order[k], t - (cum[k] - self.counts[order[k]])
 
     def stream_order(self, epoch: int, j: int) -> np.ndarray:
-        """Stream j's emission order: positions q (0..stream size-1) of its run."""
-        c = int(self.stream_sizes[j])
-        if self.shuffle_buffer <= 0 or c == 0:
-            return np.arange(c)
-        u = np.random.default_rng((self.seed, epoch, self.rank, j, _STREAM_TAG)).random(c)
-        return np.argsort(np.arange(c) + self.shuffle_buffer * u, kind="stable")
+        """Stream j's emission order: positions q (0..stream size-1) of its run (read-only).
+        Kept for the epoch: batch_positions asks once per batch, and each order is a draw
+        and an argsort over the whole stream (quadratic per epoch if redone)."""
+        if (epoch, j) not in self._orders:
+            if any(e != epoch for e, _ in self._orders):
+                self._orders.clear()
+            c = int(self.stream_sizes[j])
+            if self.shuffle_buffer <= 0 or c == 0:
+                order = np.arange(c)
+            else:
+                u = np.random.default_rng((self.seed, epoch, self.rank, j, _STREAM_TAG)).random(c)
+                order = np.argsort(np.arange(c) + self.shuffle_buffer * u, kind="stable")
+            order.setflags(write=False)
+            self._orders[(epoch, j)] = order
+        return self._orders[(epoch, j)]
 
     def batch_positions(self, epoch: int, g: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard, sample in shard) of global batch g's samples, in batch order."""
@@ -575,15 +587,17 @@ class ShardReader:
 
 class ShardDataset(Dataset):
     """The native PIL-worker path over shards: a task (epoch, g) -> batch g's samples,
-    decoded as the folder dataset decodes files (decode_train / decode_val on the bytes,
-    crops seeded by (seed, epoch, sample id)). Items: (uint8 H×W×3, label, errors).
-    A bad sample is replaced in training by another sample of the same batch (re-cropped,
-    counted) and dropped in validation (label -1, counted)."""
+    screened and decoded as the folder dataset does files (screen, then decode_train /
+    decode_val on the bytes at FolderDataset's size for the epoch, crops seeded by (seed,
+    epoch, sample id)). Items: (uint8 H×W×3, label, errors). A bad sample is replaced in
+    training by another sample of the same batch (re-cropped, counted) and dropped in
+    validation (label -1, counted)."""
 
-    def __init__(self, reader: ShardReader, train: bool, size: int, val_resize: int,
-                 scale, ratio, hflip: float, seed: int):
-        self.reader, self.train, self.size, self.val_resize = reader, train, size, val_resize
-        self.scale, self.ratio, self.hflip, self.seed = scale, ratio, hflip, seed
+    def __init__(self, reader: ShardReader, train: bool, data: DataConfig, seed: int):
+        self.reader, self.train, self.data, self.val_resize = reader, train, data, data.val_resize
+        self.scale, self.ratio, self.hflip, self.seed = data.rrc.scale, data.rrc.ratio, data.hflip, seed
+
+    size = FolderDataset.size  # data.progressive per epoch in training, data.val_image_size in val
 
     def __len__(self) -> int:
         return self.reader.plan.n
@@ -595,23 +609,25 @@ class ShardDataset(Dataset):
 
     def _decode(self, s: RawSample, batch: list[RawSample], epoch: int):
         rng = sample_rng(self.seed, epoch, s.sid)
+        size = self.size(epoch)
         errors = []
         for _ in range(_REPLACEMENT_TRIES if self.train else 1):
             try:
-                if s.error:
-                    raise ValueError(s.error)
+                why = s.error or screen(s.data)
+                if why:
+                    raise ValueError(why)
                 if self.train:
-                    arr = decode_train(io.BytesIO(s.data), self.size, self.scale, self.ratio,
+                    arr = decode_train(io.BytesIO(s.data), size, self.scale, self.ratio,
                                        self.hflip, rng)
                 else:
-                    arr = decode_val(io.BytesIO(s.data), self.size, self.val_resize)
+                    arr = decode_val(io.BytesIO(s.data), size, self.val_resize)
                 return torch.from_numpy(arr.copy()), s.label, errors
             except Exception as e:  # any undecodable sample: PIL raises many types
                 errors.append(f"{s.key}: {type(e).__name__}: {e}")
                 s = batch[int(rng.integers(len(batch)))]
         if self.train:
             raise DatasetError(f"{_REPLACEMENT_TRIES} samples in a row failed to decode: {errors}")
-        return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1, errors
+        return torch.zeros(size, size, 3, dtype=torch.uint8), -1, errors
 
 
 class _TaskSampler:
@@ -651,9 +667,8 @@ class ShardLoader(NativeLoader):
         self.shards, self.classes = shards, shards.classes
         self.empty_classes, self.excluded = shards.empty_classes, 0
         self.device = spec.device
-        self.dataset = ShardDataset(ShardReader(shards, self.plan, spec.key), spec.train,
-                                    d.image_size, d.val_resize, d.rrc.scale, d.rrc.ratio,
-                                    d.hflip, spec.seed)
+        self.dataset = ShardDataset(ShardReader(shards, self.plan, spec.key), spec.train, d,
+                                    spec.seed)
         self.loader = worker_loader(self.dataset, self.sampler, collate_uint8, d.workers,
                                     d.timeout, pin_memory=d.pin_memory and spec.device.type == "cuda")
         self.timeout = d.timeout if d.workers > 0 else 0
