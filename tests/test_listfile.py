@@ -44,7 +44,7 @@ def test_list_equals_folder_index(folder):
     assert plain.classes == ["0", "1", "2"] and plain.samples == idx.samples
 
 
-def test_root_exclude_and_repeats(folder, tmp_path):
+def test_root_exclude_and_repeats(folder, tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     lst = write_list(folder, tmp_path / "elsewhere" / "l.txt", root=folder)
     with pytest.raises(DatasetError, match="does not exist"):
@@ -55,6 +55,9 @@ def test_root_exclude_and_repeats(folder, tmp_path):
     ex.write_text(f"a/00.jpg\n{folder / 'b' / '01.jpg'}\n")
     from fastcls.data import read_exclude
     assert read_list(str(lst), root=str(folder), exclude=read_exclude(str(ex))).excluded == 2
+    monkeypatch.chdir(folder.parent)  # a relative data.root: the absolute entry still matches
+    assert read_list(str(lst), root=folder.name, exclude=read_exclude(str(ex))).excluded == 2
+    monkeypatch.undo()
     lst.write_text(lst.read_text() + "a/00.jpg 0\n")  # listed twice
     assert len(read_list(str(lst), root=str(folder)).samples) == 19  # training: oversampled
     with pytest.raises(DatasetError, match=r"line 21: repeats line 2 .*scored once"):
