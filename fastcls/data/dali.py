@@ -56,12 +56,12 @@ from .base import MEAN, STD, LoaderBase, LoaderSpec, train_image_size, val_image
 from .check import check_file
 from .crop import center_crop_box, sample_rrc
 from .folder import DatasetError, FolderIndex
+from .native import _REPLACEMENT_TRIES
 from .sampler import ShardBatchSampler
 from .screen import read_screened
 
 INSTALL = ("pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
            "pip install nvidia-dali-cuda130)")
-_REPLACEMENT_TRIES = 10
 
 
 def _dali():
@@ -360,7 +360,7 @@ class DaliLoader(LoaderBase):
                 return
         self._build(epoch, step)
 
-    def _find_bad(self, error: Exception, order: np.ndarray, step: int) -> dict[int, str]:
+    def _find_bad(self, order: np.ndarray, step: int) -> dict[int, str]:
         """Sample indices DALI could not decode: the files of the batches in flight that do
         not decode (PIL + libjpeg-turbo, strict), not known bad yet."""
         lo = step * self.batch_size
@@ -406,7 +406,7 @@ class DaliLoader(LoaderBase):
             except StopIteration:
                 raise AssertionError(f"DALI's epoch ended at step {step} of {steps}") from None
             except RuntimeError as e:
-                found = self._find_bad(e, order, step)
+                found = self._find_bad(order, step)
                 if not found:
                     paths = [self._name(i) for i in order[step * self.batch_size:][:3]]
                     raise DatasetError(

@@ -387,6 +387,6 @@ class BatchedNativeLoader(LoaderBase):
         n = sum(self.fallbacks.values())
         if not n:
             return []
-        why = ", ".join(f"{k}: {v}" for k, v in self.fallbacks.most_common())
+        why = ", ".join(f"{k}: {v}" for k, v in self.fallbacks.most_common() if v)
         return [f"{n} of {self.num_images} images this epoch were not decoded by the "
                 f"{self.decoder} batch call and were decoded one by one ({why})"]
