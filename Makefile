@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install demo test bench bench-augment system-packages
+.PHONY: install demo test lint bench bench-augment system-packages
 
 install:
 	$(PIP) install -e .
@@ -17,6 +17,10 @@ test:
 	@if bash .ci/system-packages.sh; then extras=test,dali,ffcv; else extras=test,dali; fi; \
 	echo "$(PIP) install -e '.[$$extras]'"; $(PIP) install -e ".[$$extras]"
 	$(PYTHON) -m pytest tests
+
+# ruff (pyflakes, import order, pycodestyle; .ci/ruff.toml): `make test` installs it (test extra)
+lint:
+	$(PYTHON) -m ruff check --config .ci/ruff.toml .
 
 system-packages:
 	bash .ci/system-packages.sh

@@ -6,7 +6,7 @@ setup(
     description="Data-pipeline-centric PyTorch trainer for image classification",
     python_requires=">=3.10",
     # fastcls.kernels is kernels/ through the symlink fastcls/kernels (copied into a wheel)
-    packages=["fastcls", "fastcls.data", "fastcls.augment", "fastcls.kernels"],
+    packages=["fastcls", "fastcls.data", "fastcls.tools", "fastcls.augment", "fastcls.kernels"],
     install_requires=[
         "torch>=2.4",          # fused SGD on CPU and CUDA, torch.amp.GradScaler(device)
         "torchvision>=0.19",
@@ -37,7 +37,7 @@ setup(
         # needed) so CI tests its CPU-only decode path; tensorboard (its EventAccumulator reads
         # the event files back) and the onnx extra so CI tests both; scikit-image: real
         # photographs (skimage.data) for the loader tests
-        "test": ["pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "tensorboard",
+        "test": ["pytest", "pytest-timeout", "ruff", "timm", "nvidia-nvimgcodec-cu12", "tensorboard",
                  "onnx", "onnxruntime", "onnxscript", "scikit-image"],
         "all": ["nvidia-dali-cuda120", "ffcv==1.0.2", "numba>=0.59",
                 "pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12",

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from fastcls.data.crop import sample_rrc  # noqa: E402
+from fastcls.data.sample import train_crop  # noqa: E402
 from fastcls.data.base import MEAN, STD  # noqa: E402
-from fastcls.data.native_batched import ANTIALIAS_ABOVE  # noqa: E402
+from fastcls.data.batched import ANTIALIAS_ABOVE  # noqa: E402
 from fastcls.kernels.resized_crop import (build_params, pack_images,  # noqa: E402
                                           resized_crop_normalize, rrc_box)
 
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     above = ANTIALIAS_ABOVE[args.antialias]
 
     images, rng = make_batch(args.batch, args.min_side, args.max_side, device)
-    crops = [sample_rrc(im.shape[2], im.shape[1], (0.08, 1.0), (3 / 4, 4 / 3), rng) for im in images]
-    flips = [bool(rng.random() < 0.5) for _ in images]
+    drawn = [train_crop(im.shape[2], im.shape[1], rng, (0.08, 1.0), (3 / 4, 4 / 3), 0.5) for im in images]
+    crops, flips = [c[:4] for c in drawn], [c.flip for c in drawn]
     # Agreement check, same filter on both sides (the loop cannot do "auto": compare "on").
     aa = args.antialias != "off"
     a = fused(images, crops, flips, args.size, torch.float32, ANTIALIAS_ABOVE["on" if aa else "off"])

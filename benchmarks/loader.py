@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 from common import dataset_info, machine_info, now_utc, versions, write_json  # noqa: E402
 from fastcls.config import BACKENDS, config_from_dict  # noqa: E402
 from fastcls.data import DatasetError, build_loader, check_backend, scan_folder  # noqa: E402
-from fastcls.data.convert import convert_wds, ensure_beton  # noqa: E402
+from fastcls.tools.convert import convert_wds, ensure_beton  # noqa: E402
 
 FFCV_MODES = ("jpg", "raw")  # .beton write modes measured for the ffcv backend
 from fastcls.dist import pick_device  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                      "workers": args.workers, "synthetic_images": args.batch_size * args.steps},
             "train": {"device": args.device}}
     if args.demo:
-        from fastcls.data.demo import ensure_demo_dataset
+        from fastcls.tools.demo import ensure_demo_dataset
         folder = ensure_demo_dataset()[0]
     else:
         folder = args.data

@@ -98,7 +98,7 @@ class FFCVConfig:
 
 @dataclass(frozen=True)
 class WdsConfig:
-    """Tar shards (WebDataset layout) on the native backend (fastcls/data/wds.py)."""
+    """Tar shards (WebDataset layout) on the native backend (fastcls/data/shards.py)."""
     shuffle_buffer: int = knob(4096, "training: samples each reader holds in memory to shuffle "
                                "within (on top of the per-epoch shard order); 0 = stream order",
                                ge=0)
@@ -150,7 +150,7 @@ class DataConfig:
     pin_memory: bool = knob(True, "pinned host batches (GPU only)")
     max_bad_fraction: float = knob(0.01, "undecodable files tolerated per epoch and rank, as a "
                                    "fraction, before the run stops", ge=0, le=1)
-    exclude: str = knob("", "text file of image paths to skip (python -m fastcls.data.check "
+    exclude: str = knob("", "text file of image paths to skip (python -m fastcls.tools.check "
                         "--exclude-out writes one)")
     synthetic_images: int = knob(12800, "epoch length of the synthetic backend", gt=0)
     dali: DaliConfig = section(DaliConfig)

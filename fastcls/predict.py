@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.base import Normalizer, val_image_size
 from .data.folder import IMAGE_EXTENSIONS
-from .data.native import decode_val
+from .data.workers import decode_val
 from .atomic import write_text_atomic
 from .dist import pick_device
 from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, is_override,
@@ -95,7 +95,7 @@ def expand(paths: list[str]) -> list[tuple[str, Optional[str]]]:
 
 class ImageFiles(Dataset):
     """Paths -> (uint8 crop×crop×3 tensor, error or ""): the val transform of the native
-    backend (fastcls.data.native.decode_val); a bad file yields zeros and its error."""
+    backend (fastcls.data.workers.decode_val); a bad file yields zeros and its error."""
 
     def __init__(self, paths: list[str], size: int, resize: int):
         self.paths, self.size, self.resize = paths, size, resize

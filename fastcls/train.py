@@ -29,7 +29,7 @@ from .augment import build_augmenter, dominant_label
 from .diagnose import diagnose, train_acc_source
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
 from .data import DatasetError, build_loader, closing_loaders, dataset_paths, split_size
-from .data.base import image_size_schedule, train_image_size
+from .data.base import train_image_size
 from .dist import (DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed,
                    world_size_from_env)
 from .ema import ModelEma
@@ -44,6 +44,19 @@ from .resume import ResumePoint, restore_rng_states, resume_point
 from .schedule import build_schedule
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def image_size_schedule(data, epochs: int) -> dict[str, int]:
+    """{"epochs 1-71": 160, "epochs 72-88": 192}: the training size per run of epochs,
+    numbered from 1 as the progress bar and metrics.jsonl number them (--print-config)."""
+    out: dict[str, int] = {}
+    first = 0
+    for e in range(1, epochs + 1):
+        if e == epochs or train_image_size(data, e) != train_image_size(data, first):
+            key = f"epochs {first + 1}-{e}" if e > first + 1 else f"epoch {e}"
+            out[key] = train_image_size(data, first)
+            first = e
+    return out
 
 
 def amp_setup(amp: str, device: torch.device) -> tuple[Callable, torch.dtype]:

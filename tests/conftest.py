@@ -128,7 +128,7 @@ def folder(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory) -> Path:
     """The real demo dataset, generated once per session into a private cache."""
-    from fastcls.data.demo import ensure_demo_dataset
+    from fastcls.tools.demo import ensure_demo_dataset
     root = tmp_path_factory.mktemp("cache")
     ensure_demo_dataset(root)
     return root
@@ -194,7 +194,7 @@ def zoo_folder(root: Path) -> Path:
 
 def zoo_reference(root: Path, size: int, resize: int) -> dict[str, np.ndarray]:
     """name -> the PIL path's validation crop (uint8 size x size x 3) of each ZOO_GOOD file."""
-    from fastcls.data.native import decode_val
+    from fastcls.data.workers import decode_val
     return {n: decode_val(str(root / "a" / n), size, resize) for n in ZOO_GOOD}
 
 

@@ -1,5 +1,5 @@
 """Bad and odd data on the native backend, end to end: what trains as RGB, what is skipped
-and counted (and named), what `python -m fastcls.data.check` rejects up front, and the
+and counted (and named), what `python -m fastcls.tools.check` rejects up front, and the
 one-line errors for unusable dataset paths. (Basic decode/skip cases live in test_loader.py.)"""
 import os
 import subprocess
@@ -84,7 +84,7 @@ def _run(root, out, *extra):
 def test_bad_data_matrix_check_train_and_exclude(tmp_path, capsys):
     root, bad = _matrix(tmp_path)
     # 1. rejected up front, by name
-    proc = subprocess.run([PY, "-m", "fastcls.data.check", str(root), "--no-progress", "--workers", "1",
+    proc = subprocess.run([PY, "-m", "fastcls.tools.check", str(root), "--no-progress", "--workers", "1",
                            "--exclude-out", str(tmp_path / "bad.txt")],
                           cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr

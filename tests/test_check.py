@@ -1,4 +1,4 @@
-"""`python -m fastcls.data.check` and `data.exclude`: bad files found up front, then skipped."""
+"""`python -m fastcls.tools.check` and `data.exclude`: bad files found up front, then skipped."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import PY, ROOT, make_folder, run_env, write_odd_images
 from fastcls.config import load_config
 from fastcls.data import DatasetError, build_loader, read_exclude, scan_folder
-from fastcls.data.check import check_file, check_paths
+from fastcls.tools.check import check_file, check_paths
 
 import torch
 
@@ -44,7 +44,7 @@ def test_check_cli_lists_bad_files_and_writes_exclude(tmp_path):
     root = make_folder(tmp_path / "d")
     bad = _bad_set(root)
     out = tmp_path / "bad.txt"
-    r = subprocess.run([PY, "-m", "fastcls.data.check", str(root), "--workers", "2",
+    r = subprocess.run([PY, "-m", "fastcls.tools.check", str(root), "--workers", "2",
                         "--exclude-out", str(out), "--no-progress"],
                        env=run_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
@@ -54,10 +54,10 @@ def test_check_cli_lists_bad_files_and_writes_exclude(tmp_path):
     assert {ln.strip().split("/")[-1] for ln in out.read_text().splitlines()} == bad
     # A clean folder exits 0; a missing one exits 2 with a one-line error.
     clean = make_folder(tmp_path / "clean")
-    r = subprocess.run([PY, "-m", "fastcls.data.check", str(clean), "--no-progress"],
+    r = subprocess.run([PY, "-m", "fastcls.tools.check", str(clean), "--no-progress"],
                        env=run_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == ""
-    r = subprocess.run([PY, "-m", "fastcls.data.check", str(tmp_path / "nope")],
+    r = subprocess.run([PY, "-m", "fastcls.tools.check", str(tmp_path / "nope")],
                        env=run_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
@@ -80,7 +80,7 @@ def test_exclude_makes_bad_folder_clean_for_the_loader(tmp_path, decode):
     root = make_folder(tmp_path / "d")
     _bad_set(root)
     out = tmp_path / "bad.txt"
-    subprocess.run([PY, "-m", "fastcls.data.check", str(root), "--exclude-out", str(out),
+    subprocess.run([PY, "-m", "fastcls.tools.check", str(root), "--exclude-out", str(out),
                     "--no-progress"], env=run_env(), capture_output=True, timeout=120)
     cfg = load_config(str(ROOT / "pipelines" / "demo.yaml"),
                       [f"data.train={root}", f"data.val={root}", "data.demo=false",

@@ -233,7 +233,7 @@ def test_dali_bad_files_stop_run_with_names(tmp_path):
     root = bad_folder(tmp_path)
     loader = build_loader(make_cfg(root, max_bad_fraction=0.0), "train", CPU)
     with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*"
-                                           r"fastcls.data.check.*(zero|text|trunc)\.jpg"):
+                                           r"fastcls.tools.check.*(zero|text|trunc)\.jpg"):
         list(loader)
 
 
@@ -275,7 +275,7 @@ def test_dali_check_exclude_gives_a_clean_run(tmp_path, capsys):
     from fastcls.train import main
     root = bad_folder(tmp_path)
     out = tmp_path / "bad.txt"
-    r = subprocess.run([PY, "-m", "fastcls.data.check", str(root), "--exclude-out", str(out),
+    r = subprocess.run([PY, "-m", "fastcls.tools.check", str(root), "--exclude-out", str(out),
                         "--no-progress"], env=run_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and len(out.read_text().splitlines()) == 3, r.stderr
     run = tmp_path / "run"

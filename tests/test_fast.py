@@ -21,7 +21,8 @@ from conftest import CPU, PY, ROOT, loader_cfg, make_folder, run_env
 from fastcls import checkpoint as ckpt
 from fastcls.config import ConfigError, load_config, resolve
 from fastcls.data import build_loader
-from fastcls.data.base import image_size_schedule, train_image_size, val_image_size
+from fastcls.data.base import train_image_size, val_image_size
+from fastcls.train import image_size_schedule
 from fastcls.dist import DistInfo
 from fastcls.ema import ModelEma
 from fastcls.models import BlurPoolConv2d, build_model
@@ -129,7 +130,7 @@ def test_native_loader_applies_the_epoch_size_in_its_workers(folder, tmp_path, p
     pipeline takes it as an input; validation crops are val_image_size; a mid-epoch seek
     keeps the size. The same from tar shards of the folder on each path."""
     if path.startswith("shards:"):
-        from fastcls.data.convert import convert_wds
+        from fastcls.tools.convert import convert_wds
         convert_wds(str(folder), str(tmp_path / "shards"), per_shard=7, workers=1, progress=False)
         folder, path = tmp_path / "shards", path.split(":")[1]
     kw = {"backend": "dali"} if path == "dali" else {"native_decode": path}
@@ -168,7 +169,7 @@ def test_ffcv_decoder_output_size_per_epoch(tmp_path):
     from ffcv.pipeline.compiler import Compiler
     src = make_folder(tmp_path / "train")
     beton = tmp_path / "train.beton"
-    proc = subprocess.run([PY, "-m", "fastcls.data.convert", "--to", "ffcv", str(src), str(beton),
+    proc = subprocess.run([PY, "-m", "fastcls.tools.convert", "--to", "ffcv", str(src), str(beton),
                            "--workers", "2", "--no-progress"], cwd=ROOT, env=run_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

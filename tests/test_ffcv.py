@@ -40,7 +40,7 @@ def nojit():
 
 
 def convert(src, out, *args, check=True):
-    proc = subprocess.run([PY, "-m", "fastcls.data.convert", "--to", "ffcv", str(src), str(out),
+    proc = subprocess.run([PY, "-m", "fastcls.tools.convert", "--to", "ffcv", str(src), str(out),
                            "--workers", "2", "--no-progress", *args],
                           cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     if check:
@@ -120,7 +120,7 @@ def test_convert_writes_beton_and_class_list(tmp_path):
 
 def test_convert_refuses_non_imagefolder(tmp_path, capsys):
     """In-process (these fail before anything forks); one CLI run checks the exit path."""
-    from fastcls.data.convert import main
+    from fastcls.tools.convert import main
     flat = tmp_path / "flat"
     rng = np.random.default_rng(0)
     for i in range(3):
@@ -167,7 +167,7 @@ def test_writer_worker_failure_aborts_without_a_file(tmp_path):
     for its samples) aborts the conversion with its name; no partial file remains."""
     src = make_folder(tmp_path / "train")
     (src / "c" / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    script = ("import sys\nimport fastcls.data.convert as c\n"
+    script = ("import sys\nimport fastcls.tools.convert as c\n"
               "def always_ok(path):\n    return None\n"
               "c._probe = always_ok\nsys.exit(c.main(sys.argv[1:]))\n")
     proc = subprocess.run([PY, "-c", script, "--to", "ffcv", str(src), str(tmp_path / "t.beton"),
@@ -385,7 +385,7 @@ def test_demo_trains_to_bar_with_ffcv(demo_cache, tmp_path):
 
 def test_directory_given_to_ffcv_says_convert(tmp_path):
     cfg = make_cfg(make_folder(tmp_path / "train"))
-    with pytest.raises(DatasetError, match="fastcls.data.convert --to ffcv"):
+    with pytest.raises(DatasetError, match="fastcls.tools.convert --to ffcv"):
         build_loader(cfg, "train", CPU)
 
 

@@ -20,7 +20,7 @@ from conftest import PY, ROOT, bad_folder, make_folder, run_env, write_odd_image
 from fastcls import checkpoint as ckpt
 from fastcls.config import load_config
 from fastcls.data import build_loader
-from fastcls.data.demo import ensure_demo_dataset
+from fastcls.tools.demo import ensure_demo_dataset
 from fastcls.inference import build_inference_model, load_checkpoint
 from fastcls.train import main as train_main
 

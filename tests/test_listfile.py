@@ -125,17 +125,17 @@ def test_every_folder_backend_reads_a_list(folder, backend, decode):
 def test_converters_and_check_take_a_list(folder, tmp_path):
     lst = write_list(folder, tmp_path / "train_list.txt", root=folder, classes="names")
     args = ["--root", str(folder), "--classes", str(tmp_path / "classes.txt"), "--no-progress"]
-    r = subprocess.run([PY, "-m", "fastcls.data.convert", "--to", "wds", str(lst), str(tmp_path / "s"),
+    r = subprocess.run([PY, "-m", "fastcls.tools.convert", "--to", "wds", str(lst), str(tmp_path / "s"),
                         *args], env=run_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "s" / "train.shards.json").read_text())  # prefix: train_list -> train
     assert meta["classes"] == ["a", "b", "c"] and meta["num_samples"] == 18
     (folder / "a" / "00.jpg").write_text("<html>not an image</html>")
-    r = subprocess.run([PY, "-m", "fastcls.data.check", str(lst), "--root", str(folder), "--no-progress"],
+    r = subprocess.run([PY, "-m", "fastcls.tools.check", str(lst), "--root", str(folder), "--no-progress"],
                        env=run_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stdout.startswith(str(folder / "a" / "00.jpg"))
     pytest.importorskip("ffcv")
-    r = subprocess.run([PY, "-m", "fastcls.data.convert", "--to", "ffcv", str(lst), str(tmp_path / "t.beton"),
+    r = subprocess.run([PY, "-m", "fastcls.tools.convert", "--to", "ffcv", str(lst), str(tmp_path / "t.beton"),
                         "--max-bad-fraction", "0.1", "--workers", "1", *args],
                        env=run_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

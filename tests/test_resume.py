@@ -143,7 +143,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, device, so
     as tar shards (the resumed stream seeks to its (shard, sample) position)."""
     data = make_folder(tmp_path / "data", per_class=(8, 8, 8))  # 6 steps/epoch
     if source == "shards":
-        from fastcls.data.convert import convert_wds
+        from fastcls.tools.convert import convert_wds
         convert_wds(str(data), str(tmp_path / "shards"), per_shard=5, workers=1, progress=False)
         data = tmp_path / "shards"
     env = dict(run_env(), OMP_NUM_THREADS="1")

@@ -1,4 +1,4 @@
-"""Tar shards (fastcls/data/wds.py, `convert --to wds`): the layout read back by webdataset's
+"""Tar shards (fastcls/data/shards.py, `convert --to wds`): the layout read back by webdataset's
 own reader, the epoch plan's sharding, the loader against the folder backend (same images
 per epoch, each val image once), exact resume without replay, pipe: URLs, bad members,
 torchrun over gloo, and the demo trained from shards."""
@@ -18,7 +18,7 @@ from conftest import (CPU, PY, ROOT, check_contract, loader_cfg, run_env, unnorm
                       write_odd_images)
 from fastcls.data import DatasetError, build_loader, split_size
 from fastcls.data import wds
-from fastcls.data.convert import convert_wds, parse_size
+from fastcls.tools.convert import convert_wds, parse_size
 from fastcls.data.wds import ShardPlan, open_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,7 +101,7 @@ def test_shard_size_in_bytes(tmp_path):
     meta = convert_wds(str(folder), str(tmp_path / "s"), shard_size="10KB", workers=1, progress=False)
     assert len(meta["shards"]) > 3 and sum(s["count"] for s in meta["shards"]) == N
     assert all(s["bytes"] <= 10_000 + 10_240 for s in meta["shards"])  # + the tar end blocks
-    r = subprocess.run([PY, "-m", "fastcls.data.convert", "--to", "wds", str(folder), str(tmp_path / "t"),
+    r = subprocess.run([PY, "-m", "fastcls.tools.convert", "--to", "wds", str(folder), str(tmp_path / "t"),
                         "--per-shard", "20", "--no-progress", "--prefix", "x"],
                        env=run_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -321,7 +321,7 @@ def test_pipe_urls_read_the_same(data):
     index = build_loader(loader_cfg(f"pipe:cat {shards}/train.shards.json"), "train", CPU)
     assert index.dataset_size == N and index.shards.urls[0] == f"pipe:cat {shards}/train-000000.tar"
     assert epoch_ids(index, 2) == epoch_ids(build_loader(loader_cfg(shards), "train", CPU), 2)
-    with pytest.raises(DatasetError, match="no shard index .* python -m fastcls.data.wds index"):
+    with pytest.raises(DatasetError, match="no shard index .* python -m fastcls.tools.shard_index"):
         open_shards(f"pipe:cat {shards}/nope-{{0..1}}.tar")
 
 
@@ -463,7 +463,7 @@ def test_torchrun_two_ranks_disjoint_and_val_once(data, tmp_path):
 def test_demo_trains_from_shards_to_bar(demo_cache, tmp_path):
     demo = demo_cache / "demo-v1"
     for split in ("train", "val"):
-        r = subprocess.run([PY, "-m", "fastcls.data.convert", "--to", "wds", str(demo / split),
+        r = subprocess.run([PY, "-m", "fastcls.tools.convert", "--to", "wds", str(demo / split),
                             str(tmp_path / split), "--shard-size", "200KB", "--no-progress"],
                            env=run_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr

@@ -5,12 +5,14 @@
 
 images: float N×3×H×W channels_last on `device`, ImageNet-normalized, dtype `dtype`;
 labels: int64 on `device`. `len(loader)` = steps per epoch for this rank;
-`loader.set_epoch(e, start_step)` reshuffles and seeks; shards are disjoint; training drops
-the partial last batch, evaluation keeps it and never duplicates an image.
-`loader.classes` is the class list, `loader.bad_files` the undecodable files met this
+`loader.set_epoch(e, start_step)` reshuffles and seeks; ranks read disjoint samples; training
+drops the partial last batch, evaluation keeps it and never duplicates an image.
+`loader.classes` is the class list, `loader.bad_files` the undecodable samples met this
 epoch on this rank, `loader.excluded` the files data.exclude dropped.
 
-A backend is one entry of `BUILDERS`: a function of the split's `LoaderSpec`.
+A loader is a decode path applied to a Source (docs/design.md): `SOURCES` lists the dataset
+formats (the first whose `claims(path)` holds reads the split), `BUILDERS` maps
+data.backend to the path that decodes it.
 """
 from __future__ import annotations
 
@@ -23,8 +25,13 @@ import torch
 
 from ..config import BACKENDS, Config, resolve
 from .base import Loader, LoaderSpec
-from .folder import DatasetError, read_exclude, scan_folder
-from .listfile import index_split, is_shards
+from .folder import FolderSource, index_split, read_exclude, scan_folder
+from .shards import ShardSource, is_shards
+from .source import DatasetError, Source
+
+# The dataset formats, in the order they are asked whether they read a path (a new format:
+# one file with a Source subclass, one line here; FolderSource takes whatever is left).
+SOURCES: list[type[Source]] = [ShardSource, FolderSource]
 
 SPLITS = ("train", "val")
 
@@ -40,25 +47,24 @@ _OPTIONAL = {
 def dataset_paths(cfg: Config) -> tuple[str, str]:
     """(train, val) folders or files; `data.demo: true` generates/locates the demo dataset."""
     if cfg.data.demo:
-        from .demo import ensure_demo_dataset
+        from ..tools.demo import ensure_demo_dataset
         return ensure_demo_dataset()
     return cfg.data.train, cfg.data.val
+
+
+def open_source(spec: LoaderSpec) -> Source:
+    """The Source of `spec.path` for `spec`'s rank (the first of SOURCES that claims it)."""
+    return next(s for s in SOURCES if s.claims(spec.path)).open(spec)
 
 
 def split_size(cfg: Config, split: str = "train") -> int:
     """Images in the split named by the config (folder, list file, shards or .beton),
     without building a loader: what --print-config and resolve() count."""
     path = dataset_paths(cfg)[SPLITS.index(split)]
-    key = f"data.{split}"
     if cfg.data.backend == "ffcv":  # the converter's sidecar holds the count (no ffcv import)
         from .beton import read_meta
-        return int(read_meta(path, key)["num_samples"])
-    if is_shards(path):
-        from .wds import open_shards
-        return open_shards(path, key).num_samples
-    return len(index_split(path, key, exclude=read_exclude(cfg.data.exclude), root=cfg.data.root,
-                           classes_file=cfg.data.classes_file,
-                           num_classes=cfg.model.num_classes).samples)
+        return int(read_meta(path, f"data.{split}")["num_samples"])
+    return open_source(_spec(cfg, split, path, torch.device("cpu"), batch_size=1)).num_samples
 
 
 def check_backend(name: str) -> None:
@@ -69,37 +75,18 @@ def check_backend(name: str) -> None:
             raise DatasetError(f"data.backend={name}: {module} is not installed; run: {install}")
 
 
-def _folder(spec: LoaderSpec):
-    """The split's index, from an ImageFolder root or a list file (val: the classes must be
-    training's)."""
-    d = spec.data
-    return index_split(spec.path, spec.key, classes=None if spec.train else spec.classes,
-                       exclude=read_exclude(d.exclude), root=d.root, classes_file=d.classes_file,
-                       num_classes=spec.num_classes, allow_repeats=spec.train)
-
-
 def _native(spec: LoaderSpec) -> Loader:
     d = spec.data
-    batched = d.native_decode == "batched" or (d.native_decode == "auto" and spec.device.type == "cuda")
-    if is_shards(spec.path):  # tar shards, streamed by the workers (fastcls/data/wds.py)
-        if batched:
-            from .wds_backends import build_batched_shard_loader
-            return build_batched_shard_loader(spec)
-        from .wds import build_shard_loader
-        return build_shard_loader(spec)
-    if batched:
-        from .native_batched import BatchedNativeLoader
-        return BatchedNativeLoader(_folder(spec), spec)
-    from .native import NativeLoader
-    return NativeLoader(_folder(spec), spec)
+    if d.native_decode == "batched" or (d.native_decode == "auto" and spec.device.type == "cuda"):
+        from .batched import BatchedLoader
+        return BatchedLoader(open_source(spec), spec)
+    from .workers import WorkersLoader
+    return WorkersLoader(open_source(spec), spec)
 
 
 def _dali(spec: LoaderSpec) -> Loader:
-    if is_shards(spec.path):  # local shards, read by position (fastcls/data/wds_backends.py)
-        from .wds_backends import build_dali_shard_loader
-        return build_dali_shard_loader(spec)
     from .dali import DaliLoader
-    return DaliLoader(_folder(spec), spec)
+    return DaliLoader(open_source(spec), spec)
 
 
 def _ffcv(spec: LoaderSpec) -> Loader:
@@ -130,14 +117,20 @@ def build_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0
     check_backend(cfg.data.backend)
     if path is None:
         path = "" if cfg.data.backend == "synthetic" else dataset_paths(cfg)[SPLITS.index(split)]
-    spec = LoaderSpec(split=split, path=path, data=cfg.data,
-                      batch_size=resolve(cfg, world_size).batch_size, device=device, dtype=dtype,
-                      rank=rank, world_size=world_size, seed=cfg.train.seed,
-                      num_classes=cfg.model.num_classes, classes=classes)
+    spec = _spec(cfg, split, path, device, resolve(cfg, world_size).batch_size, rank=rank,
+                 world_size=world_size, dtype=dtype, classes=classes)
     loader = BUILDERS[cfg.data.backend](spec)
     for scope in _SCOPES:
         scope.add(loader)
     return loader
+
+
+def _spec(cfg: Config, split: str, path: str, device: torch.device, batch_size: int, *,
+          rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32,
+          classes: Optional[Sequence[str]] = None) -> LoaderSpec:
+    return LoaderSpec(split=split, path=path, data=cfg.data, batch_size=batch_size, device=device,
+                      dtype=dtype, rank=rank, world_size=world_size, seed=cfg.train.seed,
+                      num_classes=cfg.model.num_classes, classes=classes)
 
 
 _SCOPES: list = []  # the open closing_loaders() blocks: weak sets of the loaders built inside
@@ -158,5 +151,6 @@ def closing_loaders() -> Iterator[None]:
             loader.close()
 
 
-__all__ = ["BUILDERS", "Loader", "LoaderSpec", "build_loader", "closing_loaders", "dataset_paths",
-           "DatasetError", "index_split", "is_shards", "read_exclude", "scan_folder", "split_size"]
+__all__ = ["BUILDERS", "SOURCES", "Loader", "LoaderSpec", "Source", "build_loader", "closing_loaders",
+           "dataset_paths", "DatasetError", "index_split", "is_shards", "open_source", "read_exclude",
+           "scan_folder", "split_size"]

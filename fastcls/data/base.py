@@ -4,9 +4,9 @@
   trainer never asks which backend it holds;
 - `LoaderSpec`: one split's settings, resolved once by `build_loader` and handed to the
   backend's builder;
-- `LoaderBase`: the epoch order of a `ShardBatchSampler` (len, images per epoch,
-  `set_epoch(epoch, start_step)`) and the per-epoch bad-file limit, for the folder and
-  .beton backends;
+- `LoaderBase`: length, images per epoch and `set_epoch(epoch, start_step)` from an
+  `Order` (fastcls.data.source), the class list and the per-epoch bad-file limit;
+  `SourceLoader`: the same over a Source, the base of every decode path;
 - `Normalizer` (uint8 -> normalized float on the device) and `staged` (prepare the next
   batches in a background thread, on a side stream on CUDA), the two steps several backends
   end with;
@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .folder import DatasetError
-from .sampler import ShardBatchSampler
+from .source import DatasetError
 
 # ImageNet statistics in 0..255 units.
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -94,17 +93,10 @@ def val_image_size(data: DataConfig) -> int:
     return data.val_image_size or data.image_size
 
 
-def image_size_schedule(data: DataConfig, epochs: int) -> dict[str, int]:
-    """{"epochs 1-71": 160, "epochs 72-88": 192}: the training size per run of epochs,
-    numbered from 1 as the progress bar and metrics.jsonl number them (--print-config)."""
-    out: dict[str, int] = {}
-    first = 0
-    for e in range(1, epochs + 1):
-        if e == epochs or train_image_size(data, e) != train_image_size(data, first):
-            key = f"epochs {first + 1}-{e}" if e > first + 1 else f"epoch {e}"
-            out[key] = train_image_size(data, first)
-            first = e
-    return out
+def epoch_size(data: DataConfig, train: bool, epoch: int) -> int:
+    """Output side in pixels of `epoch`'s images: training's size of the epoch
+    (data.progressive) or the validation size."""
+    return train_image_size(data, epoch) if train else val_image_size(data)
 
 
 @dataclass(frozen=True)
@@ -135,36 +127,39 @@ class LoaderSpec:
 
 
 class LoaderBase:
-    """Length, images per epoch and epoch seek from `self.sampler`; bad-file accounting.
+    """What every loader over an `Order` shares: its length, images per epoch and epoch seek,
+    the class list, and the per-epoch bad-file accounting.
 
-    `bad_files` holds the "path: reason" of each undecodable file met this epoch on this
-    rank, once (reset by the loader per iteration).
-    `bad_files_fix` ends the too-many-bad-files message: what to do about them."""
+    `bad_files` holds the "name: reason" of each undecodable sample met this epoch on this
+    rank, once (reset by the loader per iteration). `bad_files_fix` ends the
+    too-many-bad-files message: what to do about them."""
 
-    max_bad_fraction: float
     bad_files_fix = "remove or fix them"
-    excluded = 0
-    empty_classes: list[str] = []
 
-    def __init__(self, n: int, spec: LoaderSpec):
-        self.sampler = ShardBatchSampler(n, spec.batch_size, spec.rank, spec.world_size,
-                                         train=spec.train, seed=spec.seed)
-        self.dataset_size = n
+    def __init__(self, spec: LoaderSpec, order, classes: list[str], *, empty_classes=(),
+                 excluded: int = 0, dataset_size: int = 0):
+        self.spec, self.order = spec, order
+        self.classes, self.empty_classes, self.excluded = classes, list(empty_classes), excluded
+        self.dataset_size = dataset_size
+        self.train, self.device, self.dtype, self.data = spec.train, spec.device, spec.dtype, spec.data
         self.bad_files: list[str] = []
         self.max_bad_fraction = spec.data.max_bad_fraction
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return len(self.order)
 
     @property
     def num_images(self) -> int:
         """Images this rank yields per epoch (train: full batches only)."""
-        return self.sampler.num_images
+        return self.order.num_images
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Reshuffle for `epoch`; the next iteration starts at batch `start_step` of it
-        (mid-epoch resume: the sampler slices its order, nothing is decoded to skip)."""
-        self.sampler.set_epoch(epoch, start_step)
+        (mid-epoch resume: the order is sliced, nothing is decoded to skip)."""
+        self.order.set_epoch(epoch, start_step)
+
+    def size(self, epoch: int) -> int:
+        return epoch_size(self.data, self.train, epoch)
 
     def epoch_warnings(self) -> list[str]:
         return []
@@ -209,7 +204,7 @@ def shutdown_workers(loader: torch.utils.data.DataLoader) -> None:
     calling frame: seen with matplotlib's first import inside the run), that happens in the
     garbage collector, which may finalize the index queues before the iterator, so the
     workers never receive their stop message and each outlives the run by its SIGTERM grace
-    (native._worker_init): +70 s at the exit of a 2-worker run, measured. Hence this call,
+    (workers.worker_init): +70 s at the exit of a 2-worker run, measured. Hence this call,
     made on the way out of every run."""
     it, loader._iterator = loader._iterator, None
     if it is not None and hasattr(it, "_shutdown_workers"):  # the single-process iterator has none
@@ -324,3 +319,12 @@ def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, to
             except queue.Empty:
                 pass
             thread.join(timeout=0.05)
+
+
+class SourceLoader(LoaderBase):
+    """A loader over a Source (fastcls.data.source): the decode paths' common base."""
+
+    def __init__(self, source, spec: LoaderSpec):
+        super().__init__(spec, source.order, source.classes, empty_classes=source.empty_classes,
+                         excluded=source.excluded, dataset_size=source.num_samples)
+        self.source = source

@@ -30,14 +30,14 @@ def read_meta(path: str, key: str) -> dict:
     the config key in errors)."""
     p = Path(path)
     if not p.is_file():
-        hint = (f"; convert the folder first: python -m fastcls.data.convert --to ffcv {path} "
+        hint = (f"; convert the folder first: python -m fastcls.tools.convert --to ffcv {path} "
                 f"{p.name or 'split'}.beton" if p.is_dir() else "")
         raise DatasetError(f"{key}: data.backend=ffcv reads a .beton file, and {path!r} is "
                            f"{'a directory' if p.is_dir() else 'not a file'}{hint}")
     m = meta_path(p)
     if not m.is_file():
         raise DatasetError(f"{key}: {path!r} has no class list {m.name} next to it; write .beton "
-                           f"files with: python -m fastcls.data.convert --to ffcv SRC_DIR {p.name}")
+                           f"files with: python -m fastcls.tools.convert --to ffcv SRC_DIR {p.name}")
     try:
         meta = json.loads(m.read_text())
         assert meta.get("format") == FORMAT and isinstance(meta["classes"], list)

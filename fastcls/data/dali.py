@@ -7,17 +7,17 @@ memory and sets up nvJPEG and the hardware decoder: per epoch that would be paid
 again). Its graph, per image:
 
     fn.external_source(DaliSource, parallel=True)   Python worker processes (data.workers):
-        this rank's sample order for the epoch (the native backend's ShardBatchSampler),
-        each file read and screened (fastcls.data.screen: no non-image reaches the C++
-        decoder), its size read from the header, and the crop window and flip drawn from
-        the per-sample generator (seed, epoch, index): the native backend's crops, exactly
+        this rank's order for the epoch (the Source's), each sample read by position and
+        screened by the Source (no non-image reaches the C++ decoder), its size read from
+        the header, and the crop window and flip drawn by fastcls.data.sample: the other
+        paths' crops, exactly
     -> fn.decoders.image_slice   decodes only that window (ROI decode; device "mixed" on a
         GPU: nvJPEG with `hw_decoder_load` of the images on the NVJPG hardware engines)
     -> fn.resize to the output size -> fn.crop_mirror_normalize (flip, ImageNet mean/std,
         HWC fp16/fp32 out)
 
 Validation uses the same graph with the window of `Resize(val_resize)` + `CenterCrop`
-(center_crop_box, as the PIL path). Without a GPU the same graph runs on the CPU
+(sample.val_box, as every path). Without a GPU the same graph runs on the CPU
 (`device_id=None`, decoders on "cpu").
 
 Epochs: the source maps DALI's epoch index to the run's epoch (the one the pipeline was
@@ -32,13 +32,17 @@ std in 0..255 units (cast to bf16 on the device under bf16 AMP: DALI has no bf16
 int64 N on the same device. On CUDA the pipeline's outputs are bound to torch's current
 stream (no host synchronization per batch).
 
+Any Source that reads by position (folders, list files, local tar shards with offsets in
+their index) runs here; a stream (`pipe:` shards) cannot, since DALI hands a batch to
+whichever worker is idle.
+
 Undecodable files: screened ones never reach DALI; in training the source puts another
-sample (drawn from (seed, epoch, index, 1), as the native backends do) in their place, in
+sample (the replacement rule of fastcls.data.sample, as every path) in their place, in
 validation a placeholder whose row is dropped; each is counted in `loader.bad_files` and
 the run stops past `data.max_bad_fraction`, as on `native`. A file that passes the screen
 but that DALI cannot decode makes `run()` fail: the loader finds it (decoding the batches in
-flight with `fastcls.data.check`), rebuilds the pipeline at the same step with the file
-marked bad, and counts it. `python -m fastcls.data.check DIR --exclude-out bad.txt` +
+flight with a strict CPU decode), rebuilds the pipeline at the same step with the file
+marked bad, and counts it. `python -m fastcls.tools.check DIR --exclude-out bad.txt` +
 `data.exclude=bad.txt` removes such files before training.
 """
 from __future__ import annotations
@@ -51,14 +55,9 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..config import DataConfig
-from .base import MEAN, STD, LoaderBase, LoaderSpec, train_image_size, val_image_size
-from .check import check_file
-from .crop import center_crop_box, sample_rrc
-from .folder import DatasetError, FolderIndex
-from .native import _REPLACEMENT_TRIES
-from .sampler import ShardBatchSampler
-from .screen import read_screened
+from .base import MEAN, STD, LoaderSpec, SourceLoader, epoch_size
+from .sample import TRIES, Raw, candidates, header_size, strict_error, train_crop, val_box
+from .source import DatasetError
 
 INSTALL = ("pip install 'fastcls[dali]'  (= nvidia-dali-cuda120; CUDA 13: "
            "pip install nvidia-dali-cuda130)")
@@ -87,102 +86,54 @@ def _placeholder_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def _image_size(raw: bytes) -> tuple[int, int]:
-    """(width, height) from the header (PIL, lazy: nothing is decoded)."""
-    from PIL import Image
-    with Image.open(io.BytesIO(raw)) as im:
-        return im.size
-
-
 def _worker_signals() -> None:
     """In DALI's Python workers: SLURM signals every process of a job step; preemption is the
     trainer's job (checkpoint, then shut the pipeline down), so SIGUSR1 is ignored and SIGTERM
-    only arms a 30 s alarm (as the native backend's DataLoader workers do)."""
-    from .native import _term_later
+    only arms a 30 s alarm (as the PIL path's DataLoader workers do)."""
+    from .workers import term_later
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _term_later)
+    signal.signal(signal.SIGTERM, term_later)
 
 
 class DaliSource:
-    """The parallel external source's callback: batch `iteration` of DALI epoch `epoch_idx`
-    -> (encoded bytes, label, window anchor (x, y), window shape (w, h), flip, output size,
-    keep, bad sample indices), one list entry per image. Stateless in DALI's sense (a pure
-    function of the BatchInfo and what it was built with), so DALI's workers may compute
-    batches in any order; it is pickled into them (spawn start) or inherited (fork)."""
+    """The parallel external source's callback over a Source: batch `iteration` of DALI
+    epoch `epoch_idx` -> (encoded bytes, label, window anchor (x, y), window shape (w, h),
+    flip, output size, keep, bad sample ids), one list entry per image. Stateless in DALI's
+    sense (a pure function of the BatchInfo and what it was built with), so DALI's workers
+    may compute batches in any order; it is pickled into them (spawn) or inherited (fork).
+    `known_bad`: sample ids DALI could not decode, treated as bad."""
 
-    def __init__(self, samples: list[tuple[str, int]], *, train: bool, batch_size: int,
-                 rank: int, world_size: int, seed: int, scale, ratio, hflip: float,
-                 image_size: int, val_resize: int, base_epoch: int, first_step: int,
-                 known_bad: dict[int, str], data: Optional[DataConfig] = None):
-        self.samples, self.train, self.batch_size = samples, train, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
-        self.image_size, self.val_resize, self.data = image_size, val_resize, data
+    def __init__(self, source, spec: LoaderSpec, *, base_epoch: int, first_step: int,
+                 known_bad: dict[int, str]):
+        d = spec.data
+        self.source, self.order, self.train, self.seed = source, source.order, spec.train, spec.seed
+        self.data, self.batch_size = d, spec.batch_size
         self.base_epoch, self.first_step, self.known_bad = base_epoch, first_step, dict(known_bad)
+        self.random_access, self.num_samples = True, source.num_samples
         self.placeholder = _placeholder_jpeg()
-        self._orders: dict[int, np.ndarray] = {}
         self._owner = os.getpid()
         self._signals_set = False
-
-    def order(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices of `epoch`, in order (the native backend's)."""
-        if epoch not in self._orders:
-            s = ShardBatchSampler(len(self.samples), self.batch_size, self.rank, self.world_size,
-                                  train=self.train, seed=self.seed)
-            s.set_epoch(epoch)
-            self._orders = {epoch: s.indices()}  # one epoch at a time is all that is asked for
-        return self._orders[epoch]
 
     def epoch_of(self, epoch_idx: int) -> int:
         return self.base_epoch + epoch_idx if self.train else 0
 
-    def size_of(self, epoch: int) -> int:
-        """The output side of `epoch`'s images: data.progressive's size in training (an input
-        of the pipeline, so the one pipeline serves every size), val_image_size in validation;
-        `image_size` without a data config."""
-        if self.data is None:
-            return self.image_size
-        return train_image_size(self.data, epoch) if self.train else val_image_size(self.data)
+    def read(self, sid: int) -> Raw:
+        """The Source's sample, or a failure for one DALI could not decode."""
+        if sid in self.known_bad:
+            return Raw(b"", -1, sid, self.source.name(sid), self.known_bad[sid])
+        return self.source.read(sid)
 
     def __call__(self, info):
         if not self._signals_set and os.getpid() != self._owner:
             _worker_signals()
             self._signals_set = True
         epoch = self.epoch_of(info.epoch_idx)
-        order = self.order(epoch)
         step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
-        lo = step * self.batch_size
-        if lo >= len(order):
+        if step >= len(self.order):
             raise StopIteration
-        cols = [[] for _ in range(8)]
-        size = self.size_of(epoch)
-        for idx in order[lo:lo + self.batch_size].tolist():
-            row = self._train_sample(idx, epoch, size) if self.train else self._val_sample(idx, size)
-            for col, v in zip(cols, row):
-                col.append(v)
-        return tuple(cols)
-
-    def _bytes(self, idx: int) -> tuple[bytes, Optional[str], int]:
-        """(screened bytes or b"", why not, label) of sample `idx` (a subclass reads shards)."""
-        raw, why = read_screened(self.samples[idx][0])
-        return raw, why, self.samples[idx][1]
-
-    def _read(self, idx: int) -> tuple[bytes, Optional[str], tuple[int, int], int]:
-        """(bytes, None, (w, h), label) or (b"", reason, (0, 0), label) for sample `idx`."""
-        if idx in self.known_bad:
-            return b"", self.known_bad[idx], (0, 0), -1
-        raw, why, label = self._bytes(idx)
-        if why is None:
-            try:
-                return raw, None, _image_size(raw), label
-            except Exception as e:  # an unreadable header: PIL raises many types
-                why = f"{type(e).__name__}: {e}"
-        return b"", why, (0, 0), label
-
-    @property
-    def size(self) -> int:
-        """Samples of the dataset (replacements are drawn among them)."""
-        return len(self.samples)
+        size = epoch_size(self.data, self.train, epoch)
+        rows = [self._sample(self.read(int(sid)), epoch, size) for sid in self.order.batch(epoch, step)]
+        return tuple(list(col) for col in zip(*rows))
 
     def _row(self, raw: bytes, label: int, box, flip: bool, keep: bool, bad: list[int], size: int):
         x, y, w, h = box
@@ -191,31 +142,28 @@ class DaliSource:
                 np.array(int(flip), dtype=np.int32), np.array(size, dtype=np.float32),
                 np.array([int(keep)], dtype=np.uint8), np.array(bad, dtype=np.int64))
 
-    def _train_sample(self, idx: int, epoch: int, size: int):
-        """The native backends' sample: crop and flip from (seed, epoch, index); a bad file's
-        replacement and its crop from (seed, epoch, index, 1)."""
-        rng = np.random.default_rng((self.seed, epoch, idx))
-        replace = np.random.default_rng((self.seed, epoch, idx, 1))
-        bad, cur = [], idx
-        for _ in range(_REPLACEMENT_TRIES):
-            raw, why, (w, h), label = self._read(cur)
-            if why is None:
-                top, left, ch, cw = sample_rrc(w, h, self.scale, self.ratio, rng)
-                flip = rng.random() < self.hflip
-                return self._row(raw, label, (left, top, cw, ch), flip, True, bad, size)
-            bad.append(cur)
-            cur, rng = int(replace.integers(self.size)), replace
-        raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode, e.g. samples "
-                           f"{bad[:3]}")
-
-    def _val_sample(self, idx: int, size: int):
-        """Resize(val_resize) + CenterCrop(image_size) as one window; a bad file becomes the
-        placeholder, its row dropped by the loader (no image is scored twice)."""
-        raw, why, (w, h), label = self._read(idx)
-        if why is not None:
-            return self._row(self.placeholder, -1, (0, 0, 8, 8), False, False, [idx], size)
-        left, top, right, bottom = center_crop_box(w, h, self.val_resize, size)
-        return self._row(raw, label, (left, top, right - left, bottom - top), False, True, [], size)
+    def _sample(self, raw: Raw, epoch: int, size: int):
+        """Training: the sample or its replacement, its window and flip from
+        fastcls.data.sample; validation: Resize(val_resize) + CenterCrop as one window, a bad
+        file becomes the placeholder, its row dropped by the loader (no image scored twice)."""
+        d, bad = self.data, []
+        for _, cand, rng in candidates(self, raw, epoch, self.seed, train=self.train):
+            if cand.error is None:
+                try:
+                    w, h = header_size(cand.data)
+                except Exception:  # an unreadable header: PIL raises many types
+                    bad.append(cand.sid)
+                    continue
+                if not self.train:
+                    return self._row(cand.data, cand.label, val_box(w, h, d.val_resize, size), False,
+                                     True, bad, size)
+                c = train_crop(w, h, rng, d.rrc.scale, d.rrc.ratio, d.hflip)
+                return self._row(cand.data, cand.label, (c.left, c.top, c.width, c.height), c.flip,
+                                 True, bad, size)
+            bad.append(cand.sid)
+        if self.train:
+            raise DatasetError(f"{TRIES} files in a row failed to decode, e.g. samples {bad[:3]}")
+        return self._row(self.placeholder, -1, (0, 0, 8, 8), False, False, bad, size)
 
 
 def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
@@ -223,7 +171,7 @@ def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
                    prefetch_queue_depth: int = 2, hw_decoder_load: float = 0.65,
                    out_fp16: bool = False, normalize: bool = True, build: bool = True,
                    py_start_method: Optional[str] = None):
-    """The DALI graph over `source` (see the module docstring).
+    """The DALI graph over `source` (a DaliSource; see the module docstring).
 
     Outputs: images N×H×W×3 (HWC) float16/float32 (uint8-valued floats when
     `normalize=False`) on the GPU when `device_id` is not None; labels N×1 int64, keep N×1
@@ -270,24 +218,24 @@ def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
     return pipe
 
 
-class DaliLoader(LoaderBase):
+class DaliLoader(SourceLoader):
     """The data interface (fastcls.data.base.Loader) over one DALI pipeline; see the module
     docstring. `builds` counts the pipelines built (one for a plain run)."""
 
-    bad_files_fix = ("remove them (python -m fastcls.data.check DIR --exclude-out bad.txt, "
+    bad_files_fix = ("remove them (python -m fastcls.tools.check DIR --exclude-out bad.txt, "
                      "then data.exclude=bad.txt)")
 
-    def __init__(self, index: FolderIndex, spec: LoaderSpec):
+    def __init__(self, source, spec: LoaderSpec):
         _dali()  # fail at start, with the pip command, when DALI is missing
+        if not source.random_access:
+            raise DatasetError(f"{spec.key}: data.backend=dali reads samples by position: folders, "
+                               f"list files, or local tar shards with offsets in their index (python "
+                               f"-m fastcls.tools.convert --to wds writes them); stream pipe:/remote "
+                               f"shards with data.backend=native")
+        super().__init__(source, spec)
         d = spec.data
-        super().__init__(len(index.samples), spec)
-        self.classes, self.empty_classes, self.excluded = index.classes, index.empty_classes, index.excluded
-        self.samples = index.samples
-        self.train, self.batch_size, self.image_size, self.data = spec.train, spec.batch_size, d.image_size, d
-        self.val_resize, self.scale, self.ratio, self.hflip = d.val_resize, d.rrc.scale, d.rrc.ratio, d.hflip
-        self.workers = d.workers
+        self.batch_size, self.workers = spec.batch_size, d.workers
         self.num_threads = max(1, d.workers)  # DALI CPU threads (decode on CPU, resize)
-        self.device, self.dtype = spec.device, spec.dtype
         if spec.device.type == "cuda":
             self.device_id: Optional[int] = spec.device.index if spec.device.index is not None \
                 else torch.cuda.current_device()
@@ -328,20 +276,8 @@ class DaliLoader(LoaderBase):
         self._pipe_epoch, self._pipe_step, self._pipe_state = epoch, step, "fresh"
 
     def _source(self, epoch: int, step: int) -> DaliSource:
-        return DaliSource(self.samples, train=self.train, batch_size=self.batch_size,
-                          rank=self.rank, world_size=self.sampler.world, seed=self.seed,
-                          scale=self.scale, ratio=self.ratio, hflip=self.hflip,
-                          image_size=self.image_size, val_resize=self.val_resize,
-                          base_epoch=epoch, first_step=step, known_bad=self.known_bad,
-                          data=self.data)
-
-    def _name(self, idx: int) -> str:
-        """How sample `idx` is named in bad-file messages."""
-        return self.samples[idx][0]
-
-    def _strict_check(self, idx: int) -> Optional[str]:
-        """Why sample `idx` does not decode with a strict CPU decoder, or None."""
-        return check_file(self.samples[idx][0], strict=True)
+        return DaliSource(self.source, self.spec, base_epoch=epoch, first_step=step,
+                          known_bad=self.known_bad)
 
     def _pipeline_at(self, epoch: int, step: int) -> None:
         """A pipeline positioned at batch `step` of `epoch`: the current one when it is there
@@ -361,39 +297,33 @@ class DaliLoader(LoaderBase):
         self._build(epoch, step)
 
     def _find_bad(self, order: np.ndarray, step: int) -> dict[int, str]:
-        """Sample indices DALI could not decode: the files of the batches in flight that do
-        not decode (PIL + libjpeg-turbo, strict), not known bad yet."""
+        """Sample ids DALI could not decode: those of the batches in flight that a strict CPU
+        decode refuses, not known bad yet."""
         lo = step * self.batch_size
         depth = self.prefetch_queue_depth + max(2, self.workers) + 2  # executor + source queues
         found = {}
         for i in order[lo:lo + depth * self.batch_size].tolist():
-            if i in self.known_bad or i in found:
-                continue
-            why = self._strict_check(i)
+            why = None if i in self.known_bad or i in found else self._strict(i)
             if why is not None:
                 found[i] = f"DALI could not decode it: {why}"
         return found
 
-    def _reason(self, idx: int) -> str:
-        if idx in self.known_bad:
-            return self.known_bad[idx]
-        source = self._source(0, 0)
-        raw, why, _ = source._bytes(idx)
-        if why is None:
-            try:
-                _image_size(raw)
-            except Exception as e:  # PIL raises many types
-                why = f"{type(e).__name__}: {e}"
-        return why or self._strict_check(idx) or "undecodable"
+    def _strict(self, sid: int):
+        """Why sample `sid` cannot be used (its read, screen or a strict CPU decode), or None."""
+        raw = self.source.read(sid)
+        return raw.error or strict_error(raw.data)
+
+    def _reason(self, sid: int) -> str:
+        return self.known_bad.get(sid) or self._strict(sid) or "undecodable"
 
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         _, _, _, feed_ndarray = _dali()
         self.bad_files = []
-        epoch, step = self.sampler.epoch, self.sampler.start_step
-        self.sampler.start_step = 0  # a seek applies to one iteration only
-        order, steps = self.sampler.indices(), len(self)
+        epoch, step = self.order.epoch, self.order.start_step
+        self.order.start_step = 0  # a seek applies to one iteration only
+        order, steps = self.order.ids(epoch), len(self)
         if step >= steps:
             return
         self._pipeline_at(epoch, step)
@@ -408,17 +338,17 @@ class DaliLoader(LoaderBase):
             except RuntimeError as e:
                 found = self._find_bad(order, step)
                 if not found:
-                    paths = [self._name(i) for i in order[step * self.batch_size:][:3]]
+                    paths = [self.source.name(i) for i in order[step * self.batch_size:][:3]]
                     raise DatasetError(
                         f"DALI failed at step {step} and no undecodable file was found among "
                         f"the batches in flight (first: {paths}); run python -m "
-                        f"fastcls.data.check --strict on the folder. DALI said: "
+                        f"fastcls.tools.check --strict on the data. DALI said: "
                         f"{str(e).strip()[-800:]}") from None
                 self.known_bad.update(found)  # counted when the rebuilt pipeline meets them
                 self._build(epoch, step)  # at the same step, the files marked bad
                 continue
             for row in bad:
-                self._account([f"{self._name(i)}: {self._reason(i)}" for i in np.array(row).tolist()])
+                self._account([f"{self.source.name(i)}: {self._reason(i)}" for i in np.array(row).tolist()])
             step += 1
             if step == steps:
                 self._pipe_state = "ended"

@@ -1,4 +1,4 @@
-"""The `ffcv` backend: `.beton` files (written by `python -m fastcls.data.convert --to ffcv`)
+"""The `ffcv` backend: `.beton` files (written by `python -m fastcls.tools.convert --to ffcv`)
 read by FFCV's `Loader`, JPEG decode (libjpeg-turbo) + crop + resize in numba threads.
 
 Pipelines (one per split, compiled by numba once per Loader):
@@ -17,7 +17,7 @@ then, on the device, uint8 -> float, ImageNet normalization, cast to `dtype`. Th
 is two torch element-wise ops rather than FFCV's `NormalizeImage`: that op needs cupy on the
 GPU and produces only numpy dtypes (no bfloat16, the AMP dtype here).
 
-Order and sharding: the same `ShardBatchSampler` as the native backend, plugged into FFCV
+Order and sharding: the same `RankOrder` as folders on the other paths, plugged into FFCV
 as a `TraversalOrder` (= OrderOption.RANDOM's seeded per-epoch permutation, then disjoint
 equal shards, partial last batch dropped in training, kept and never duplicated in
 evaluation). FFCV's own `distributed=True` wraps torch's `DistributedSampler(drop_last=
@@ -43,30 +43,28 @@ import torch
 
 from .base import LoaderBase, LoaderSpec, Normalizer, train_image_size, val_image_size
 from .beton import import_ffcv, read_meta
-from .folder import DatasetError
-from .sampler import ShardBatchSampler
+from .source import DatasetError, RankOrder
 
 
-def _shard_order(sampler: ShardBatchSampler):
-    """A TraversalOrder instance yielding `sampler`'s order for FFCV's Loader.
+def _rank_order(order: RankOrder):
+    """A TraversalOrder instance yielding `order`'s ids for FFCV's Loader.
 
     FFCV accepts a TraversalOrder *instance* and calls it with the loader (loader.py:
     `isinstance(order, TraversalOrder)` then `order(self)`), hence `__call__`."""
     from ffcv.traversal_order.base import TraversalOrder
 
-    class ShardOrder(TraversalOrder):
+    class RankTraversal(TraversalOrder):
         def __init__(self):  # TraversalOrder.__init__ runs in __call__, with the loader
-            self.shard, self.skip = sampler, 0
+            self.order, self.skip = order, 0
 
         def __call__(self, loader):
             TraversalOrder.__init__(self, loader)
             return self
 
         def sample_order(self, epoch: int) -> np.ndarray:
-            self.shard.set_epoch(epoch)
-            return self.shard.indices()[self.skip:].astype(np.uint64)
+            return self.order.ids(epoch)[self.skip:].astype(np.uint64)
 
-    return ShardOrder()
+    return RankTraversal()
 
 
 def _quasi_random_order():
@@ -112,8 +110,6 @@ class FFCVLoader(LoaderBase):
         if order == "quasi_random" and train and spec.world_size > 1:
             raise DatasetError("data.ffcv.order=quasi_random is single-process only (FFCV does "
                                "not implement it distributed); use data.ffcv.order=random")
-        self.classes: list[str] = meta["classes"]
-        self.empty_classes: list[str] = meta.get("empty_classes", [])
         self.skipped_at_conversion: list[str] = meta.get("skipped", [])
         self.train, self.batch_size, self.device = train, spec.batch_size, spec.device
         self.data = d
@@ -145,13 +141,15 @@ class FFCVLoader(LoaderBase):
 
         n = int(meta["num_samples"])
         # bad_files stays empty: the converter removed undecodable files
-        super().__init__(n, spec)
+        order = RankOrder(n, spec.batch_size, spec.rank, spec.world_size, train=train, seed=spec.seed)
+        super().__init__(spec, order, meta["classes"], empty_classes=meta.get("empty_classes", []),
+                         dataset_size=n)
         self.normalize = Normalizer(device, spec.dtype)
         if order == "quasi_random" and train:
             self._order = None
             ffcv_order = _quasi_random_order()
         else:
-            self._order = _shard_order(self.sampler)
+            self._order = _rank_order(self.order)
             ffcv_order = self._order
         try:
             self.loader = Loader(path, batch_size=spec.batch_size, num_workers=max(1, d.workers),
@@ -168,8 +166,8 @@ class FFCVLoader(LoaderBase):
         if self.loader.reader.num_samples != n:
             raise DatasetError(f"{key}: {path!r} holds {self.loader.reader.num_samples} samples, "
                                f"its {Path(path).name}.json says {n}: re-convert it")
-        if len(self.loader) != len(self.sampler):  # both implement the same last-batch rule
-            raise AssertionError((len(self.loader), len(self.sampler)))
+        if len(self.loader) != len(self.order):  # both implement the same last-batch rule
+            raise AssertionError((len(self.loader), len(self.order)))
         self._compile(verbose and spec.rank == 0, spec.split)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -202,13 +200,13 @@ class FFCVLoader(LoaderBase):
                   file=sys.stderr, flush=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        skip, self.sampler.start_step = self.sampler.start_step, 0
+        skip, self.order.start_step = self.order.start_step, 0
         skip_batches = 0
         if self._order is not None:
             self._order.skip = skip * self.batch_size  # seek: the order starts there
         else:
             skip_batches = skip  # QuasiRandom cannot seek: iterate past the first batches
-        self.loader.next_epoch = self.sampler.epoch
+        self.loader.next_epoch = self.order.epoch
         it = iter(self.loader)
         try:
             for k, (images, labels) in enumerate(it):
@@ -231,7 +229,7 @@ def build_ffcv_loader(spec: LoaderSpec) -> FFCVLoader:
     if not path:
         raise DatasetError(f"{spec.key}: no file given; set {spec.key}=/path/to/{spec.split}.beton")
     if spec.data.demo and Path(path).is_dir():
-        from .convert import ensure_beton
-        from .demo import cache_dir
+        from ..tools.convert import ensure_beton
+        from ..tools.demo import cache_dir
         path = ensure_beton(path, str(cache_dir() / "demo-v1-ffcv" / f"{Path(path).name}.beton"))
     return FFCVLoader(path, spec)

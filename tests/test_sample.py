@@ -1,5 +1,7 @@
-"""The data interface contract (fastcls.data.base.Loader) for the native and synthetic backends, and
-the crops against torchvision.transforms.v2."""
+"""The per-sample decisions (fastcls.data.sample, fastcls.data.source) against
+torchvision.transforms.v2: RankOrder's sharding math, the RandomResizedCrop draw, the flip,
+the validation window, and the PIL path's decodes; plus folder scanning errors and the
+synthetic backend. The per-source x per-path behaviour is the matrix in test_data.py."""
 import math
 
 import numpy as np
@@ -9,36 +11,24 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import (BAD_NAMES, CPU, FOLDER_LABELS, bad_folder, bad_names, check_contract,
-                      make_folder, write_odd_images)
+from conftest import CPU, make_folder
 from conftest import loader_cfg as make_cfg
 from fastcls.config import config_from_dict
 from fastcls.data import DatasetError, build_loader, scan_folder
-from fastcls.data.crop import sample_rrc
 from fastcls.data.base import MEAN, STD
-from fastcls.data.native import decode_train, decode_val
-from fastcls.data.sampler import ShardBatchSampler
+from fastcls.data.sample import sample_rrc, train_crop, val_box
+from fastcls.data.source import RankOrder
+from fastcls.data.workers import decode_train, decode_val
+from fastcls.kernels.resized_crop import resize_center_crop_box
 
 
-# ---------------------------------------------------------------- contract
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_native_contract(folder, workers):
-    cfg = make_cfg(folder, folder, workers=workers)
-    loader = build_loader(cfg, "train", CPU)
-    assert loader.classes == ["a", "b", "c"]
-    assert len(loader) == 18 // 4
-    check_contract(loader)
-    val = build_loader(cfg, "val", CPU, classes=loader.classes)
-    labels = torch.cat([y for _, y in val])
-    assert labels.tolist() == FOLDER_LABELS  # folder order, every image once
-
+# ---------------------------------------------------------------- the PIL path
 
 def test_val_batch_equals_normalized_decode(folder):
     cfg = make_cfg(folder, folder)
     val = build_loader(cfg, "val", CPU, classes=["a", "b", "c"])
     x, _ = next(iter(val))
-    path = val.dataset.samples[0][0]
+    path = val.source.table.path(0)
     ref = torch.from_numpy(decode_val(path, 32, 36).copy()).permute(2, 0, 1).float()
     ref = (ref - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     torch.testing.assert_close(x[0], ref, rtol=1e-5, atol=1e-5)
@@ -75,45 +65,55 @@ def test_set_epoch_reshuffles_and_is_reproducible(folder):
 # ---------------------------------------------------------------- sharding
 
 @pytest.mark.parametrize("n, world, batch", [(100, 2, 8), (37, 3, 4), (10, 4, 1)])
-def test_train_shards_disjoint_equal_and_drop_partial(n, world, batch):
+def test_train_ranks_disjoint_equal_and_drop_partial(n, world, batch):
     for epoch in range(3):
         shards = []
         for r in range(world):
-            s = ShardBatchSampler(n, batch, r, world, train=True, seed=1)
-            s.set_epoch(epoch)
-            batches = list(s)
-            assert len(batches) == len(s) == (n // world) // batch
-            assert all(len(b) == batch and all(e == epoch for _, e in b) for b in batches)
-            shards.append({i for b in batches for i, _ in b})
+            order = RankOrder(n, batch, r, world, train=True, seed=1)
+            order.set_epoch(epoch)
+            tasks = list(order)
+            assert len(tasks) == len(order) == (n // world) // batch
+            assert tasks == [[(epoch, g)] for g in range(len(order))]
+            batches = [order.batch(epoch, g) for g in range(len(order))]
+            assert all(len(b) == batch for b in batches)
+            ids = order.ids(epoch)
+            assert ids.tolist() == [int(i) for b in batches for i in b]
+            assert len(ids) == order.num_images == len(order) * batch
+            shards.append(set(ids.tolist()))
         union = set().union(*shards)
-        assert sum(map(len, shards)) == len(union)  # disjoint
+        assert sum(map(len, shards)) == len(union) and union <= set(range(n))  # disjoint
+    a, b = RankOrder(n, batch, 0, world, train=True, seed=1), RankOrder(n, batch, 0, world, train=True, seed=1)
+    assert a.ids(0).tolist() == b.ids(0).tolist()  # a function of (seed, epoch)
+    if len(a.ids(0)) > 1:
+        assert a.ids(0).tolist() != a.ids(1).tolist()  # reshuffled per epoch
 
 
 def test_union_of_first_batches_is_single_process_batch():
     # What makes DDP equal to one process with the global batch.
-    single = next(iter(ShardBatchSampler(50, 8, 0, 1, train=True)))
-    per_rank = [next(iter(ShardBatchSampler(50, 4, r, 2, train=True))) for r in range(2)]
-    assert sorted(single) == sorted(per_rank[0] + per_rank[1])
+    single = RankOrder(50, 8, 0, 1, train=True).batch(0, 0)
+    per_rank = [RankOrder(50, 4, r, 2, train=True).batch(0, 0) for r in range(2)]
+    assert sorted(single.tolist()) == sorted(per_rank[0].tolist() + per_rank[1].tolist())
 
 
 @pytest.mark.parametrize("n, world, batch", [(18, 2, 4), (37, 3, 4), (5, 4, 2), (3, 4, 2)])
 def test_eval_counts_each_image_once(n, world, batch):
     seen = []
     for r in range(world):
-        s = ShardBatchSampler(n, batch, r, world, train=False)
-        batches = list(s)
-        assert len(batches) == len(s)
-        seen += [i for b in batches for i, _ in b]
-    assert sorted(seen) == list(range(n))
+        order = RankOrder(n, batch, r, world, train=False)
+        tasks = list(order)
+        assert len(tasks) == len(order) == -(-order.num_images // batch)
+        seen += [int(i) for (e, g), in tasks for i in order.batch(e, g)]
+        assert order.ids(5).tolist() == order.ids(0).tolist()  # in order, every epoch
+    assert seen == list(range(n))
 
 
-def test_val_loader_two_ranks_cover_once(folder):
-    cfg = make_cfg(folder, folder)
-    labels = []
-    for r in range(2):
-        val = build_loader(cfg, "val", CPU, rank=r, world_size=2, classes=["a", "b", "c"])
-        labels += [y for _, y in val]
-    assert torch.cat(labels).tolist() == FOLDER_LABELS
+def test_set_epoch_seeks_one_iteration():
+    order = RankOrder(40, 4, 0, 1, train=True)
+    order.set_epoch(2, 7)
+    assert list(order) == [[(2, g)] for g in range(7, 10)]
+    assert list(order) == [[(2, g)] for g in range(10)]  # the seek applies once
+    with pytest.raises(ValueError, match="start_step 11 outside"):
+        order.set_epoch(0, 11)
 
 
 # ---------------------------------------------------------------- crops vs torchvision
@@ -150,6 +150,41 @@ def test_rrc_fallback_is_center_crop_with_clamped_ratio():
     # A 1000×10 strip: no box with aspect in [3/4, 4/3] fits, so torchvision's fallback.
     t, l, h, w = sample_rrc(1000, 10, (0.9, 1.0), (0.75, 4 / 3), np.random.default_rng(0))
     assert (h, w) == (10, 13) and t == 0 and l == (1000 - 13) // 2
+
+
+def test_train_crop_is_sample_rrc_then_an_hflip_draw():
+    # The box is sample_rrc's from the same generator; the flip is the generator's next draw.
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    flips = []
+    for s in range(4000):
+        c = train_crop(500, 375, np.random.default_rng(s), scale, ratio, 0.5)
+        rng = np.random.default_rng(s)
+        assert (c.top, c.left, c.height, c.width) == sample_rrc(500, 375, scale, ratio, rng)
+        assert c.flip == bool(rng.random() < 0.5) and (c.image_height, c.image_width) == (375, 500)
+        flips.append(c.flip)
+    assert abs(np.mean(flips) - 0.5) < 0.03
+    for p, want in ((0.0, False), (1.0, True)):
+        assert all(train_crop(500, 375, np.random.default_rng(s), scale, ratio, p).flip == want
+                   for s in range(500))
+
+
+@pytest.mark.parametrize("wh", [(200, 150), (150, 200), (1000, 700), (37, 41), (64, 64)])
+@pytest.mark.parametrize("resize, size", [(64, 56), (36, 32), (256, 224)])
+def test_val_box_is_torchvision_resize_center_crop(wh, resize, size):
+    W, H = wh
+    left, top, bw, bh = val_box(W, H, resize, size)
+    (t, l, sy, sx), _ = resize_center_crop_box(H, W, resize, size)
+    np.testing.assert_allclose([left, top, bw, bh], [l, t, min(size * sx, W), min(size * sy, H)], rtol=1e-12)
+    # On a coordinate image (pixel value = its x, resp. y), v2.Resize + CenterCrop samples
+    # output pixel j at source x = left + (j + 0.5) * bw / size - 0.5, clamped to the image.
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64),
+                            indexing="ij")
+    ref = v2.Compose([v2.Resize(resize, antialias=False), v2.CenterCrop(size)])(torch.stack([xx, yy]))
+    j = torch.arange(size, dtype=torch.float64) + 0.5
+    want_x = (left + j * bw / size - 0.5).clamp(0, W - 1)
+    want_y = (top + j * bh / size - 0.5).clamp(0, H - 1)
+    torch.testing.assert_close(ref[0], want_x.expand(size, size), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ref[1], want_y[:, None].expand(size, size), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -193,43 +228,7 @@ def test_val_matches_torchvision_resize_center_crop(tmp_path, size):
     assert (ours - ref).abs().mean() < 1.5  # a 2 px shift of the crop gives ~5
 
 
-# ---------------------------------------------------------------- odd and bad files
-
-def test_grayscale_cmyk_png_decode_as_rgb(tmp_path):
-    rng = np.random.default_rng(0)
-    write_odd_images([tmp_path / "a"] * 4, rng)
-    cfg = make_cfg(tmp_path, tmp_path)
-    val = build_loader(cfg, "val", CPU, classes=["a"])
-    (x, y), = list(val)
-    assert x.shape == (4, 3, 32, 32) and val.bad_files == []
-    train = build_loader(cfg, "train", CPU)
-    assert [tuple(b.shape) for b, _ in train] == [(4, 3, 32, 32)] and train.bad_files == []
-
-
-def test_bad_files_counted_and_replaced_in_train(tmp_path):
-    root = bad_folder(tmp_path)
-    cfg = make_cfg(root, max_bad_fraction=0.5, batch_size=23)
-    loader = build_loader(cfg, "train", CPU)
-    (x, y), = list(loader)
-    assert x.shape[0] == 23  # full batch: failures were replaced
-    assert bad_names(loader.bad_files) == BAD_NAMES
-
-
-def test_bad_files_dropped_in_eval(tmp_path):
-    root = bad_folder(tmp_path)
-    cfg = make_cfg(root, root, max_bad_fraction=0.5)
-    val = build_loader(cfg, "val", CPU, classes=["a", "b"])
-    n = sum(y.shape[0] for _, y in val)
-    assert n == 20 and len(val.bad_files) == 3
-
-
-def test_too_many_bad_files_fail_with_names(tmp_path):
-    root = bad_folder(tmp_path)
-    cfg = make_cfg(root, root, max_bad_fraction=0.0)
-    val = build_loader(cfg, "val", CPU, classes=["a", "b"])
-    with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*(zero|text|trunc)\.jpg"):
-        list(val)
-
+# ---------------------------------------------------------------- folders, synthetic
 
 def test_dataset_errors(tmp_path):
     with pytest.raises(DatasetError, match="data.train: path .* does not exist"):
@@ -259,13 +258,3 @@ def test_synthetic_contract():
     x, y = batches[0]
     assert x.shape == (4, 3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
     assert y.dtype == torch.int64 and int(y.max()) < 7 and math.isfinite(float(x.abs().max()))
-
-
-@pytest.mark.gpu
-def test_native_cuda_contract(folder):
-    dev = torch.device("cuda")
-    cfg = make_cfg(folder, folder, workers=2)
-    loader = build_loader(cfg, "train", dev, dtype=torch.bfloat16)
-    check_contract(loader, dtype=torch.bfloat16, device=dev, tol=0.02)  # bf16 rounding
-    val = build_loader(cfg, "val", dev, classes=loader.classes)
-    assert sum(y.shape[0] for _, y in val) == 18

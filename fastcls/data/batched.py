@@ -1,7 +1,9 @@
-"""The `native` backend, batched path (`data.native_decode: batched`, the default on CUDA).
+"""The batched decode path (`data.backend: native`, `data.native_decode: batched`, the
+default on CUDA), over any Source.
 
-DataLoader workers only read file bytes (screened: only image signatures reach a decoder)
-and hand over one buffer per batch. A background thread of the main process then, per batch:
+DataLoader workers read the batch's bytes from the Source (screened: only image signatures
+reach a decoder), read each image's size from its header and draw its crop and flip
+(fastcls.data.sample: the same boxes as every path), and hand over one buffer per batch. A background thread of the main process then, per batch:
 
 1. decodes the batch in one call (`data.decoder`): nvImageCodec when installed (on CUDA
    the hardware JPEG engines + CUDA decoder, on CPU its CPU-only backend), otherwise
@@ -9,9 +11,7 @@ and hand over one buffer per batch. A background thread of the main process then
    grayscale and CMYK come out RGB; a file the batch decoder refuses (PNG named .jpg, a
    JPEG flavour nvJPEG lacks) is decoded alone on the CPU (torchvision, then PIL) and
    moved to the device;
-2. uses the crop box and flip each worker drew on the CPU from the header's image size
-   with the per-sample generator (seed, epoch, index): the same boxes and flips as the
-   PIL-worker path (redrawn here only if the decoded size differs or for a replacement);
+2. uses the crop box and flip each worker drew (drawn here only for a replacement);
 3. runs ONE fused kernel for the ragged batch (kernels/resized_crop.py: crop -> bilinear
    resize, antialias per `data.antialias` -> flip -> normalize -> cast -> channels_last):
    Triton on CUDA, the torch reference on CPU.
@@ -34,14 +34,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from ..config import ANTIALIAS_MODES
-from .base import MEAN, STD, LoaderBase, LoaderSpec, staged, train_image_size, val_image_size
-from .crop import sample_rrc
-from .folder import DatasetError, FolderIndex
-from .screen import read_screened
-from .native import _REPLACEMENT_TRIES, batches_with_timeout, worker_loader
+from .base import MEAN, STD, LoaderSpec, SourceLoader, staged
+from .sample import TRIES, Raw, candidates, header_size, train_crop, val_box
+from .source import DatasetError
+from .workers import batches_with_timeout, to_rgb, worker_loader
 
 # data.antialias -> the kernel's `antialias_above` (source/output scale above which the
 # bilinear filter widens like torchvision antialias=True).
@@ -63,9 +61,8 @@ def decode_one_cpu(data: torch.Tensor) -> torch.Tensor:
         img = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
         import io
-        from PIL import Image
 
-        from .native import to_rgb
+        from PIL import Image
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
             return torch.from_numpy(np.asarray(to_rgb(im)).copy()).permute(2, 0, 1).contiguous()
     if img.dtype == torch.uint16:  # 16-bit PNG: torchvision keeps 16 bits; keep the high byte
@@ -202,173 +199,134 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
     return images, errors
 
 
-class FileBytes(Dataset):
-    """Map-style dataset keyed by (index, epoch): returns (file bytes, label, index, error
-    or None, crop or None). Workers read and screen the bytes (fastcls.data.screen: only
-    image signatures reach a decoder) and, in training, read the image size from the header
-    (PIL, lazy: no decode) to draw the crop box and flip from the per-sample generator
-    (seed, epoch, index), exactly as the PIL path does: that per-image Python work (~30 us)
-    stays off the main process. crop = (top, left, h, w, flip, H, W)."""
+class ByteBatch:
+    """In a worker: batch g of `epoch` of the source -> (one uint8 tensor of the kept
+    samples' bytes back to back, offsets (N+1), labels, slot sample ids, attempts, names,
+    crops (int64 N×7, `Crop` rows; training only), ["name: reason" of the failures]).
 
-    def __init__(self, index: FolderIndex, train: bool = False, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3), hflip: float = 0.5, seed: int = 0):
-        self.samples = index.samples
-        self.train, self.scale, self.ratio, self.hflip, self.seed = train, scale, ratio, hflip, seed
+    One tensor per batch: a DataLoader worker hands each returned tensor over through a
+    file descriptor of its own, so a tensor per image would exhaust `ulimit -n` (1024) at
+    batch 256 x prefetch (and costs 3x the time). A sample that fails screening or whose
+    header does not read is replaced here in training (the replacement rule) and dropped in
+    evaluation, so the main process only meets what the batch decoder itself refuses."""
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def __init__(self, source, spec: LoaderSpec):
+        d = spec.data
+        self.source, self.train, self.seed = source, spec.train, spec.seed
+        self.scale, self.ratio, self.hflip = d.rrc.scale, d.rrc.ratio, d.hflip
 
-    def __getitem__(self, key: tuple[int, int]):
-        idx, epoch = key
-        path, label = self.samples[idx]
-        raw, err = read_screened(path)
-        if err is not None:
-            return b"", label, idx, err, None
-        crop = None
-        if self.train:
-            try:
-                import io
-                from PIL import Image
-                with Image.open(io.BytesIO(raw)) as im:
-                    width, height = im.size
-                rng = np.random.default_rng((self.seed, epoch, idx))  # as FolderDataset
-                box = sample_rrc(width, height, self.scale, self.ratio, rng)
-                crop = (*box, bool(rng.random() < self.hflip), height, width)
-            except Exception:  # unreadable header: the main process decides (decode error)
-                crop = None
-        return raw, label, idx, None, crop
-
-
-def collate_bytes(batch):
-    """-> (one uint8 tensor of every file's bytes back to back, offsets (N+1 ints), labels,
-    indices, read errors, crops). One tensor per batch: a DataLoader worker hands each
-    returned tensor over through a file descriptor of its own, so a tensor per image would
-    exhaust `ulimit -n` (1024) at batch 256 x prefetch (and costs 3x the time)."""
-    raws, labels, idxs, errors, crops = (list(x) for x in zip(*batch))
-    offsets = [0]
-    for r in raws:
-        offsets.append(offsets[-1] + len(r))
-    joined = b"".join(raws)
-    buf = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
-    return buf, offsets, labels, idxs, errors, crops
+    def __call__(self, epoch: int, g: int):
+        batch = self.source.read_batch(epoch, g)
+        keep, errors = [], []
+        for raw in batch:
+            tried = []
+            for k, cand, rng in candidates(self.source, raw, epoch, self.seed, train=self.train, batch=batch):
+                why = cand.error
+                if why is None:
+                    try:
+                        crop = train_crop(*header_size(cand.data), rng, self.scale, self.ratio, self.hflip) \
+                            if self.train else (0,) * 7
+                        keep.append((cand, raw.sid, k, crop))
+                        break
+                    except Exception as e:  # an unreadable header: PIL raises many types
+                        why = f"{type(e).__name__}: {e}"
+                tried.append(f"{cand.name}: {why}")
+            else:
+                if self.train:
+                    raise DatasetError(f"{TRIES} samples in a row failed to decode: {tried}")
+            errors += tried
+        sizes = [len(c.data) for c, *_ in keep]
+        joined = b"".join(c.data for c, *_ in keep)
+        buf = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
+        return (buf, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]),
+                [c.label for c, *_ in keep], [sid for _, sid, _, _ in keep], [k for *_, k, _ in keep],
+                [c.name for c, *_ in keep], torch.tensor([list(c) for *_, c in keep], dtype=torch.int64).view(-1, 7),
+                errors)
 
 
-def split_bytes(buf: torch.Tensor, offsets: list[int]) -> list[torch.Tensor]:
-    """The per-file uint8 1-D views of a collated buffer (no copies)."""
-    return [buf[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-
-
-class BatchedNativeLoader(LoaderBase):
+class BatchedLoader(SourceLoader):
     """The data interface (fastcls.data.base.Loader): byte-reading workers + batched decode
-    + one fused crop/resize/normalize kernel per batch. Same boxes as the PIL path for the
-    same seed."""
+    + one fused crop/resize/normalize kernel per batch. The same boxes as the PIL path for
+    the same seed."""
 
-    def __init__(self, index: FolderIndex, spec: LoaderSpec):
+    def __init__(self, source, spec: LoaderSpec):
+        super().__init__(source, spec)
         d = spec.data
-        super().__init__(len(index.samples), spec)
-        self.classes, self.empty_classes, self.excluded = index.classes, index.empty_classes, index.excluded
-        self.samples = index.samples
-        self._init_decode(spec)
-        self.loader = worker_loader(FileBytes(index, spec.train, self.scale, self.ratio, d.hflip, spec.seed),
-                                    self.sampler, collate_bytes, d.workers, d.timeout)
-        self.timeout = d.timeout if d.workers > 0 else 0
-
-    def _init_decode(self, spec: LoaderSpec) -> None:
-        """What the main process's decode + kernel need (shared with the shard loader)."""
-        d = spec.data
-        self.train, self.device, self.dtype = spec.train, spec.device, spec.dtype
-        self.data, self.val_resize = d, d.val_resize
-        self.scale, self.ratio, self.hflip, self.seed = tuple(d.rrc.scale), tuple(d.rrc.ratio), d.hflip, spec.seed
+        self.seed, self.val_resize = spec.seed, d.val_resize
         self.antialias_above = ANTIALIAS_ABOVE[d.antialias]
         self.decoder = resolve_decoder(d.decoder)  # "nvimgcodec" | "torchvision"
         self._nv: Optional[NvImageCodecDecoder] = None  # created on first use, in the staging thread
         self.fallbacks: collections.Counter = collections.Counter()
-
-    def _name(self, idx: int) -> str:
-        """How sample `idx` is named in bad-file messages."""
-        return self.samples[idx][0]
-
-    def _replacement_bytes(self, j: int, epoch: int) -> tuple[bytes, int, Optional[str]]:
-        """(screened bytes, label, error) of sample j, read as a worker reads it."""
-        raw, label, _, err, _ = self.loader.dataset[(j, epoch)]
-        return raw, label, err
-
-    # ------------------------------------------------------------------ one batch
+        self.worker = ByteBatch(source, spec)
+        self.loader = worker_loader(self.worker, self.order, d.workers, d.timeout)
+        self.timeout = d.timeout if d.workers > 0 else 0
 
     def _nvdecoder(self) -> Optional[NvImageCodecDecoder]:
         if self.decoder == "nvimgcodec" and self._nv is None:
             self._nv = NvImageCodecDecoder(self.device)
         return self._nv
 
-    def _replace(self, key: int, epoch: int, batch=None) -> tuple[torch.Tensor, int, np.random.Generator]:
-        """Training: another sample for a file that failed, drawn from its own generator
-        (rare path: read + decoded alone in the main process). `batch`: this batch's
-        (image or None, label) pairs (a reader without random access picks among them)."""
-        rng = np.random.default_rng((self.seed, epoch, key, 1))
-        errors = []
-        for _ in range(_REPLACEMENT_TRIES):
-            j = int(rng.integers(self.dataset_size))
-            raw, label, err = self._replacement_bytes(j, epoch)  # same read + checks
-            if err is None:
-                data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-                (img,), (err,) = decode_batch([data], self.device, self._nvdecoder(), self.fallbacks)
+    def _replace(self, slot: Raw, attempt: int, epoch: int, batch: list[Raw]):
+        """Training: the next replacement of a sample the batch decoder refused (rare path:
+        read, screened and decoded alone here) -> (image, label, crop)."""
+        tried = []
+        for _, cand, rng in candidates(self.source, slot, epoch, self.seed, train=True, batch=batch,
+                                       start=attempt + 1):
+            why = cand.error
+            if why is None:
+                data = torch.frombuffer(bytearray(cand.data), dtype=torch.uint8)
+                (img,), (why,) = decode_batch([data], self.device, self._nvdecoder(), self.fallbacks)
                 if img is not None:
-                    return img, label, rng
-            errors.append(f"{self._name(j)}: {err}")
-            self._account(errors[-1:])
-        raise DatasetError(f"{_REPLACEMENT_TRIES} files in a row failed to decode: {errors}")
+                    d = self.data
+                    return img, cand.label, train_crop(img.shape[2], img.shape[1], rng, d.rrc.scale,
+                                                       d.rrc.ratio, d.hflip)
+            tried.append(f"{cand.name}: {why}")
+            self._account(tried[-1:])
+        raise DatasetError(f"{TRIES} samples in a row failed to decode: {tried}")
 
     def _process(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        from fastcls.kernels.resized_crop import (build_params, pack_images,
-                                                  resize_center_crop_box,
-                                                  resized_crop_normalize, rrc_box)
-        buf, offsets, labels, idxs, read_errors, crops = batch
-        datas = split_bytes(buf, offsets)
-        epoch = self.sampler.epoch
-        # the epoch's training size (data.progressive) or the validation size: only the
-        # output grid changes, the crop boxes are in source pixels
-        size = train_image_size(self.data, epoch) if self.train else val_image_size(self.data)
-        images, errors = decode_batch(datas, self.device, self._nvdecoder(), self.fallbacks)
-        bad = []
+        from fastcls.kernels.resized_crop import build_params, pack_images, resized_crop_normalize
+        buf, offsets, labels, slots, attempts, names, crops, errors = batch
+        self._account(errors)
+        datas = [buf[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]  # views, no copy
+        epoch = self.order.epoch
+        size = self.size(epoch)  # only the output grid changes; boxes are in source pixels
+        images, derrs = decode_batch(datas, self.device, self._nvdecoder(), self.fallbacks)
+        rows = crops.tolist()
         kept_images, kept_labels, boxes, windows, flips = [], [], [], [], []
-        for img, label, idx, rerr, derr, crop in zip(images, labels, idxs, read_errors, errors, crops):
-            rng = None
+        for i, img in enumerate(images):
+            label, crop = labels[i], rows[i]
+            if img is not None and self.train and (img.shape[1], img.shape[2]) != tuple(crop[5:]):
+                img, derrs[i] = None, f"decoded {img.shape[2]}x{img.shape[1]}, header says {crop[6]}x{crop[5]}"
             if img is None:
-                bad.append(f"{self._name(idx)}: {rerr or derr}")
+                self._account([f"{names[i]}: {derrs[i]}"])
                 if not self.train:
                     continue  # evaluation drops it: no image is scored twice
-                self._account(bad)
-                bad = []
-                img, label, rng = self._replace(idx, epoch, list(zip(images, labels)))
-                crop = None
+                kept = [Raw(bytes(d.numpy()), lab, s, n) for d, lab, s, n, im in
+                        zip(datas, labels, slots, names, images) if im is not None]
+                img, label, crop = self._replace(Raw(b"", label, slots[i], names[i]), attempts[i], epoch, kept)
             h, w = img.shape[1], img.shape[2]
             if self.train:
-                if crop is None or crop[5:] != (h, w):  # header size unknown or not the decoded one
-                    if rng is None:
-                        rng = np.random.default_rng((self.seed, epoch, idx))
-                    crop = (*sample_rrc(w, h, self.scale, self.ratio, rng), bool(rng.random() < self.hflip))
-                b, win = rrc_box(*crop[:4], (size, size))
-                flips.append(crop[4])
+                top, left, ch, cw, flip = crop[:5]
+                boxes.append([float(top), float(left), ch / size, cw / size])
+                windows.append((top, top + ch, left, left + cw))
             else:
-                b, win = resize_center_crop_box(h, w, self.val_resize, size)
-                flips.append(False)
+                left, top, bw, bh = val_box(w, h, self.val_resize, size)
+                boxes.append([top, left, bh / size, bw / size])
+                windows.append((0, h, 0, w))
+                flip = False
+            flips.append(bool(flip))
             kept_images.append(img)
             kept_labels.append(label)
-            boxes.append(b)
-            windows.append(win)
-        self._account(bad)
         y = torch.tensor(kept_labels, dtype=torch.int64).to(self.device, non_blocking=True)
         if not kept_images:
             return torch.empty((0, 3, size, size), dtype=self.dtype, device=self.device,
                                memory_format=torch.channels_last), y
         src, geom, _ = pack_images(kept_images)  # CHW or HWC-memory views: strides recorded
         geom, box = build_params(geom, boxes, windows)
-        flip = torch.tensor(flips, dtype=torch.uint8)
-        x = resized_crop_normalize(src, geom, box, flip, (size, size), MEAN, STD,
-                                   self.dtype, self.antialias_above)
+        x = resized_crop_normalize(src, geom, box, torch.tensor(flips, dtype=torch.uint8), (size, size),
+                                   MEAN, STD, self.dtype, self.antialias_above)
         return x, y
-
-    # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.bad_files = []

@@ -1,0 +1,397 @@
+"""The data test matrix: every Source x every decode path (docs/design.md).
+
+Sources (SOURCE_FORMS): an ImageFolder, a PaddleClas list file, tar shards from a path, the
+same shards through `pipe:`. Paths (PATHS): PIL in DataLoader workers, the batched path with
+each batch decoder, DALI's CPU graph (random-access sources only: a `pipe:` stream is
+refused with a message). A new source or path is covered by adding it to these lists.
+
+Per cell: the loader contract, labels, this rank's order = the Source's order (disjoint
+equal ranks), each validation image once on 2 ranks, a mid-epoch seek bitwise equal to the
+uninterrupted epoch (in a fresh loader, as a resumed process), every crop box and flip
+equal to `sample.train_crop` for its sample (so equal across paths; `train_crop` itself is
+held to torchvision's RandomResizedCrop in test_sample.py), progressive and validation
+sizes, the broken-file zoo counted / replaced / dropped, and (gpu) the CUDA contract.
+FFCV and synthetic, which read no Source, have their own files (test_ffcv.py, test_sample.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import (CPU, PY, ROOT, ZOO_BAD, ZOO_GOOD, check_contract, loader_cfg, photo_folder,
+                      run_env, unnormalize, zoo_folder, zoo_reference)
+from fastcls.data import DatasetError, build_loader, scan_folder
+from fastcls.data.sample import sample_rng, train_crop
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _closed():
+    """Every loader a test builds is closed when it ends, passed or failed: a DALI pipeline
+    left running (its threads) in this process makes the next fork of DataLoader workers
+    crash (a forked child inherits locks held by threads that do not exist in it)."""
+    from fastcls.data import closing_loaders
+    with closing_loaders():
+        yield
+
+_HAVE = {m: importlib.util.find_spec(m.split(".")[0]) is not None and importlib.util.find_spec(m) is not None
+         for m in ("nvidia.dali", "nvidia.nvimgcodec")}
+SOURCE_FORMS = ["folder", "list", "shards", "pipe"]
+PATHS = ["workers", "batched:torchvision",
+         pytest.param("batched:nvimgcodec", marks=pytest.mark.skipif(not _HAVE["nvidia.nvimgcodec"],
+                                                                   reason="pip install 'fastcls[nvimgcodec]'")),
+         pytest.param("dali", marks=pytest.mark.skipif(not _HAVE["nvidia.dali"], reason="pip install 'fastcls[dali]'"))]
+STREAMS = {"pipe"}  # sources without random access: DALI refuses them (test_dali_refuses_a_stream)
+CELLS = [pytest.param(s, getattr(p, "values", [p])[0], marks=getattr(p, "marks", ()), id=f"{s}-{getattr(p, 'values', [p])[0]}")
+         for s in SOURCE_FORMS for p in PATHS if not (s in STREAMS and getattr(p, "values", [p])[0] == "dali")]
+
+
+CLASS_FILES: dict[str, str] = {}  # list file -> its class file (data.classes_file), from forms()
+
+
+def path_cfg(path: str, train, val="", **data):
+    """loader_cfg (batches of 4, 32 px) on decode path `path` ("workers", "batched:DECODER",
+    "dali"); a list file from forms() comes with its class file."""
+    if str(train) in CLASS_FILES:
+        data.setdefault("classes_file", CLASS_FILES[str(train)])
+    if path == "dali":
+        return loader_cfg(train, val, backend="dali", **data)
+    decode, *decoder = path.split(":")
+    return loader_cfg(train, val, native_decode=decode, **({"decoder": decoder[0]} if decoder else {}), **data)
+
+
+def forms(folder: Path, tmp: Path, per_shard: int = 7) -> tuple[dict, dict]:
+    """The folder as each source form -> ({form: data.train value}, {form: sample id ->
+    index of the image in the folder's scan order})."""
+    from fastcls.data.shards import iter_shard, open_shards
+    from fastcls.tools.convert import convert_wds
+    idx = scan_folder(str(folder))
+    lst = tmp / f"{folder.name}_list.txt"
+    lst.write_text("".join(f"{os.path.relpath(p, tmp)} {label}\n" for p, label in idx.samples))
+    (tmp / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(idx.classes)))
+    CLASS_FILES[str(lst)] = str(tmp / "classes.txt")
+    convert_wds(str(folder), str(tmp / "shards"), per_shard=per_shard, workers=1, progress=False)
+    shards = open_shards(str(tmp / "shards"))
+    pos = {str(Path(p).relative_to(folder).with_suffix("")): i for i, (p, _) in enumerate(idx.samples)}
+    keys = [s.name.split(":", 1)[1] for u in shards.urls for s in iter_shard(u, data=False)]
+    sid2id = np.array([pos[k] for k in keys])
+    n = len(shards.urls)
+    pattern = str(tmp / "shards" / f"{folder.name}-{{000000..{n - 1:06d}}}.tar")
+    paths = {"folder": str(folder), "list": str(lst), "shards": str(tmp / "shards"), "pipe": f"pipe:cat {pattern}"}
+    ids = {k: (np.arange(len(idx.samples)) if k in ("folder", "list") else sid2id) for k in paths}
+    return paths, ids
+
+
+def index_folder(root: Path, per_class=(16, 16, 16)) -> Path:
+    """Solid-colour PNGs whose colour encodes the image's index in scan order (R + 256 G):
+    crops and flips keep the colour, so a batch tells which images it holds."""
+    i = 0
+    for c, n in zip("abc", per_class):
+        (root / c).mkdir(parents=True)
+        for k in range(n):
+            arr = np.zeros((20 + k % 5, 24, 3), np.uint8)
+            arr[..., 0], arr[..., 1], arr[..., 2] = i % 256, i // 256, 77
+            Image.fromarray(arr).save(root / c / f"{k:02d}.png")
+            i += 1
+    return root
+
+
+def ids(x: torch.Tensor) -> list[int]:
+    rgb = unnormalize(x[:, :, 0, 0].reshape(-1, 3, 1, 1)).round().long().view(-1, 3)
+    return (rgb[:, 0] + 256 * rgb[:, 1]).tolist()
+
+
+@pytest.fixture(scope="module")
+def id_data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ids")
+    return forms(index_folder(tmp / "idx"), tmp)
+
+
+@pytest.fixture(scope="module")
+def photo_data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("photos")
+    return forms(photo_folder(tmp / "photos", per_class=4), tmp, per_shard=5)
+
+
+W, H = 240, 180  # the coordinate images: red = source x, green = source y, blue = 30 * file
+
+
+@pytest.fixture(scope="module")
+def ramp_data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ramps")
+    yy, xx = np.mgrid[0:H, 0:W]
+    (tmp / "ramps" / "a").mkdir(parents=True)
+    for k in range(8):
+        Image.fromarray(np.stack([xx, yy, np.full_like(xx, 30 * k)], -1).astype(np.uint8)).save(
+            tmp / "ramps" / "a" / f"{k}.png")
+    return forms(tmp / "ramps", tmp, per_shard=3)
+
+
+def close(*loaders):
+    for loader in loaders:
+        loader.close()
+
+
+# ---------------------------------------------------------------- contract, labels, order
+
+@pytest.mark.parametrize("source, path", CELLS)
+def test_contract_labels_rank_order_and_val_once(id_data, source, path):
+    paths, sid2id = id_data
+    p, to_id = paths[source], sid2id[source]
+    cfg = path_cfg(path, p, p, workers=2, wds={"shuffle_buffer": 10})
+    train = [build_loader(cfg, "train", CPU, rank=r, world_size=2) for r in range(2)]
+    assert [len(t) for t in train] == [6, 6] and train[0].dataset_size == 48
+    assert train[0].classes == ["a", "b", "c"]
+    check_contract(train[0])
+    seen = {}
+    for epoch in (1, 2):
+        per_rank = []
+        for r, loader in enumerate(train):
+            loader.set_epoch(epoch)
+            got, labels = [], []
+            for x, y in loader:
+                got += ids(x)
+                labels += y.tolist()
+            assert labels == [i // 16 for i in got]                       # labels follow classes
+            assert got == to_id[loader.order.ids(epoch)].tolist()          # the Source's order
+            per_rank.append(got)
+        assert not set(per_rank[0]) & set(per_rank[1])                    # disjoint ranks
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(48))       # the whole set
+        seen[epoch] = per_rank
+    assert seen[1] != seen[2]                                             # reshuffled
+    close(*train)
+    got = []
+    for r in range(2):
+        val = build_loader(cfg, "val", CPU, rank=r, world_size=2, classes=["a", "b", "c"])
+        batches = check_contract(val, list(val), batch=4) if r == 0 else list(val)
+        for x, y in batches:
+            assert y.tolist() == [i // 16 for i in ids(x)]
+            got += ids(x)
+        close(val)
+    assert sorted(got) == list(range(48)) and len(got) == 48              # each val image once
+
+
+# ---------------------------------------------------------------- seek, crops, sizes
+
+@pytest.mark.parametrize("source, path", CELLS)
+def test_mid_epoch_seek_repeats_the_epoch_bitwise(photo_data, source, path):
+    """Real photographs; a fresh loader (a resumed process) seeking to batch 3 yields the
+    uninterrupted epoch's batches bit for bit: same samples, crops and flips."""
+    p = photo_data[0][source]
+    cfg = path_cfg(path, p, workers=2, wds={"shuffle_buffer": 6})
+    loader = build_loader(cfg, "train", CPU)
+    loader.set_epoch(1)
+    full = [x for x, _ in loader]
+    assert len(full) == len(loader) == 6
+    fresh = build_loader(cfg, "train", CPU)
+    fresh.set_epoch(1, start_step=3)
+    tail = [x for x, _ in fresh]
+    assert len(tail) == 3 and all(torch.equal(a, b) for a, b in zip(full[3:], tail))
+    assert len(list(fresh)) == 6  # the seek applied to one iteration only
+    loader.set_epoch(2)
+    assert not torch.equal(next(iter(loader))[0], full[0])
+    close(loader, fresh)
+
+
+@pytest.mark.parametrize("source, path", CELLS)
+def test_every_crop_and_flip_is_train_crops(ramp_data, source, path):
+    """Each output is read back (coordinate-coded images: red = x, green = y) into its source
+    window and flip, and must be the box and flip `train_crop` draws for that sample from
+    sample_rng(seed, epoch, sample id): one draw, the same on every path."""
+    paths, sid2id = ramp_data
+    S = 48
+    cfg = path_cfg(path, paths[source], image_size=S, val_resize=S, batch_size=8, hflip=0.5, workers=2)
+    loader = build_loader(cfg, "train", CPU)
+    flips = []
+    for epoch in (4, 5):
+        loader.set_epoch(epoch)
+        (x, _), = list(loader)
+        pix = unnormalize(x).numpy().astype(np.float64)
+        i = np.arange(S) + 0.5
+        mid = slice(S // 4, 3 * S // 4)  # away from the borders, where filters clamp
+        for row, sid in enumerate(loader.order.batch(epoch, 0).tolist()):
+            assert abs(pix[row, 2].mean() - 30 * sid2id[source][sid]) < 2  # blue: the file
+            c = train_crop(W, H, sample_rng(0, epoch, sid), (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
+            sx, x0 = np.polyfit(i[mid], pix[row, 0].mean(0)[mid], 1)
+            sy, y0 = np.polyfit(i[mid], pix[row, 1].mean(1)[mid], 1)
+            assert (sx < 0) == c.flip
+            # the fitted ramp slope is within 1 px + 2% of the box: antialiased downscaling
+            # (PIL's and DALI's filters) bends the ramp near the window's edges
+            tol_w, tol_h = 1 + 0.02 * c.width, 1 + 0.02 * c.height
+            assert abs(abs(sx) * S - c.width) < tol_w and abs(sy * S - c.height) < tol_h, (sid, c, sx * S, sy * S)
+            assert abs(y0 - c.top) < 1.5 and abs((x0 + sx * S if c.flip else x0) - c.left) < 1.5
+            flips.append(c.flip)
+    assert 0 < sum(flips) < len(flips)  # both kinds were checked
+    close(loader)
+
+
+@pytest.mark.parametrize("source, path", CELLS)
+def test_progressive_and_validation_sizes(id_data, source, path):
+    """data.progressive per epoch inside persistent workers / DALI's one pipeline (an
+    input), kept by a mid-epoch seek; validation at data.val_image_size."""
+    p = id_data[0][source]
+    ramp = {"image_size": 32, "progressive": {"start_size": 16, "start_epoch": 0, "end_epoch": 3, "multiple": 8}}
+    cfg = path_cfg(path, p, p, val_image_size=40, val_resize=44, workers=2, **ramp)
+    train = build_loader(cfg, "train", CPU)
+    for epoch, size in enumerate([16, 24, 24, 32]):
+        train.set_epoch(epoch)
+        batches = list(train)
+        assert {tuple(x.shape) for x, _ in batches} == {(4, 3, size, size)}
+        train.set_epoch(epoch, start_step=2)
+        tail = list(train)
+        assert len(tail) == len(batches) - 2 and torch.equal(tail[0][0], batches[2][0])
+    val = build_loader(cfg, "val", CPU, classes=train.classes)
+    assert {tuple(x.shape[1:]) for x, _ in val} == {(3, 40, 40)}
+    if path == "dali":  # every size from the one pipeline (a seek builds one at that step)
+        assert train.builds == 1 + 4 and val.builds == 1
+    close(train, val)
+
+
+# ---------------------------------------------------------------- the broken-file zoo
+
+SHARD_ONLY_BAD = ["label9", "nocls"]  # tar members without a usable class
+
+
+@pytest.fixture(scope="module")
+def zoo_data(tmp_path_factory):
+    """The zoo (conftest.zoo_folder) as every source form; the shards hold it member for
+    member (written with webdataset's TarWriter: the converter would drop the bad files),
+    plus a member without .cls and one with a label out of range."""
+    import webdataset
+
+    from fastcls.data.shards import expand_urls, iter_shard, scan_shards
+    from fastcls.tools.shard_index import write_index
+    tmp = tmp_path_factory.mktemp("zoo")
+    root = zoo_folder(tmp / "zoo")
+    files = sorted((root / "a").iterdir())
+    (tmp / "zoo_list.txt").write_text("".join(f"zoo/a/{f.name} 0\n" for f in files))
+    (tmp / "s").mkdir()
+    members = [{"__key__": f.stem, "cls": b"0", f.suffix[1:]: f.read_bytes()} for f in files]
+    good = (root / "a" / "plain.jpg").read_bytes()
+    members += [{"__key__": "nocls", "jpg": good}, {"__key__": "label9", "cls": b"9", "jpg": good}]
+    for k, part in enumerate((members[:8], members[8:])):
+        with webdataset.TarWriter(str(tmp / "s" / f"zoo-{k:06d}.tar"), encoder=False) as w:
+            for m in part:
+                w.write(m)
+    pattern = str(tmp / "s" / "zoo-{000000..000001}.tar")
+    write_index(scan_shards(expand_urls(pattern), classes=["a"]), str(tmp / "s" / "zoo.shards.json"))
+    paths = {"folder": str(root), "list": str(tmp / "zoo_list.txt"), "shards": str(tmp / "s"),
+             "pipe": f"pipe:cat {pattern}"}
+    keys = [s.name.split(":", 1)[1] for u in expand_urls(pattern) for s in iter_shard(u, data=False)]
+    names = {"folder": [f.stem for f in files], "list": [f.stem for f in files], "shards": keys, "pipe": keys}
+    return paths, names, zoo_reference(root, 32, 36)
+
+
+def stems(bad_files) -> list[str]:
+    """The file stems / member keys in "name: reason" strings (path/x.jpg or shard.tar:key)."""
+    names = [b.split(": ", 1)[0] for b in bad_files]
+    return sorted(n.rsplit(":", 1)[1] if ".tar:" in n else Path(n).stem for n in names)
+
+
+@pytest.mark.parametrize("source, path", CELLS)
+def test_broken_file_zoo_counted_replaced_and_dropped(zoo_data, source, path):
+    """HTML/text/zero-byte/truncated/GIF files never reach a decoder (an HTML page crashed
+    DALI's C++ decoder) and are counted; CMYK, grayscale, progressive, 1x1, 16-bit PNGs,
+    RGBA and PNG-as-.jpg decode to the PIL path's pixels. Validation drops and names each
+    bad one; training fills every batch with replacements (a `pipe:` stream: from the batch)."""
+    paths, names, ref = zoo_data
+    bad = sorted(Path(n).stem for n in ZOO_BAD) + (SHARD_ONLY_BAD if source in ("shards", "pipe") else [])
+    cfg = path_cfg(path, paths[source], paths[source], max_bad_fraction=1.0, workers=2, hflip=0.0)
+    val = build_loader(cfg, "val", CPU, classes=["a"])
+    x = torch.cat([b for b, _ in val])
+    assert stems(val.bad_files) == sorted(bad)
+    assert x.shape == (len(ZOO_GOOD), 3, 32, 32)  # every decodable file, once
+    got = unnormalize(x).permute(0, 2, 3, 1).numpy()
+    good = {Path(n).stem: n for n in ZOO_GOOD}  # in the order of the Source's plan:
+    order = [good[k] for k in (names[source][sid] for sid in val.order.ids(0)) if k in good]
+    for i, n in enumerate(order):
+        diff = np.abs(got[i] - ref[n].astype(np.float32)).mean()
+        assert diff < 6.0, (n, diff)  # other resize filters, same image
+    train = build_loader(cfg, "train", CPU)
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        batches = [b for b, _ in train]
+        assert len(batches) == len(train) and all(b.shape == (4, 3, 32, 32) for b in batches)
+        assert train.bad_files and set(stems(train.bad_files)) <= set(bad)
+    strict = build_loader(path_cfg(path, paths[source], paths[source], max_bad_fraction=0.0), "val", CPU,
+                          classes=["a"])
+    with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*(gif|html|text|trunc|zero)"):
+        list(strict)
+    close(val, train, strict)
+
+
+# ---------------------------------------------------------------- what a path refuses
+
+def test_dali_refuses_a_stream(id_data):
+    pytest.importorskip("nvidia.dali")
+    with pytest.raises(DatasetError, match=r"data.backend=dali reads samples by position.*data.backend=native"):
+        build_loader(path_cfg("dali", id_data[0]["pipe"]), "train", CPU)
+
+
+@pytest.mark.parametrize("path", ["dali", "batched:nvimgcodec"])
+def test_missing_install_says_how_to_install(id_data, monkeypatch, path):
+    monkeypatch.setitem(sys.modules, "nvidia.dali" if path == "dali" else "nvidia.nvimgcodec", None)
+    message = (r"nvidia.dali is not installed; run: pip install 'fastcls\[dali\]'.*nvidia-dali-cuda130"
+               if path == "dali" else r"nvImageCodec is not installed; run: pip install 'fastcls\[nvimgcodec\]'")
+    with pytest.raises(DatasetError, match=message):
+        build_loader(path_cfg(path, id_data[0]["folder"]), "train", CPU)
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.mark.timeout(900)  # ~1.5 min each on an idle 2-core box
+@pytest.mark.parametrize("source, path, seed", [("list", "workers", 1), ("shards", "dali", 2)])
+def test_demo_trains_to_the_bar(demo_cache, tmp_path, source, path, seed):
+    """The demo recipe from another source form on another path reaches the folders' bar
+    (test_train.py trains it from folders on the PIL workers, seed 0)."""
+    if path == "dali":
+        pytest.importorskip("nvidia.dali")
+    demo = demo_cache / "demo-v1"
+    split = {name: forms(demo / name, tmp_path / name, per_shard=100)[0][source] for name in ("train", "val")}
+    out = tmp_path / "run"
+    backend = ["data.backend=dali"] if path == "dali" else [f"data.native_decode={path}"]
+    if split["train"] in CLASS_FILES:
+        backend.append(f"data.classes_file={CLASS_FILES[split['train']]}")
+    # One torch thread beside DALI's two: on 2 cores spinning OpenMP threads slow it down.
+    env = dict(run_env(demo_cache), OMP_NUM_THREADS="1") if path == "dali" else run_env(demo_cache)
+    proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/demo.yaml", f"train.out_dir={out}",
+                           f"data.train={split['train']}", f"data.val={split['val']}", f"train.seed={seed}",
+                           "train.progress=false", *backend],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and rows[-1]["val_images"] == 200
+    assert rows[-1]["val_top1"] > 80.0, rows[-1]  # the demo's bar (test_train.py)
+
+
+# ---------------------------------------------------------------- CUDA (gpu machines)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source, path", CELLS)
+def test_cuda_contract(id_data, source, path):
+    dev = torch.device("cuda")
+    p = id_data[0][source]
+    cfg = path_cfg(path, p, p, workers=2)
+    train = build_loader(cfg, "train", dev, dtype=torch.bfloat16)
+    check_contract(train, dtype=torch.bfloat16, device=dev, tol=0.02)  # bf16 rounding
+    val = build_loader(cfg, "val", dev, classes=train.classes)
+    assert sorted(i for x, _ in val for i in ids(x.float().cpu())) == list(range(48))
+    close(train, val)
+
+
+def test_matrix_covers_every_source_and_backend_path():
+    """A new Source or decode path must join the matrix (and a new backend its own file)."""
+    from fastcls.data import BUILDERS, SOURCES
+    assert {s.__name__ for s in SOURCES} == {"ShardSource", "FolderSource"}
+    assert set(BUILDERS) == {"native", "dali", "ffcv", "synthetic"}
+    assert {getattr(p, "values", [p])[0].split(":")[0] for p in PATHS} == {"workers", "batched", "dali"}
