@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         print(f"{name:20s} {n / med:12,.0f} img/s  {1000 * med:9.1f} ms/batch", flush=True)
     record = {"settings": {"batch_size": n, "image_size": s, "dtype": str(dtype), "device": str(dev),
                            "warmup": args.warmup, "repeats": args.repeats},
-              "machine": {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+              "machine": {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                          else platform.processor() or platform.machine(),
                           "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "python": platform.python_version()},
               "results": results}

@@ -31,11 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from fastcls.data.sample import train_crop  # noqa: E402
 from fastcls.data.base import MEAN, STD  # noqa: E402
 from fastcls.data.batched import ANTIALIAS_ABOVE  # noqa: E402
-from fastcls.kernels.resized_crop import (build_params, pack_images,  # noqa: E402
-                                          resized_crop_normalize, rrc_box)
+from fastcls.data.sample import train_crop  # noqa: E402
+from fastcls.kernels.resized_crop import build_params, pack_images, resized_crop_normalize, rrc_box  # noqa: E402
 
 
 def make_batch(n: int, lo: int, hi: int, device: torch.device, seed: int = 0):

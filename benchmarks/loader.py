@@ -29,10 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from common import dataset_info, machine_info, now_utc, versions, write_json  # noqa: E402
 from fastcls.config import BACKENDS, config_from_dict  # noqa: E402
 from fastcls.data import DatasetError, build_loader, check_backend, scan_folder  # noqa: E402
 from fastcls.tools.convert import convert_wds, ensure_beton  # noqa: E402
+
+from common import dataset_info, machine_info, now_utc, versions, write_json  # noqa: E402
 
 FFCV_MODES = ("jpg", "raw")  # .beton write modes measured for the ffcv backend
 from fastcls.dist import pick_device  # noqa: E402

@@ -2,13 +2,14 @@
 into the list/folder Source, and what the DataLoader workers forked from it copy over one
 full epoch. Prints a table and writes JSON.
 
-    python benchmarks/table_memory.py                    # 1,281,167 lines, 2 workers (minutes)
-    python benchmarks/table_memory.py --n 20000 --out /tmp/tm.json   # smoke (seconds)
+    python benchmarks/table_memory.py                     # 1,281,167 lines, 2 workers (minutes)
+    python benchmarks/table_memory.py --n 20000 --out /tmp/tm.json    # smoke (seconds)
 
-The data: --n hard links (os.link) to one tiny real JPEG (64x48) in 1,000 class folders
-`n%08d/n%08d_%d.JPEG` under --dir (default: a temp dir, deleted at the end unless --keep),
-and the list file with paths relative to it, so every line names a file that exists (the
-list reader lists each folder once).
+The data: --n hard links (os.link) to a tiny real JPEG (64x48; one copy per class, as ext4
+allows 65,000 links per file) in 1,000 class folders `n%08d/n%08d_%d.JPEG` under --dir
+(default: a temp dir, deleted at the end unless --keep), and the list file with paths
+relative to it, so every line names a file that exists (the list reader lists each folder
+once).
 
 Measured:
 - main process: `source.table.nbytes` (paths in one byte buffer + offsets + int64 labels),
@@ -50,9 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from common import device_name, machine_info, now_utc, versions, write_json  # noqa: E402
 from fastcls.config import config_from_dict  # noqa: E402
 from fastcls.data import build_loader  # noqa: E402
+
+from common import device_name, machine_info, now_utc, versions, write_json  # noqa: E402
 
 CLASSES = 1000
 MIB = 2**20
@@ -67,10 +69,11 @@ def tiny_jpeg() -> bytes:
 
 def make_data(root: Path, n: int) -> Path:
     """n hard links to one JPEG in CLASSES folders and the list file naming them."""
-    src = root / "image.jpg"
-    src.write_bytes(tiny_jpeg())
-    for c in range(CLASSES):
+    jpeg = tiny_jpeg()
+    (root / "src").mkdir(exist_ok=True)
+    for c in range(CLASSES):  # one source file per class: a file takes at most 65,000 links (ext4)
         (root / f"n{c:08d}").mkdir(exist_ok=True)
+        (root / "src" / f"{c}.jpg").write_bytes(jpeg)
     lst = root / "train_list.txt"
     with open(lst, "w") as f:
         lines = []
@@ -79,7 +82,7 @@ def make_data(root: Path, n: int) -> Path:
             rel = f"n{c:08d}/n{c:08d}_{i}.JPEG"
             dst = root / rel
             if not dst.exists():
-                os.link(src, dst)
+                os.link(root / "src" / f"{c}.jpg", dst)
             lines.append(f"{rel} {c}\n")
             if len(lines) == 65536:
                 f.write("".join(lines))

@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from common import dataset_info, device_name, machine_info, now_utc, versions, write_json  # noqa: E402
 from fastcls.config import ConfigError, load_config, resolve, to_dict  # noqa: E402
 from fastcls.data import DatasetError, build_loader, closing_loaders, dataset_paths  # noqa: E402
 from fastcls.dist import DistInfo, pick_device  # noqa: E402
@@ -45,6 +44,8 @@ from fastcls.loss import SmoothedCrossEntropy  # noqa: E402
 from fastcls.models import build_model  # noqa: E402
 from fastcls.optim import build_optimizer  # noqa: E402
 from fastcls.train import EpochContext, amp_setup, train_one_epoch  # noqa: E402
+
+from common import dataset_info, device_name, machine_info, now_utc, versions, write_json  # noqa: E402
 
 
 class Window:

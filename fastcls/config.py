@@ -7,7 +7,8 @@ default, range (`knob(..., gt=0)`, `ge`, `lt`, `le`, `ordered`) and help text, f
 docs/configuration.md's key table is generated (docs/config_table.py). Unknown keys, wrong
 types and values outside the field's choices or range raise `ConfigError` naming the file,
 the dotted key and what is valid (the generic machinery is fastcls/schema.py); `validate`
-adds only the rules that involve several fields. Batch-size-dependent values are written per reference batch (`optim.lr` is the LR for
+adds only the rules that involve several fields. Batch-size-dependent values are written per
+reference batch (`optim.lr` is the LR for
 `optim.base_batch` images) and scaled once, in `resolve()`, to the global batch.
 """
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .schema import ConfigError, build, check_fields, knob, parse_override, section
-
 
 # Names picked in YAML. Modules that implement them read these tuples (no second list).
 Backend = Literal["native", "synthetic", "dali", "ffcv"]

@@ -29,8 +29,7 @@ from .atomic import write_atomic, write_text_atomic
 from .config import resolve, to_dict
 from .data import DatasetError, build_loader, closing_loaders
 from .dist import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
-from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, InferenceError,
-                        load_checkpoint, Loaded)
+from .inference import USER_ERRORS, InferenceError, Loaded, build_inference_model, checkpoint_parser, load_checkpoint
 from .log import summary_line
 from .train import amp_setup, evaluate
 

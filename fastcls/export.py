@@ -31,8 +31,15 @@ import torch
 
 from .atomic import write_atomic, write_text_atomic
 from .data.base import val_image_size
-from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, InferenceError,
-                        is_override, load_checkpoint, preprocessing)
+from .inference import (
+    USER_ERRORS,
+    InferenceError,
+    build_inference_model,
+    checkpoint_parser,
+    is_override,
+    load_checkpoint,
+    preprocessing,
+)
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 ATOL, RTOL = 1e-4, 1e-3      # per logit: |export - eager| <= ATOL + RTOL * |eager|

@@ -21,7 +21,6 @@ that does not fit the weights, no EMA weights); config errors stay `ConfigError`
 from __future__ import annotations
 
 import argparse
-
 import copy
 import os
 import re
@@ -34,8 +33,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, apply_overrides, config_from_dict
-from .data.base import MEAN, STD
-from .data.base import val_image_size
+from .data.base import MEAN, STD, val_image_size
 from .finetune import STATE_KEYS, strip_prefixes, unwrap_state_dict
 from .models import build_model
 

@@ -32,13 +32,12 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .atomic import write_text_atomic
 from .data.base import Normalizer, val_image_size
 from .data.folder import IMAGE_EXTENSIONS
 from .data.workers import decode_val
-from .atomic import write_text_atomic
 from .dist import pick_device
-from .inference import (USER_ERRORS, build_inference_model, checkpoint_parser, is_override,
-                        load_checkpoint)
+from .inference import USER_ERRORS, build_inference_model, checkpoint_parser, is_override, load_checkpoint
 from .train import amp_setup
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")

@@ -1,7 +1,8 @@
 """What exact resume needs beyond the weights: where to continue, and every rank's RNG states.
 
 `resume_point` turns a checkpoint into the position to continue from (epoch, step of it,
-global step), remapped when the global batch changed (another world size). The data order and crops are functions of (seed, epoch, sample) and the loader seeks with
+global step), remapped when the global batch changed (another world size). The data order and
+crops are functions of (seed, epoch, sample) and the loader seeks with
 `set_epoch(epoch, start_step)`, so the loader's position is just (epoch, epoch_step).
 What still depends on history is the global RNGs (dropout, stochastic depth, anything that
 draws from torch's default generator, numpy's or Python's): they are captured per rank at

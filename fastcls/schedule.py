@@ -26,7 +26,6 @@ from typing import Callable
 from .config import SCHEDULES, ScheduleConfig
 
 
-
 def build_schedule(cfg: ScheduleConfig, peak_lr: float, steps_per_epoch: int,
                    epochs: int) -> Callable[[int], float]:
     total = steps_per_epoch * epochs

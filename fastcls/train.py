@@ -26,12 +26,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint as ckpt
 from . import finetune
 from .augment import build_augmenter, dominant_label
-from .diagnose import diagnose, train_acc_source
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
 from .data import DatasetError, build_loader, closing_loaders, dataset_paths, split_size
 from .data.base import train_image_size
-from .dist import (DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed,
-                   world_size_from_env)
+from .diagnose import diagnose, train_acc_source
+from .dist import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed, world_size_from_env
 from .ema import ModelEma
 from .guard import LossGuard, NonFiniteLoss
 from .log import RunLog

@@ -215,3 +215,22 @@ def photo_folder(root: Path, per_class: int = 20, seed: int = 0) -> Path:
             y, x = int(rng.integers(0, arr.shape[0] - h + 1)), int(rng.integers(0, arr.shape[1] - w + 1))
             Image.fromarray(arr[y:y + h, x:x + w]).save(d / f"{i:03d}.jpg", quality=90)
     return root
+
+
+def index_folder(root: Path, per_class=(16, 16, 16)) -> Path:
+    """Solid-colour PNGs whose colour encodes the image's index in scan order (R + 256 G):
+    crops and flips keep the colour, so a batch tells which images it holds."""
+    i = 0
+    for c, n in zip("abc", per_class):
+        (root / c).mkdir(parents=True)
+        for k in range(n):
+            arr = np.zeros((20 + k % 5, 24, 3), np.uint8)
+            arr[..., 0], arr[..., 1], arr[..., 2] = i % 256, i // 256, 77
+            Image.fromarray(arr).save(root / c / f"{k:02d}.png")
+            i += 1
+    return root
+
+
+def ids(x: torch.Tensor) -> list[int]:
+    rgb = unnormalize(x[:, :, 0, 0].reshape(-1, 3, 1, 1)).round().long().view(-1, 3)
+    return (rgb[:, 0] + 256 * rgb[:, 1]).tolist()

@@ -7,12 +7,13 @@ import pytest
 import torch
 from timm.data import Mixup
 
-from conftest import make_folder
 from fastcls import checkpoint
 from fastcls.augment import build_augmenter, dominant_label
 from fastcls.augment.mix import MixDraws, apply_mix, boxes_and_lam, expand_to_batch, mixup_cutmix
 from fastcls.config import load_config
 from fastcls.loss import SmoothedCrossEntropy
+
+from conftest import make_folder
 
 C = 7
 

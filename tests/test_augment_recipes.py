@@ -4,9 +4,10 @@ build the intended chain; augment config errors name the key."""
 import pytest
 import torch
 
-from conftest import ROOT
 from fastcls.augment import build_augmenter
 from fastcls.config import ConfigError, load_config
+
+from conftest import ROOT
 
 GUIDE = {  # recipe -> (augmentations it must turn on, guide test top-1)
     "baseline": ([], 77.31), "autoaugment": (["autoaugment"], 77.95), "mixup": (["mixup"], 78.28),
@@ -68,6 +69,7 @@ def test_augment_config_errors_name_the_key(override, msg):
 def test_augment_benchmark_smoke(tmp_path):
     import json
     import subprocess
+
     from conftest import PY, run_env
     out = tmp_path / "augment.json"
     proc = subprocess.run([PY, "benchmarks/augment.py", "--device", "cpu", "--batch-size", "4",

@@ -6,14 +6,14 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conftest import PY, ROOT, make_folder, run_env, write_odd_images
 from fastcls.config import load_config
 from fastcls.data import DatasetError, build_loader, read_exclude, scan_folder
 from fastcls.tools.check import check_file, check_paths
 
-import torch
+from conftest import PY, ROOT, make_folder, run_env, write_odd_images
 
 
 def _bad_set(root):

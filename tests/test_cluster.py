@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PY, ROOT, make_folder, run_env
 from fastcls import checkpoint as ckpt
+
+from conftest import PY, ROOT, make_folder, run_env
 
 EPOCHS = 8
 
@@ -170,6 +171,7 @@ def test_restart_scoped_store_hides_the_previous_attempts_keys():
     agent's store is invisible to attempt 1, visible to attempt 0; no scoping outside
     torchrun restarts, nor across nodes (there the agent must not share its store)."""
     from datetime import timedelta
+
     from fastcls.dist import restart_scoped_store
     server = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
     env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "1",

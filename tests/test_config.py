@@ -4,8 +4,9 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import PY, ROOT, run_env
 from fastcls.config import ConfigError, load_config, resolve, scaled_lr
+
+from conftest import PY, ROOT, run_env
 
 PIPES = ROOT / "pipelines"
 
@@ -221,10 +222,9 @@ def test_modules_read_their_choices_from_the_schema():
 
     from fastcls import config
     from fastcls.augment import erase, mix, policy
-    from fastcls.data import BUILDERS
-    from fastcls.data import ffcv_loader, native_batched
+    from fastcls.data import BUILDERS, batched, ffcv_loader
     assert tuple(BUILDERS) == config.BACKENDS == typing.get_args(config.Backend)
     assert mix.MIX_MODES is config.MIX_MODES and erase.FILL_MODES is config.FILL_MODES
     assert tuple(policy.POLICIES) == config.AUTOAUGMENT_POLICIES
-    assert set(native_batched.ANTIALIAS_ABOVE) == set(config.ANTIALIAS_MODES)
+    assert set(batched.ANTIALIAS_ABOVE) == set(config.ANTIALIAS_MODES)
     assert not hasattr(ffcv_loader, "ORDERS")  # data.ffcv.order's choices live on the field only

@@ -1,11 +1,11 @@
-"""The `dali` backend on the CPU (the real DALI graph, `device_id=None`): the data interface
-contract, sharding/epochs/seek against the native backend's sampler, crops against
-torchvision's RandomResizedCrop, validation against transforms.v2, bad files, the demo."""
+"""The `dali` backend on the CPU (the real DALI graph, `device_id=None`): fp16 output, crops
+against torchvision's RandomResizedCrop, validation against transforms.v2, bad files, one
+pipeline per loader, spawned source workers. Contract, order, seeks, the crops' equality to
+the other paths, the broken-file zoo and the demo are the matrix in test_data.py."""
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,62 +14,50 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import (BAD_NAMES, CPU, FOLDER_LABELS, PY, ROOT, bad_folder, bad_names,
-                      check_contract, loader_cfg, photo_folder, run_env, unnormalize)
 from fastcls.config import load_config
-from fastcls.data import DatasetError, build_loader
-from fastcls.data.sampler import ShardBatchSampler
+from fastcls.data import DatasetError, _spec, build_loader
+from fastcls.data.folder import FolderSource
+from fastcls.data.source import RankOrder
+
+from conftest import (
+    BAD_NAMES,
+    CPU,
+    FOLDER_LABELS,
+    PY,
+    ROOT,
+    bad_folder,
+    bad_names,
+    check_contract,
+    loader_cfg,
+    make_folder,
+    photo_folder,
+    run_env,
+    unnormalize,
+)
 
 pytest.importorskip("nvidia.dali", reason="DALI not installed: pip install 'fastcls[dali]'")
 from fastcls.data.dali import DaliSource, build_pipeline  # noqa: E402
-
 
 
 def make_cfg(train, val="", **data):
     return loader_cfg(train, val, **{"backend": "dali", "workers": 2, **data})
 
 
-# ---------------------------------------------------------------- contract
+def dali_source(path, split="train", batch_size=4, classes=None, **data) -> DaliSource:
+    """A DaliSource over a FolderSource of the folder or list file `path` (make_cfg + `data`)."""
+    spec = _spec(make_cfg(path, **data), split, str(path), CPU, batch_size, classes=classes)
+    source = FolderSource.open(spec)
+    assert isinstance(source, FolderSource)
+    return DaliSource(source, spec, base_epoch=0, first_step=0, known_bad={})
 
-def test_dali_contract(folder):
-    cfg = make_cfg(folder, folder)
-    loader = build_loader(cfg, "train", CPU)
-    assert type(loader).__name__ == "DaliLoader"
-    assert loader.classes == ["a", "b", "c"]
-    assert len(loader) == 18 // 4
-    for epoch in range(2):
-        loader.set_epoch(epoch)
-        for x, _ in check_contract(loader, tol=1e-4):
-            assert x.std() > 0.3
-    val = build_loader(cfg, "val", CPU, classes=loader.classes)
-    assert len(val) == 5  # 18 images: 4 full batches + 2 (the reader's padding dropped)
-    shapes = [tuple(x.shape) for x, _ in val]
-    assert shapes == [(4, 3, 32, 32)] * 4 + [(2, 3, 32, 32)]
-    labels = torch.cat([y for _, y in val])
-    assert labels.tolist() == FOLDER_LABELS  # folder order, every image once
 
+# ---------------------------------------------------------------- output
 
 def test_dali_fp16_output(folder):
     x, y = next(iter(build_loader(make_cfg(folder), "train", CPU, dtype=torch.float16)))
     assert x.dtype == torch.float16 and x.is_contiguous(memory_format=torch.channels_last)
     x, _ = next(iter(build_loader(make_cfg(folder), "train", CPU, dtype=torch.bfloat16)))
     assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_dali_labels_follow_folders(tmp_path):
-    # Each class folder holds images of one flat colour; the label must name the colour.
-    colors = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
-    for name, c in colors.items():
-        (tmp_path / name).mkdir()
-        for i in range(5):
-            Image.new("RGB", (50 + i, 40), c).save(tmp_path / name / f"{i}.jpg", quality=95)
-    loader = build_loader(make_cfg(tmp_path), "train", CPU)
-    seen = 0
-    for x, y in loader:
-        rgb = unnormalize(x).mean(dim=(2, 3))
-        assert rgb.argmax(1).tolist() == [[2, 1, 0][int(k)] for k in y]
-        seen += len(y)
-    assert seen == 12
 
 
 @pytest.mark.parametrize("size", [(200, 150), (150, 200)])
@@ -86,7 +74,7 @@ def test_dali_val_matches_torchvision_resize_center_crop(tmp_path, size):
     assert (ours - ref).abs().mean() < 1.5  # a 2 px shift of the crop gives ~5
 
 
-# ---------------------------------------------------------------- order, shards, epochs
+# ---------------------------------------------------------------- helpers
 
 def id_folder(root, n=48, classes=("a", "b", "c")):
     """n flat-colour JPEGs; sample k (in scan order) has colour _id_color(k)."""
@@ -102,66 +90,6 @@ def id_folder(root, n=48, classes=("a", "b", "c")):
 
 def _id_color(k):
     return (20 + 40 * (k % 6), 20 + 40 * ((k // 6) % 6), 20 + 40 * (k // 36))
-
-
-def identify(x: torch.Tensor) -> list[int]:
-    """Sample ids of a batch from its mean colour (flat images survive crops and flips)."""
-    rgb = unnormalize(x).mean(dim=(2, 3))
-    table = torch.tensor([_id_color(k) for k in range(216)], dtype=torch.float32)
-    d = torch.cdist(rgb, table)
-    assert (d.min(1).values < 8).all(), d.min(1).values
-    return d.argmin(1).tolist()
-
-
-def test_dali_order_equals_native_sampler_and_shards_partition(tmp_path):
-    root = id_folder(tmp_path / "d", n=48)
-    cfg = make_cfg(root, hflip=0.5)
-    loaders = [build_loader(cfg, "train", CPU, rank=r, world_size=2) for r in range(2)]
-    orders = {}
-    for epoch in range(3):
-        shards = []
-        for r, loader in enumerate(loaders):
-            loader.set_epoch(epoch)
-            ids = [i for x, _ in loader for i in identify(x)]
-            ref = ShardBatchSampler(48, 4, r, 2, train=True, seed=0)
-            ref.set_epoch(epoch)
-            assert ids == ref.indices().tolist()  # exactly native's order for this rank/epoch
-            assert len(ids) == len(loader) * 4 == 24
-            shards.append(ids)
-        assert not set(shards[0]) & set(shards[1])            # disjoint
-        assert sorted(shards[0] + shards[1]) == list(range(48))  # together: the whole set
-        orders[epoch] = shards[0]
-    assert orders[0] != orders[1] != orders[2]  # reshuffled every epoch
-
-
-def test_dali_val_two_ranks_each_image_once(tmp_path):
-    root = id_folder(tmp_path / "d", n=21)
-    cfg = make_cfg(root, root)
-    ids = []
-    for r in range(2):
-        val = build_loader(cfg, "val", CPU, rank=r, world_size=2, classes=["a", "b", "c"])
-        batches = list(val)
-        assert len(batches) == len(val)
-        ids += [i for x, _ in batches for i in identify(x)]
-    assert ids == list(range(21))
-
-
-def test_dali_set_epoch_start_step_seeks(tmp_path):
-    root = id_folder(tmp_path / "d", n=40)
-    loader = build_loader(make_cfg(root), "train", CPU)
-    loader.set_epoch(2)
-    full = [identify(x) for x, _ in loader]
-    loader.set_epoch(2, start_step=6)
-    tail = [identify(x) for x, _ in loader]
-    assert len(full) == len(loader) == 10 and tail == full[6:]
-    loader.set_epoch(2, start_step=10)
-    assert list(loader) == []
-    # Same epoch, same seed: the same crops; the seek applied to one iteration only.
-    loader.set_epoch(2)
-    a = [x for x, _ in loader]
-    b = [x for x, _ in loader]
-    for u, v in zip(a, b):
-        torch.testing.assert_close(u, v)
 
 
 # ---------------------------------------------------------------- crops vs torchvision
@@ -181,10 +109,12 @@ def _measure_crops(tmp_path, n, scale, ratio, hflip=0.0, W=240, H=180, S=48, see
     yy, xx = np.mgrid[0:H, 0:W]
     path = tmp_path / "ramp.png"
     Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)).save(path)
+    lst = tmp_path / "ramp.txt"  # the one image n times (a list file may repeat in training)
+    lst.write_text("ramp.png 0\n" * n)
     bs = 250
-    source = DaliSource([(str(path), 0)] * n, train=True, batch_size=bs, rank=0, world_size=1,
-                        seed=seed, scale=scale, ratio=ratio, hflip=hflip, image_size=S,
-                        val_resize=S, base_epoch=0, first_step=0, known_bad={})
+    source = dali_source(lst, batch_size=bs, hflip=hflip, image_size=S, val_resize=S,
+                         rrc={"scale": list(scale), "ratio": list(ratio)})
+    assert source.num_samples == n and len(source.order) == n // bs
     pipe = build_pipeline(source, batch_size=bs, num_threads=2, device_id=None, seed=seed,
                           py_workers=2, normalize=False)
     out = np.concatenate([np.array(pipe.run()[0].as_tensor()) for _ in range(n // bs)])
@@ -226,7 +156,7 @@ def test_dali_flip_probability(tmp_path):
     assert flipped.all()
 
 
-# ---------------------------------------------------------------- bad files
+# ---------------------------------------------------------------- bad files, config
 
 @pytest.mark.timeout(120)
 def test_dali_bad_files_stop_run_with_names(tmp_path):
@@ -238,32 +168,15 @@ def test_dali_bad_files_stop_run_with_names(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_dali_bad_files_replaced_in_train_dropped_in_val(tmp_path):
-    root = bad_folder(tmp_path)
-    cfg = make_cfg(root, root, max_bad_fraction=0.5, batch_size=23)
-    loader = build_loader(cfg, "train", CPU)
-    (x, y), = list(loader)
-    assert x.shape[0] == 23  # full batch: the failures were replaced by other samples
-    assert bad_names(loader.bad_files) == BAD_NAMES
-    loader.set_epoch(1)  # known now: replaced up front, still counted for the epoch
-    assert [x.shape[0] for x, _ in loader] == [23] and len(loader.bad_files) == 3
-    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5), "val", CPU, classes=["a", "b"])
-    labels = torch.cat([y for _, y in val])
-    assert len(labels) == 20 and bad_names(val.bad_files) == BAD_NAMES
-    assert labels.tolist() == [0] * 10 + [1] * 10
-
-
-@pytest.mark.timeout(120)
 def test_dali_bad_files_in_several_batches_all_counted(tmp_path):
     root = bad_folder(tmp_path)
     loader = build_loader(make_cfg(root, max_bad_fraction=0.5), "train", CPU)
-    ref = ShardBatchSampler(23, 4, 0, 1, train=True, seed=0)
+    ref = RankOrder(23, 4, 0, 1, train=True, seed=0)
     for epoch in range(2):
         loader.set_epoch(epoch)
-        ref.set_epoch(epoch)
         shapes = [tuple(x.shape) for x, _ in loader]
         assert shapes == [(4, 3, 32, 32)] * 5
-        used = {loader.samples[i][0].rsplit("/", 1)[1] for i in ref.indices()}
+        used = {loader.source.table.path(i).rsplit("/", 1)[1] for i in ref.ids(epoch)}
         expected = sorted(used & set(BAD_NAMES))
         assert expected and bad_names(loader.bad_files) == expected
 
@@ -298,30 +211,6 @@ def test_dali_check_exclude_gives_a_clean_run(tmp_path, capsys):
     assert rc == 2 and "undecodable files" in err and ".jpg" in err and "Traceback" not in err
 
 
-def test_dali_missing_says_how_to_install(folder, monkeypatch):
-    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if the wheel were not installed
-    with pytest.raises(DatasetError, match=r"nvidia.dali is not installed; run: pip install "
-                                           r"'fastcls\[dali\]'.*nvidia-dali-cuda130"):
-        build_loader(make_cfg(folder), "train", CPU)
-
-
-# ---------------------------------------------------------------- end to end
-
-@pytest.mark.timeout(900)  # ~1 min on an idle 2-core box; a shared, loaded one needs more
-def test_demo_with_dali_reaches_accuracy_bar(demo_cache, tmp_path):
-    out = tmp_path / "demo"
-    # One torch thread beside DALI's two: on 2 cores, 2 OpenMP threads that spin-wait while
-    # DALI decodes the next batch slow the step down many times over on a loaded machine.
-    env = dict(run_env(demo_cache), OMP_NUM_THREADS="1")
-    proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/demo.yaml", "data.backend=dali",
-                           f"train.out_dir={out}", "train.progress=false"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 30 and rows[-1]["val_images"] == 200
-    assert rows[-1]["val_top1"] > 80.0, rows[-1]
-
-
 def test_config_keys():
     cfg = load_config(str(ROOT / "pipelines" / "demo.yaml"),
                       ["data.backend=dali", "data.dali.hw_decoder_load=0.9",
@@ -337,13 +226,13 @@ def test_config_keys():
 # ---------------------------------------------------------------- GPU (unverified without one)
 
 @pytest.mark.parametrize("train", [True, False])
-def test_dali_gpu_graph_defines_without_cuda(train):
+def test_dali_gpu_graph_defines_without_cuda(tmp_path, train):
     """The GPU graph (decoders on "mixed", hw_decoder_load, paddings, fp16, images on the GPU)
     is defined here: DALI checks every op's arguments and device placement at definition, so
     a wrong name or a CPU op fed a GPU tensor fails on this CPU machine too."""
-    source = DaliSource([("x.jpg", 0), ("y.jpg", 1)], train=train, batch_size=2, rank=0,
-                        world_size=1, seed=1, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip=0.5,
-                        image_size=32, val_resize=36, base_epoch=0, first_step=0, known_bad={})
+    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=(1, 1))
+    source = dali_source(root, "train" if train else "val", batch_size=2, classes=["a", "b"],
+                         val_resize=36)
     pipe = build_pipeline(source, batch_size=2, num_threads=2, device_id=0, seed=1, py_workers=2,
                           hw_decoder_load=0.65, out_fp16=True, build=False)
     outs = getattr(pipe, "_graph_outputs", None)  # private; checked when this DALI has it
@@ -377,7 +266,7 @@ def test_dali_cuda_bad_file_named(tmp_path):
     assert x.shape[0] == 23 and bad_names(loader.bad_files) == BAD_NAMES
 
 
-# ---------------------------------------------------------------- one pipeline, exact crops, no crash
+# ---------------------------------------------------------------- one pipeline, spawned workers, no crash
 
 def test_dali_builds_one_pipeline_per_loader(tmp_path):
     """3 epochs of training and 3 evaluations: one build each (a build preallocates GBs of
@@ -405,61 +294,11 @@ def test_dali_builds_one_pipeline_per_loader(tmp_path):
     train.close()
 
 
-def test_dali_mid_epoch_seek_repeats_the_crops_bitwise(tmp_path):
-    """The windows and flips come from (seed, epoch, index): a resumed epoch's batches equal
-    the uninterrupted epoch's, pixel for pixel."""
-    root = photo_folder(tmp_path / "p", per_class=4)
-    loader = build_loader(make_cfg(root, hflip=0.5), "train", CPU)
-    loader.set_epoch(1)
-    full = [x for x, _ in loader]
-    fresh = build_loader(make_cfg(root, hflip=0.5), "train", CPU)  # a new process would
-    fresh.set_epoch(1, start_step=3)
-    tail = [x for x, _ in fresh]
-    assert len(tail) == len(full) - 3
-    for a, b in zip(full[3:], tail):
-        assert torch.equal(a, b)
-
-
-def test_dali_crops_are_the_native_backends_crops(tmp_path):
-    """Each training window DALI decodes is the box sample_rrc draws for that sample in the
-    native backends (same seed, epoch, index): read back from coordinate-coded images."""
-    from fastcls.data.crop import sample_rrc
-    W, H, S = 240, 180, 48
-    yy, xx = np.mgrid[0:H, 0:W]
-    (tmp_path / "a").mkdir()
-    for k in range(8):
-        Image.fromarray(np.stack([xx, yy, np.full_like(xx, 30 * k)], -1).astype(np.uint8)).save(
-            tmp_path / "a" / f"{k}.png")
-    cfg = make_cfg(tmp_path, image_size=S, val_resize=S, batch_size=8, hflip=0.5)
-    loader = build_loader(cfg, "train", CPU)
-    loader.set_epoch(5)
-    (x, _), = list(loader)
-    pix = unnormalize(x).numpy().astype(np.float64)           # N×3×S×S
-    i = np.arange(S) + 0.5
-    mid = slice(S // 4, 3 * S // 4)
-    ref = ShardBatchSampler(8, 8, 0, 1, train=True, seed=0)
-    ref.set_epoch(5)
-    for row, idx in enumerate(ref.indices().tolist()):
-        assert abs(pix[row, 2].mean() - 30 * idx) < 2            # blue identifies the file
-        rng = np.random.default_rng((0, 5, idx))
-        top, left, h, w = sample_rrc(W, H, (0.08, 1.0), (3 / 4, 4 / 3), rng)
-        flip = rng.random() < 0.5
-        sx, x0 = np.polyfit(i[mid], pix[row, 0].mean(0)[mid], 1)  # red = source x
-        sy, y0 = np.polyfit(i[mid], pix[row, 1].mean(1)[mid], 1)  # green = source y
-        assert (sx < 0) == flip
-        assert abs(abs(sx) * S - w) < 2 and abs(sy * S - h) < 2
-        assert abs(y0 - top) < 1.5 and abs((x0 + sx * S if flip else x0) - left) < 1.5
-
-
 def test_dali_spawned_workers_run_the_source(tmp_path):
     """On a GPU the Python workers must be spawned (DALI refuses to fork once CUDA is up):
     the source is pickled into them, which this checks on the CPU."""
     root = id_folder(tmp_path / "d", n=8)
-    from fastcls.data import folder
-    idx = folder.scan_folder(str(root))
-    source = DaliSource(idx.samples, train=True, batch_size=4, rank=0, world_size=1, seed=0,
-                        scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip=0.5, image_size=32,
-                        val_resize=32, base_epoch=0, first_step=0, known_bad={})
+    source = dali_source(root, batch_size=4, val_resize=32)
     pipe = build_pipeline(source, batch_size=4, num_threads=1, device_id=None, seed=0,
                           py_workers=1, py_start_method="spawn")
     images, labels, keep, bad = pipe.run()

@@ -27,10 +27,25 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (CPU, PY, ROOT, ZOO_BAD, ZOO_GOOD, check_contract, loader_cfg, photo_folder,
-                      run_env, unnormalize, zoo_folder, zoo_reference)
 from fastcls.data import DatasetError, build_loader, scan_folder
 from fastcls.data.sample import sample_rng, train_crop
+
+from conftest import (
+    CPU,
+    PY,
+    ROOT,
+    ZOO_BAD,
+    ZOO_GOOD,
+    check_contract,
+    ids,
+    index_folder,
+    loader_cfg,
+    photo_folder,
+    run_env,
+    unnormalize,
+    zoo_folder,
+    zoo_reference,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,25 +105,6 @@ def forms(folder: Path, tmp: Path, per_shard: int = 7) -> tuple[dict, dict]:
     paths = {"folder": str(folder), "list": str(lst), "shards": str(tmp / "shards"), "pipe": f"pipe:cat {pattern}"}
     ids = {k: (np.arange(len(idx.samples)) if k in ("folder", "list") else sid2id) for k in paths}
     return paths, ids
-
-
-def index_folder(root: Path, per_class=(16, 16, 16)) -> Path:
-    """Solid-colour PNGs whose colour encodes the image's index in scan order (R + 256 G):
-    crops and flips keep the colour, so a batch tells which images it holds."""
-    i = 0
-    for c, n in zip("abc", per_class):
-        (root / c).mkdir(parents=True)
-        for k in range(n):
-            arr = np.zeros((20 + k % 5, 24, 3), np.uint8)
-            arr[..., 0], arr[..., 1], arr[..., 2] = i % 256, i // 256, 77
-            Image.fromarray(arr).save(root / c / f"{k:02d}.png")
-            i += 1
-    return root
-
-
-def ids(x: torch.Tensor) -> list[int]:
-    rgb = unnormalize(x[:, :, 0, 0].reshape(-1, 3, 1, 1)).round().long().view(-1, 3)
-    return (rgb[:, 0] + 256 * rgb[:, 1]).tolist()
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@ import json
 
 import pytest
 
-from conftest import make_folder
 from fastcls.config import load_config
 from fastcls.diagnose import diagnose, mixing_active, train_acc_source
 from fastcls.train import main
+
+from conftest import make_folder
 
 
 def cfg(*overrides):

@@ -17,17 +17,17 @@ import torch.nn.functional as F
 import torchvision
 import yaml
 
-from conftest import CPU, PY, ROOT, loader_cfg, make_folder, run_env
 from fastcls import checkpoint as ckpt
 from fastcls.config import ConfigError, load_config, resolve
 from fastcls.data import build_loader
 from fastcls.data.base import train_image_size, val_image_size
-from fastcls.train import image_size_schedule
 from fastcls.dist import DistInfo
 from fastcls.ema import ModelEma
 from fastcls.models import BlurPoolConv2d, build_model
 from fastcls.schedule import build_schedule
-from fastcls.train import evaluate, main
+from fastcls.train import evaluate, image_size_schedule, main
+
+from conftest import CPU, PY, ROOT, loader_cfg, make_folder, run_env
 
 FAST = sorted((ROOT / "pipelines" / "fast").glob("*.yaml"))
 FFCV_ROWS = [p for p in FAST if p.stem.endswith("_epochs")]
@@ -119,34 +119,6 @@ _HAVE_DALI = __import__("importlib").util.find_spec("nvidia.dali") is not None
 
 
 _NEEDS_DALI = pytest.mark.skipif(not _HAVE_DALI, reason="no DALI")
-
-
-@pytest.mark.parametrize("path", ["workers", "batched", pytest.param("dali", marks=_NEEDS_DALI),
-                                  "shards:workers", "shards:batched",
-                                  pytest.param("shards:dali", marks=_NEEDS_DALI)])
-def test_native_loader_applies_the_epoch_size_in_its_workers(folder, tmp_path, path):
-    """The PIL workers (persistent across epochs) derive the size from each sample's
-    (index, epoch) key, the batched path's kernel resizes to the epoch's size, DALI's one
-    pipeline takes it as an input; validation crops are val_image_size; a mid-epoch seek
-    keeps the size. The same from tar shards of the folder on each path."""
-    if path.startswith("shards:"):
-        from fastcls.tools.convert import convert_wds
-        convert_wds(str(folder), str(tmp_path / "shards"), per_shard=7, workers=1, progress=False)
-        folder, path = tmp_path / "shards", path.split(":")[1]
-    kw = {"backend": "dali"} if path == "dali" else {"native_decode": path}
-    cfg = ramp_cfg(folder, folder, val_image_size=40, val_resize=44, workers=2, **kw)
-    train = build_loader(cfg, "train", CPU)
-    for epoch, size in enumerate([16, 24, 24, 32]):
-        train.set_epoch(epoch)
-        batches = list(train)
-        assert {tuple(x.shape) for x, _ in batches} == {(4, 3, size, size)}
-        train.set_epoch(epoch, start_step=2)
-        tail = list(train)
-        assert torch.equal(tail[0][0], batches[2][0])
-    val = build_loader(cfg, "val", CPU, classes=train.classes)
-    assert {tuple(x.shape[1:]) for x, _ in val} == {(3, 40, 40)}
-    if path == "dali":  # every size from the one pipeline (a seek builds one at that step)
-        assert train.builds == 1 + 4 and val.builds == 1
 
 
 def test_synthetic_loader_follows_the_epoch_size():
@@ -489,7 +461,8 @@ def test_ddp_trains_the_fast_features(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [*TORCHRUN, "-m", "fastcls.train", "pipelines/fast/demo.yaml", f"data.train={data}", f"data.val={data}",
-         "model.num_classes=3", "data.batch_size=2", "data.image_size=32", "data.progressive.start_size=16", "data.progressive.end_size=32",
+         "model.num_classes=3", "data.batch_size=2", "data.image_size=32", "data.progressive.start_size=16",
+         "data.progressive.end_size=32",
          "data.progressive.start_epoch=0", "data.progressive.end_epoch=1", "data.val_image_size=40",
          "data.val_resize=40", "data.workers=1", "train.epochs=2", f"train.out_dir={out}", "train.progress=false"],
         cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)

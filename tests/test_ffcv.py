@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from conftest import (CPU, FOLDER_LABELS, PY, ROOT, check_contract, loader_cfg, make_folder,
-                      run_env, write_image)
-from conftest import unnormalize as _unnormalize
 from fastcls.data import DatasetError, build_loader
+
+from conftest import CPU, FOLDER_LABELS, PY, ROOT, check_contract, loader_cfg, make_folder, run_env, write_image
+from conftest import unnormalize as _unnormalize
 
 if os.environ.get("FASTCLS_REQUIRE_FFCV") != "1":  # .ci/run sets it: there, missing is a failure
     pytest.importorskip("ffcv", reason="ffcv is not installed: it builds against system headers "
@@ -255,7 +255,7 @@ def test_start_step_and_order_exact(index_beton, nojit):
     assert len(full) == 19 // 4 and len({i for b in full for i in b}) == 16
     loader.set_epoch(3, start_step=3)
     assert [decoded_indices(x) for x, _ in loader] == full[3:]
-    assert sorted(loader.sampler.indices().tolist()) == sorted(i for b in full for i in b)
+    assert sorted(loader.order.ids(3).tolist()) == sorted(i for b in full for i in b)
 
 
 def test_quasi_random_order(index_beton, nojit):

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torchvision
 
-from conftest import PY, ROOT, make_folder, run_env
 from fastcls import checkpoint
 from fastcls.config import ConfigError, load_config
-from fastcls.finetune import (load_pretrained, lr_warning, set_backbone_frozen,
-                              suggested_finetune_lr)
+from fastcls.finetune import load_pretrained, lr_warning, set_backbone_frozen, suggested_finetune_lr
 from fastcls.models import build_model
 from fastcls.train import main
+
+from conftest import PY, ROOT, make_folder, run_env
 
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 

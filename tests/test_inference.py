@@ -16,13 +16,14 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import PY, ROOT, bad_folder, make_folder, run_env, write_odd_images
 from fastcls import checkpoint as ckpt
 from fastcls.config import load_config
 from fastcls.data import build_loader
-from fastcls.tools.demo import ensure_demo_dataset
 from fastcls.inference import build_inference_model, load_checkpoint
+from fastcls.tools.demo import ensure_demo_dataset
 from fastcls.train import main as train_main
+
+from conftest import PY, ROOT, bad_folder, make_folder, run_env, write_odd_images
 
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 CPU = torch.device("cpu")
@@ -275,7 +276,7 @@ def test_predict_equals_the_model_on_the_val_loader_and_reports_bad_files(tiny, 
     ref = {}
     # the demo's 10 class folders through the checkpoint's val transform (their labels unused)
     loader = build_loader(loaded.cfg, "val", CPU, path=val)
-    paths = [p for p, _ in loader.dataset.samples]
+    paths = [p for p, _ in loader.source.table.pairs()]
     with torch.no_grad():
         probs = torch.cat([model(x).softmax(1) for x, _ in loader])
     for p, pr in zip(paths, probs):

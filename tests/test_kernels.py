@@ -10,11 +10,25 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from fastcls.kernels.resized_crop import (
+    build_params,
+    pack_images,
+    resized_crop_normalize,
+    resized_crop_normalize_reference,
+    rrc_box,
+)
+
 from conftest import PY, ROOT, run_env
-from helpers.kernel_cases import (ANTIALIAS, IMAGENET_MEAN, IMAGENET_STD, RRC_CASES, VAL_CASES, make_image,
-                          rrc_batch, val_batch)
-from fastcls.kernels.resized_crop import (pack_images, resized_crop_normalize,
-                                          resized_crop_normalize_reference, rrc_box, build_params)
+from helpers.kernel_cases import (
+    ANTIALIAS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RRC_CASES,
+    VAL_CASES,
+    make_image,
+    rrc_batch,
+    val_batch,
+)
 
 HERE = Path(__file__).resolve().parent
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)

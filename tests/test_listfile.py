@@ -1,16 +1,16 @@
-"""PaddleClas list files (fastcls/data/listfile.py): the same index as the folder scan, every
-folder backend and both converters take one, bad lines are one error naming file and line,
-and the demo trains from list files."""
+"""PaddleClas list files (fastcls/data/folder.py): the same index as the folder scan, both
+converters and the checker take one, bad lines are one error naming file and line. (Every
+decode path reading a list, and the demo from list files: the matrix in test_data.py.)"""
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import CPU, FOLDER_LABELS, PY, ROOT, loader_cfg, run_env
-from fastcls.data import DatasetError, build_loader, scan_folder, split_size
-from fastcls.data.listfile import read_classes, read_list
+from fastcls.data import DatasetError, build_loader, scan_folder
+from fastcls.data.folder import read_classes, read_list
+
+from conftest import CPU, PY, ROOT, loader_cfg, run_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,22 +106,6 @@ def test_class_file_errors(tmp_path):
         read_list(str(tmp_path / "bin.txt"))
 
 
-@pytest.mark.parametrize("backend, decode", [("native", "workers"), ("native", "batched"), ("dali", "auto")])
-def test_every_folder_backend_reads_a_list(folder, backend, decode):
-    lst = write_list(folder, folder.parent / "val_list.txt", classes="names")
-    cfg = loader_cfg(lst, lst, backend=backend, native_decode=decode,
-                     classes_file=str(folder.parent / "classes.txt"))
-    train = build_loader(cfg, "train", CPU)
-    assert train.classes == ["a", "b", "c"] and len(train) == 18 // 4
-    val = build_loader(cfg, "val", CPU, classes=train.classes)
-    assert torch.cat([y for _, y in val]).tolist() == FOLDER_LABELS  # list order, each once
-    ref = build_loader(loader_cfg(folder, folder, backend=backend, native_decode=decode), "val", CPU,
-                       classes=train.classes)
-    for (x, _), (r, _) in zip(val, ref):
-        torch.testing.assert_close(x, r)  # the very same images
-    assert split_size(cfg) == 18
-
-
 def test_converters_and_check_take_a_list(folder, tmp_path):
     lst = write_list(folder, tmp_path / "train_list.txt", root=folder, classes="names")
     args = ["--root", str(folder), "--classes", str(tmp_path / "classes.txt"), "--no-progress"]
@@ -141,18 +125,3 @@ def test_converters_and_check_take_a_list(folder, tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "t.beton.json").read_text())
     assert meta["classes"] == ["a", "b", "c"] and meta["num_samples"] == 17 and len(meta["skipped"]) == 1
-
-
-def test_demo_trains_from_list_files_to_bar(demo_cache, tmp_path):
-    demo = demo_cache / "demo-v1"
-    for split in ("train", "val"):  # PaddleClas layout: lists at the root, paths below it
-        write_list(demo / split, tmp_path / f"{split}_list.txt", root=demo, classes="ids")
-    out = tmp_path / "run"
-    proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/demo.yaml", f"train.out_dir={out}",
-                           f"data.train={tmp_path}/train_list.txt", f"data.val={tmp_path}/val_list.txt",
-                           f"data.root={demo}", f"data.classes_file={tmp_path}/classes.txt"],
-                          cwd=ROOT, env=run_env(demo_cache), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 30 and rows[-1]["val_images"] == 200
-    assert rows[-1]["val_top1"] > 80.0, rows[-1]  # the demo's bar (test_train.py)

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from test_augment_nosync import SYNCING, OpLog
 
-from conftest import PY, ROOT, make_folder, run_env
 from fastcls import checkpoint as ckpt
 from fastcls.config import ConfigError, config_from_dict, load_config, resolve
 from fastcls.data import build_loader
@@ -23,7 +23,8 @@ from fastcls.log import RunLog
 from fastcls.optim import build_optimizer
 from fastcls.schedule import build_schedule
 from fastcls.train import EpochContext, main, train_one_epoch
-from test_augment_nosync import SYNCING, OpLog
+
+from conftest import PY, ROOT, make_folder, run_env
 
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 CPU = torch.device("cpu")

@@ -6,7 +6,6 @@ import torch.nn as nn
 from fastcls.config import ConfigError, load_config
 from fastcls.models import GUIDE_MODELS, MobileNetV1, build_model, classifier
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -2,8 +2,9 @@
 knob under study; docs/recipes.md maps every guide recipe."""
 import pytest
 
-from conftest import ROOT
 from fastcls.config import load_config, resolve, to_dict
+
+from conftest import ROOT
 
 PIPES = sorted((ROOT / "pipelines").rglob("*.yaml"))
 GUIDE = ROOT / "pipelines" / "guide"

@@ -8,12 +8,13 @@ import time
 import pytest
 import torch
 
-from conftest import PY, ROOT, make_folder, run_env
 from fastcls import checkpoint as ckpt
 from fastcls.config import config_from_dict
 from fastcls.data import build_loader
 from fastcls.dist import env_from_slurm, first_host
 from fastcls.train import main
+
+from conftest import PY, ROOT, make_folder, run_env
 
 CPU = torch.device("cpu")
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -190,10 +191,12 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path, device, so
 
 def test_resume_restores_rng_streams(tmp_path):
     """Dropout-style draws from torch's global RNG continue the same stream after resume."""
+    import random
+
+    import numpy as np
+
     from fastcls.dist import DistInfo
     from fastcls.resume import gather_rng_states, restore_rng_states
-    import random
-    import numpy as np
     info = DistInfo(0, 0, 1, CPU)
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     saved = gather_rng_states(info)

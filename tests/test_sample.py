@@ -11,8 +11,6 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import CPU, make_folder
-from conftest import loader_cfg as make_cfg
 from fastcls.config import config_from_dict
 from fastcls.data import DatasetError, build_loader, scan_folder
 from fastcls.data.base import MEAN, STD
@@ -21,6 +19,8 @@ from fastcls.data.source import RankOrder
 from fastcls.data.workers import decode_train, decode_val
 from fastcls.kernels.resized_crop import resize_center_crop_box
 
+from conftest import CPU, make_folder
+from conftest import loader_cfg as make_cfg
 
 # ---------------------------------------------------------------- the PIL path
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import PY, ROOT, make_folder, run_env
 from fastcls import checkpoint
 from fastcls.train import main
+
+from conftest import PY, ROOT, make_folder, run_env
 
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -51,6 +52,7 @@ def test_run_stops_its_workers_even_when_its_frames_are_kept(tmp_path, monkeypat
     in the garbage collector, missed their stop message and held the process's exit ~70 s.
     main() must stop them itself, whatever keeps the loaders alive."""
     import multiprocessing
+
     from fastcls.log import RunLog
     kept = []
     plot = RunLog.plot
@@ -188,6 +190,7 @@ def test_compiled_evaluation_pads_the_last_batch_instead_of_recompiling():
     """A compiled eval model sees one batch shape (the partial last batch is padded, its
     padding dropped) and gives the eager model's numbers."""
     import contextlib
+
     from fastcls.dist import DistInfo
     from fastcls.train import evaluate
     torch.manual_seed(0)

@@ -29,7 +29,6 @@ from ..config import MIX_MODES
 from ..loss import smooth_targets
 
 
-
 @dataclass
 class MixDraws:
     """Raw random draws for k independent mixing decisions (k = 1, N//2 or N by mode).

@@ -3,7 +3,8 @@ default on CUDA), over any Source.
 
 DataLoader workers read the batch's bytes from the Source (screened: only image signatures
 reach a decoder), read each image's size from its header and draw its crop and flip
-(fastcls.data.sample: the same boxes as every path), and hand over one buffer per batch. A background thread of the main process then, per batch:
+(fastcls.data.sample: the same boxes as every path), and hand over one buffer per batch.
+A background thread of the main process then, per batch:
 
 1. decodes the batch in one call (`data.decoder`): nvImageCodec when installed (on CUDA
    the hardware JPEG engines + CUDA decoder, on CPU its CPU-only backend), otherwise

@@ -117,8 +117,7 @@ class FFCVLoader(LoaderBase):
         self._threads = torch.get_num_threads()
 
         import_ffcv()  # a clear error when missing; keeps torch.get_num_threads()
-        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
-                                          RandomResizedCropRGBImageDecoder)
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 

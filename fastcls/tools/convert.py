@@ -35,14 +35,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
-
-import re
 
 import numpy as np
 from PIL import Image
@@ -253,7 +252,8 @@ def convert_wds(src: str, out_dir: str, *, shard_size: str = "1GB", per_shard: O
     from tqdm import tqdm
     from webdataset import TarWriter
 
-    from ..data.shards import FORMAT as WDS_FORMAT, INDEX_SUFFIX, split_name
+    from ..data.shards import FORMAT as WDS_FORMAT
+    from ..data.shards import INDEX_SUFFIX, split_name
     from .check import check_paths
 
     if per_shard is not None and per_shard <= 0:

@@ -1,5 +1,5 @@
 """Shared by the torchrun shard checks: the sample index a solid-colour test image encodes
-(R + 256 G, see test_ffcv.index_folder / test_wds.index_folder), read from normalized batches."""
+(R + 256 G, see test_ffcv.index_folder / test_shards.index_folder), read from normalized batches."""
 import torch
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3) * 255

@@ -6,9 +6,9 @@ them over gloo; rank 0 writes what every rank saw per epoch for the test to chec
 import sys
 
 from colour_ids import check_epochs
-from fastcls.config import config_from_dict
-
 from ffcv.pipeline.compiler import Compiler  # noqa: E402  (fast: no numba JIT in this check)
+
+from fastcls.config import config_from_dict
 
 Compiler.set_enabled(False)
 

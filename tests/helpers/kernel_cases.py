@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcls.kernels.resized_crop import (build_params, pack_images, resize_center_crop_box,
-                                          rrc_box)
+from fastcls.kernels.resized_crop import build_params, pack_images, resize_center_crop_box, rrc_box
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)

@@ -9,11 +9,9 @@ import sys
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
+from kernel_cases import ANTIALIAS, IMAGENET_MEAN, IMAGENET_STD, RRC_CASES, VAL_CASES, rrc_batch, val_batch  # noqa: E402
 
-from kernel_cases import (ANTIALIAS, IMAGENET_MEAN, IMAGENET_STD, RRC_CASES, VAL_CASES,  # noqa: E402
-                          rrc_batch, val_batch)
-from fastcls.kernels.resized_crop import (resized_crop_normalize_reference,  # noqa: E402
-                                          resized_crop_normalize_triton)
+from fastcls.kernels.resized_crop import resized_crop_normalize_reference, resized_crop_normalize_triton  # noqa: E402
 
 failures = 0
 

@@ -11,14 +11,14 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from conftest import (BAD_NAMES, CPU, FOLDER_LABELS, bad_folder, bad_names, check_contract,
-                      loader_cfg, make_folder, write_image)
 from fastcls.config import ConfigError
 from fastcls.data import DatasetError, build_loader
 from fastcls.data.base import MEAN, STD
-from fastcls.data.native import NativeLoader
-from fastcls.data.native_batched import BatchedNativeLoader
+from fastcls.data.batched import BatchedLoader
+from fastcls.data.workers import WorkersLoader
 from fastcls.train import main
+
+from conftest import CPU, bad_folder, loader_cfg, make_folder, write_image
 
 try:
     import nvidia.nvimgcodec  # noqa: F401
@@ -52,12 +52,12 @@ def smooth_folder(root, n=6, fmt="PNG"):
     return root
 
 
-# ---------------------------------------------------------------- selection and contract
+# ---------------------------------------------------------------- selection
 
 def test_native_decode_knob_selects_the_path(folder):
-    assert isinstance(build_loader(make_cfg(folder, native_decode="auto"), "train", CPU), NativeLoader)
-    assert isinstance(build_loader(make_cfg(folder, native_decode="workers"), "train", CPU), NativeLoader)
-    assert isinstance(build_loader(make_cfg(folder), "train", CPU), BatchedNativeLoader)
+    assert isinstance(build_loader(make_cfg(folder, native_decode="auto"), "train", CPU), WorkersLoader)
+    assert isinstance(build_loader(make_cfg(folder, native_decode="workers"), "train", CPU), WorkersLoader)
+    assert isinstance(build_loader(make_cfg(folder), "train", CPU), BatchedLoader)
     with pytest.raises(ConfigError, match="data.native_decode: unknown name 'gpu'; valid choices: auto, workers, batched"):
         make_cfg(folder, native_decode="gpu")
     with pytest.raises(ConfigError, match="data.antialias"):
@@ -75,40 +75,6 @@ def test_nvimgcodec_missing_says_how_to_install(folder):
 
 
 @DECODER
-@pytest.mark.parametrize("workers,dtype", [(0, torch.float32), (2, torch.bfloat16)])
-def test_batched_contract(folder, workers, dtype, decoder):
-    cfg = make_cfg(folder, folder, workers=workers, decoder=decoder)
-    loader = build_loader(cfg, "train", CPU, dtype=dtype)
-    assert loader.classes == ["a", "b", "c"] and len(loader) == 18 // 4
-    batches = check_contract(loader, dtype=dtype, tol=0.02)
-    seen = [k for _, y in batches for k in y.tolist()]
-    assert loader.bad_files == [] and len(seen) == 16
-    val = build_loader(cfg, "val", CPU, dtype=dtype, classes=loader.classes)
-    labels = torch.cat([y for _, y in val])
-    assert labels.tolist() == FOLDER_LABELS  # folder order, every image once
-
-
-def test_train_crops_match_pil_workers_path(tmp_path):
-    """Same seed -> same boxes and flips as the PIL path; pixels agree up to the
-    resampling filter (PNG: identical decoded pixels; PIL's box resize vs torch's)."""
-    root = smooth_folder(tmp_path / "d")
-    ours = build_loader(make_cfg(root, batch_size=3, antialias="on"), "train", CPU)
-    pil = build_loader(make_cfg(root, batch_size=3, native_decode="workers"), "train", CPU)
-    for epoch in (0, 1):
-        ours.set_epoch(epoch)
-        pil.set_epoch(epoch)
-        for (x, y), (xp, yp) in zip(ours, pil, strict=True):
-            assert torch.equal(y, yp)
-            diff = ((x - xp) * S).abs()  # back to 0..255 units
-            assert diff.mean() < 1.0, diff.mean()  # a wrong box/flip gives tens
-    # and a different epoch really draws different crops
-    ours.set_epoch(0)
-    a = next(iter(ours))[0]
-    ours.set_epoch(1)
-    assert not torch.allclose(a, next(iter(ours))[0])
-
-
-@DECODER
 def test_val_matches_torchvision_resize_center_crop(tmp_path, decoder):
     root = smooth_folder(tmp_path / "v", fmt="JPEG")
     val = build_loader(make_cfg(root, root, antialias="on", batch_size=5, decoder=decoder), "val", CPU,
@@ -116,7 +82,7 @@ def test_val_matches_torchvision_resize_center_crop(tmp_path, decoder):
     assert val.decoder == decoder
     x = torch.cat([b for b, _ in val])
     tf = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32)])
-    for i, (path, _) in enumerate(val.samples):
+    for i, (path, _) in enumerate(val.source.table.pairs()):
         img = decode_jpeg(torch.frombuffer(bytearray(open(path, "rb").read()), dtype=torch.uint8),
                           mode=ImageReadMode.RGB)
         ref = (tf(img.float()) - M) / S
@@ -140,7 +106,8 @@ def test_grayscale_cmyk_png_tiny_decode_as_rgb(tmp_path, decoder):
     rng = np.random.default_rng(0)
     write_image(tmp_path / "a" / "gray.jpg", rng, mode="L")
     smooth_folder(tmp_path.parent / (tmp_path.name + "_s"), n=1, fmt="PNG")
-    Image.open(tmp_path.parent / (tmp_path.name + "_s") / "a" / "00.png").convert("CMYK").save(tmp_path / "a" / "cmyk.jpg", quality=95)
+    smooth = tmp_path.parent / (tmp_path.name + "_s") / "a" / "00.png"
+    Image.open(smooth).convert("CMYK").save(tmp_path / "a" / "cmyk.jpg", quality=95)
     write_image(tmp_path / "a" / "png_named.jpg", rng, fmt="PNG")
     write_image(tmp_path / "a" / "tiny.jpg", rng, size=(1, 1))
     write_image(tmp_path / "a" / "z.bmp", rng, fmt="BMP")
@@ -160,7 +127,7 @@ def test_grayscale_cmyk_png_tiny_decode_as_rgb(tmp_path, decoder):
 def test_truncation_check_keeps_valid_jpegs(tmp_path):
     """Truncated JPEGs are caught before decode (GPU decoders may not refuse them); valid
     baseline/progressive JPEGs, with or without bytes after the end marker, pass."""
-    from fastcls.data.screen import jpeg_truncated
+    from fastcls.data.sample import jpeg_truncated
     arr = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
     for progressive in (False, True):
         Image.fromarray(arr).save(tmp_path / "x.jpg", quality=90, progressive=progressive)
@@ -176,40 +143,7 @@ def test_truncation_check_keeps_valid_jpegs(tmp_path):
     assert sum(y.shape[0] for _, y in val) == 1 and "cut.jpg: truncated JPEG" in val.bad_files[0]
 
 
-@DECODER
-def test_bad_files_counted_and_replaced_in_train(tmp_path, decoder):
-    root = bad_folder(tmp_path)
-    loader = build_loader(make_cfg(root, max_bad_fraction=0.5, batch_size=23, decoder=decoder), "train", CPU)
-    (x, y), = list(loader)
-    assert x.shape[0] == 23 and torch.isfinite(x).all()
-    assert bad_names(loader.bad_files) == BAD_NAMES
-
-
-@DECODER
-def test_bad_files_dropped_in_eval_and_limit(tmp_path, decoder):
-    root = bad_folder(tmp_path)
-    val = build_loader(make_cfg(root, root, max_bad_fraction=0.5, decoder=decoder), "val", CPU, classes=["a", "b"])
-    assert sum(y.shape[0] for _, y in val) == 20 and len(val.bad_files) == 3
-    strict = build_loader(make_cfg(root, root, max_bad_fraction=0.0), "val", CPU, classes=["a", "b"])
-    with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*(zero|text|trunc)\.jpg"):
-        list(strict)
-
-
-# ---------------------------------------------------------------- resume, training
-
-def test_set_epoch_start_step_yields_the_epoch_tail(folder):
-    loader = build_loader(make_cfg(folder, batch_size=3), "train", CPU)
-    loader.set_epoch(2)
-    full = list(loader)
-    loader.set_epoch(2, start_step=3)
-    tail = list(loader)
-    assert len(loader) == 6 and len(tail) == 3
-    for (a, ya), (b, yb) in zip(full[3:], tail, strict=True):
-        assert torch.equal(ya, yb) and torch.equal(a, b)
-    assert len(list(loader)) == 6  # the offset applies to one iteration only
-    with pytest.raises(ValueError, match="start_step"):
-        loader.set_epoch(0, start_step=7)
-
+# ---------------------------------------------------------------- training
 
 def test_trainer_runs_on_batched_path(tmp_path):
     data = make_folder(tmp_path / "data")
@@ -259,22 +193,24 @@ def test_cuda_bad_and_odd_files(tmp_path, decoder):
 # ---------------------------------------------------------------- one buffer per batch, staging thread
 
 FD_SCRIPT = r"""
-import resource, sys
+import os, resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
 import torch
 from fastcls.config import config_from_dict
 from fastcls.data.base import LoaderSpec
-from fastcls.data.folder import scan_folder, FolderIndex
-from fastcls.data.native_batched import BatchedNativeLoader
+from fastcls.data.batched import BatchedLoader
+from fastcls.data.folder import FolderIndex, FolderSource, Table, scan_folder
 root = sys.argv[1]
 idx = scan_folder(root)
-idx = FolderIndex(idx.root, idx.classes, idx.samples * 40, [])  # 2,560 samples
+rels = [os.path.relpath(p, idx.root) for p, _ in idx.table.pairs()]
+labels = idx.table.labels.tolist()
+idx = FolderIndex(idx.root, idx.classes, Table(idx.root, rels * 40, labels * 40), [])  # 2,560 samples
 data = config_from_dict({"model": {"name": "resnet_tiny"}, "data": {
     "batch_size": 256, "image_size": 8, "workers": 2, "native_decode": "batched",
     "decoder": "torchvision"}}).data
 spec = LoaderSpec(split="train", path=root, data=data, batch_size=256, device=torch.device("cpu"),
                   dtype=torch.float32, rank=0, world_size=1, seed=0, num_classes=1)
-loader = BatchedNativeLoader(idx, spec)
+loader = BatchedLoader(FolderSource(idx, spec), spec)
 loader.set_epoch(0)
 n = 0
 for batch in loader.loader:  # the workers' batches as they cross to this process
@@ -292,6 +228,7 @@ def test_batches_cross_from_workers_in_one_buffer_under_ulimit_1024(tmp_path):
     """Batch 256, 2 workers, 10 batches under RLIMIT_NOFILE 1024: a tensor per image (each
     through its own file descriptor) failed here with 'Too many open files'."""
     import subprocess
+
     from conftest import PY, run_env
     rng = np.random.default_rng(0)
     for i in range(64):
@@ -304,6 +241,7 @@ def test_batches_cross_from_workers_in_one_buffer_under_ulimit_1024(tmp_path):
 
 def test_staging_thread_runs_ahead_of_a_slow_consumer():
     import time
+
     from fastcls.data.base import staged
     staged_at = []
 

@@ -1,8 +1,8 @@
 """Tar shards (fastcls/data/shards.py, `convert --to wds`): the layout read back by webdataset's
-own reader, the epoch plan's sharding, the loader against the folder backend (same images
-per epoch, each val image once), exact resume without replay, pipe: URLs, bad members,
-torchrun over gloo, and the demo trained from shards."""
-import gc
+own reader, the epoch plan's sharding, resume without replay, the ShardSource's streamed and
+positional reads, pipe: URLs, path forms and the index tool, members without a usable
+label, broken shards, torchrun over gloo. Per decode path (contract, order, seek, zoo, demo):
+the matrix in test_data.py."""
 import io
 import json
 import subprocess
@@ -11,49 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import (CPU, PY, ROOT, check_contract, loader_cfg, run_env, unnormalize,
-                      write_odd_images)
-from fastcls.data import DatasetError, build_loader, split_size
-from fastcls.data import wds
+from fastcls.data import DatasetError, _spec, build_loader, split_size
+from fastcls.data import shards as shards_mod
+from fastcls.data.shards import ShardPlan, ShardSource, expand_urls, iter_shard, open_shards, scan_shards
 from fastcls.tools.convert import convert_wds, parse_size
-from fastcls.data.wds import ShardPlan, open_shards
+from fastcls.tools.shard_index import write_index
+
+from conftest import CPU, PY, ROOT, ids, index_folder, loader_cfg, run_env, write_odd_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 N = 48  # index_folder's images: 2 ranks x batch 4 x 6 steps, nothing dropped
 
 
-def index_folder(root: Path, per_class=(16, 16, 16)) -> Path:
-    """Solid-colour PNGs whose colour encodes the sample index in scan order (R + 256 G):
-    crops and flips keep the colour, so a batch tells which images it holds."""
-    i = 0
-    for c, n in zip("abc", per_class):
-        (root / c).mkdir(parents=True)
-        for k in range(n):
-            arr = np.zeros((20 + k % 5, 24, 3), np.uint8)
-            arr[..., 0], arr[..., 1], arr[..., 2] = i % 256, i // 256, 77
-            Image.fromarray(arr).save(root / c / f"{k:02d}.png")
-            i += 1
-    return root
-
-
-def ids(x: torch.Tensor) -> list[int]:
-    rgb = unnormalize(x[:, :, 0, 0].reshape(-1, 3, 1, 1)).round().long().view(-1, 3)
-    return (rgb[:, 0] + 256 * rgb[:, 1]).tolist()
-
-
 def epoch_ids(loader, epoch, start=0) -> list[int]:
     loader.set_epoch(epoch, start)
     return [i for x, _ in loader for i in ids(x)]
-
-
-def free(*loaders):
-    """Shut DataLoader workers down now (not at exit, which a worker outlives by 30 s)."""
-    del loaders
-    gc.collect()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +64,7 @@ def test_layout_read_back_by_webdataset(data):
                 f.seek(off)
                 name = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape").name
                 assert name.endswith(".cls")  # TarWriter writes cls before png
-    mine = [s.key.split(":")[1] for u in urls for s in wds.iter_shard(u)]
+    mine = [s.name.split(":")[1] for u in urls for s in iter_shard(u)]
     assert mine == [s["__key__"] for s in got]
 
 
@@ -175,139 +150,52 @@ def test_plan_shuffle_order_and_buffer_bound():
                           np.arange(200))
 
 
-# ---------------------------------------------------------------- the loader
+# ---------------------------------------------------------------- reading
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_contract_and_same_images_per_epoch_as_folder(data, workers):
-    folder, shards = data
-    per_epoch = {}
-    for src in (folder, shards):
-        cfg = loader_cfg(src, src, workers=workers, **({"wds": {"shuffle_buffer": 10}} if src == shards else {}))
-        loaders = [build_loader(cfg, "train", CPU, rank=r, world_size=2) for r in range(2)]
-        assert [len(x) for x in loaders] == [6, 6] and loaders[0].dataset_size == N
-        check_contract(loaders[0])
-        for epoch in (1, 2):
-            per_rank = [epoch_ids(x, epoch) for x in loaders]
-            assert not set(per_rank[0]) & set(per_rank[1])  # disjoint ranks
-            per_epoch[(str(src), epoch)] = per_rank
-        free(*loaders)
-    for epoch in (1, 2):  # every image once per epoch, on both backends
-        a = sum(per_epoch[(str(shards), epoch)], [])
-        assert sorted(a) == sorted(sum(per_epoch[(str(folder), epoch)], [])) == list(range(N))
-    assert per_epoch[(str(shards), 1)] != per_epoch[(str(shards), 2)]  # reshuffled
-    cfg = loader_cfg(shards, workers=workers, wds={"shuffle_buffer": 10})
-    again = build_loader(cfg, "train", CPU, rank=1, world_size=2)
-    assert epoch_ids(again, 2) == per_epoch[(str(shards), 2)][1]  # reproducible per (seed, epoch)
-    free(again)
-
-
-def test_labels_and_val_each_image_once(data):
+def test_resume_does_not_replay(data, monkeypatch):
+    """A seek to batch k reads the remaining batches' samples plus at most one shuffle buffer
+    (that the resumed batches equal the uninterrupted ones is the matrix's seek test)."""
     _, shards = data
-    cfg = loader_cfg(shards, shards)
-    seen = []
-    for r in range(2):
-        val = build_loader(cfg, "val", CPU, rank=r, world_size=2, classes=["a", "b", "c"])
-        for x, y in val:
-            for i, label in zip(ids(x), y.tolist()):
-                assert label == i // 16  # index_folder: 16 images per class, in class order
-                seen.append(i)
-    assert sorted(seen) == list(range(N))
-
-
-# The three decode paths over shards: the PIL workers, the batched path (batch decode + the
-# fused kernel) with each decoder, and DALI (read by position in its Python workers).
-PATHS = ["workers", "batched:torchvision",
-         pytest.param("batched:nvimgcodec", marks=pytest.mark.skipif(
-             __import__("importlib").util.find_spec("nvidia.nvimgcodec") is None, reason="no nvImageCodec")),
-         pytest.param("dali", marks=pytest.mark.skipif(
-             __import__("importlib").util.find_spec("nvidia.dali") is None, reason="no DALI"))]
-
-
-def path_cfg(path: str, train, val="", **data):
-    if path == "dali":
-        return loader_cfg(train, val, backend="dali", **data)
-    decode, *decoder = path.split(":")
-    return loader_cfg(train, val, native_decode=decode, **({"decoder": decoder[0]} if decoder else {}), **data)
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_every_decode_path_reads_the_plans_samples(data, path):
-    """Batched and DALI read shards in the PIL-worker path's order (the same plan for the same
-    data.workers): the same images per rank and epoch; validation scores each image once; a
-    mid-epoch seek continues with the uninterrupted epoch's batches, bit for bit."""
-    _, shards = data
-    kw = dict(workers=2, wds={"shuffle_buffer": 10})
-    ref = [build_loader(path_cfg("workers", shards, **kw), "train", CPU, rank=r, world_size=2)
-           for r in range(2)]
-    got = [build_loader(path_cfg(path, shards, **kw), "train", CPU, rank=r, world_size=2)
-           for r in range(2)]
-    check_contract(got[0])
-    for epoch in (1, 2):
-        for r in range(2):
-            assert epoch_ids(got[r], epoch) == epoch_ids(ref[r], epoch)
-    free(*ref)
-    seen = []
-    for r in range(2):
-        val = build_loader(path_cfg(path, shards, shards, **kw), "val", CPU, rank=r, world_size=2,
-                           classes=["a", "b", "c"])
-        for x, y in val:
-            for i, label in zip(ids(x), y.tolist()):
-                assert label == i // 16
-                seen.append(i)
-        free(val)
-    assert sorted(seen) == list(range(N))
-    got[0].set_epoch(3)
-    full = [x for x, _ in got[0]]
-    got[0].set_epoch(3, 4)
-    rest = [x for x, _ in got[0]]
-    assert len(rest) == len(full) - 4 and all(torch.equal(u, v) for u, v in zip(rest, full[4:]))
-    free(*got)
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact_and_does_not_replay(data, workers, monkeypatch):
-    _, shards = data
-    cfg = loader_cfg(shards, workers=workers, batch_size=2, wds={"shuffle_buffer": 5})
+    cfg = loader_cfg(shards, workers=0, batch_size=2, wds={"shuffle_buffer": 5})
     loader = build_loader(cfg, "train", CPU)
     loader.set_epoch(3)
-    full = [x for x, _ in loader]
+    full = len(list(loader))
     for k in (1, 7, 23):
-        if workers == 0:  # count the samples read from the shards
-            read = []
-            orig = wds.iter_shard
-            monkeypatch.setattr(wds, "iter_shard", lambda *a, **kw: (read.append(1) or s for s in orig(*a, **kw)))
+        read = []  # the samples read from the shards
+        orig = shards_mod.iter_shard
+        monkeypatch.setattr(shards_mod, "iter_shard",
+                            lambda *a, **kw: (read.append(1) or s for s in orig(*a, **kw)))
         loader.set_epoch(3, k)
-        rest = [x for x, _ in loader]
-        assert len(rest) == len(full) - k
-        for u, v in zip(rest, full[k:]):
-            assert torch.equal(u, v)  # same images, same crops
-        if workers == 0:
-            assert len(read) <= (len(full) - k) * 2 + 5, (k, len(read))  # remaining + one buffer
-            monkeypatch.undo()
-    free(loader)
+        assert len(list(loader)) == full - k
+        assert len(read) <= (full - k) * 2 + 5, (k, len(read))  # remaining + one buffer
+        monkeypatch.undo()
 
 
-def test_reader_api_streams_and_random_access_agree(data, monkeypatch):
-    """The worker-side API other decode paths build on: the bytes of any batch, streamed or
-    by seeks, are the plan's samples, and streaming opens each shard once per stream."""
+def test_source_streams_and_reads_by_position_agree(data, monkeypatch):
+    """The ShardSource every decode path reads: any batch streamed (`read_batch`) holds the
+    plan's samples, the same as read one by one by position (`read`), and streaming opens
+    each shard once per stream."""
     _, shards = data
-    s = open_shards(str(shards))
-    plan = ShardPlan(s.counts, 4, 1, 2, train=True, seed=5, streams=2, shuffle_buffer=6)
-    reader, other = wds.ShardReader(s, plan), wds.ShardReader(s, plan)
-    opened, orig = [], wds._open
-    monkeypatch.setattr(wds, "_open", lambda url: opened.append(url) or orig(url))
-    batches = {g: reader.read_batch(2, g) for g in (1, 3, 5)}  # stream 1, in order
+    cfg = loader_cfg(shards, workers=2, wds={"shuffle_buffer": 6})
+    spec = _spec(cfg, "train", str(shards), CPU, 4, rank=1, world_size=2)
+    source, other = ShardSource(open_shards(str(shards)), spec), ShardSource(open_shards(str(shards)), spec)
+    plan = source.order
+    assert source.random_access and plan.streams == 2 and len(plan) == 6
+    opened, orig = [], shards_mod._open
+    monkeypatch.setattr(shards_mod, "_open", lambda url: opened.append(url) or orig(url))
+    batches = {g: source.read_batch(2, g) for g in (1, 3, 5)}  # stream 1, in order
     runs = list(plan.runs(2, plan.stream_starts[1], plan.stream_starts[1] + plan.stream_sizes[1]))
-    assert opened == [s.urls[k] for k, _, _ in runs] and len(set(opened)) == len(opened)  # once each
+    urls = source.shards.urls
+    assert opened == [urls[k] for k, _, _ in runs] and len(set(opened)) == len(opened)  # once each
     monkeypatch.undo()
-    batches.update({g: reader.read_batch(2, g) for g in (0, 2, 4)})  # then stream 0
+    batches.update({g: source.read_batch(2, g) for g in (0, 2, 4)})  # then stream 0
     for g, got in batches.items():
-        sh, mem = plan.batch_positions(2, g)
-        assert [r.sid for r in got] == (s.starts[sh] + mem).tolist()
-        assert got == other.read_positions(sh, mem)  # by seeks: the same samples
+        assert [r.sid for r in got] == plan.batch(2, g).tolist()
+        assert got == [other.read(sid) for sid in plan.batch(2, g)]  # by seeks: the same samples
     assert len({r.sid for b in batches.values() for r in b}) == 24
-    assert all(r.error is None for b in batches.values() for r in b)
-    assert wds.sample_rng(0, 2, 7).random() == np.random.default_rng((0, 2, 7)).random()
+    assert all(r.error is None and r.name.startswith("train-0000") for b in batches.values() for r in b)
+    with pytest.raises(IndexError):
+        source.read_batch(2, 6)
 
 
 def test_pipe_urls_read_the_same(data):
@@ -319,7 +207,8 @@ def test_pipe_urls_read_the_same(data):
     for e, k in ((0, 0), (1, 5)):  # from the start and resumed (pipes cannot seek: skip by reading)
         assert epoch_ids(piped, e, k) == epoch_ids(local, e, k)
     index = build_loader(loader_cfg(f"pipe:cat {shards}/train.shards.json"), "train", CPU)
-    assert index.dataset_size == N and index.shards.urls[0] == f"pipe:cat {shards}/train-000000.tar"
+    assert index.dataset_size == N and index.source.shards.urls[0] == f"pipe:cat {shards}/train-000000.tar"
+    assert not index.source.random_access and local.source.random_access
     assert epoch_ids(index, 2) == epoch_ids(build_loader(loader_cfg(shards), "train", CPU), 2)
     with pytest.raises(DatasetError, match="no shard index .* python -m fastcls.tools.shard_index"):
         open_shards(f"pipe:cat {shards}/nope-{{0..1}}.tar")
@@ -339,11 +228,13 @@ def test_path_forms_subsets_and_scanning(data, tmp_path):
     scanned = open_shards(str(bare))  # no index: headers counted
     assert scanned.index == "" and scanned.num_samples == N and scanned.classes == ["0", "1", "2"]
     assert [list(o) for o in scanned.offsets] == [list(o) for o in open_shards(str(shards)).offsets]
-    r = subprocess.run([PY, "-m", "fastcls.data.wds", "index", f"pipe:cat {bare}/train-{{000000..000006}}.tar",
-                        str(bare / "train.shards.json")], env=run_env(), capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and "7 shards, 48 samples, 3 classes" in r.stdout, r.stderr
-    assert open_shards(str(bare)).counts.tolist() == [7] * 6 + [6]
+    for cmd in (["fastcls.tools.shard_index"], ["fastcls.data.wds", "index"]):  # the old spelling too
+        (bare / "train.shards.json").unlink(missing_ok=True)
+        r = subprocess.run([PY, "-m", *cmd, f"pipe:cat {bare}/train-{{000000..000006}}.tar",
+                            str(bare / "train.shards.json")], env=run_env(), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and "7 shards, 48 samples, 3 classes" in r.stdout, (cmd, r.stderr)
+        assert open_shards(str(bare)).counts.tolist() == [7] * 6 + [6]
     cfg = loader_cfg(shards)
     assert split_size(cfg) == N
     with pytest.raises(DatasetError, match="does not exist"):
@@ -351,7 +242,7 @@ def test_path_forms_subsets_and_scanning(data, tmp_path):
     with pytest.raises(DatasetError, match="data.exclude applies to folders and list files"):
         build_loader(loader_cfg(shards, exclude=str(tmp_path / "x.txt")), "train", CPU)
     batched = build_loader(loader_cfg(shards, native_decode="batched"), "train", CPU)
-    assert type(batched).__name__ == "BatchedShardLoader"  # shards on the batched path too
+    assert type(batched).__name__ == "BatchedLoader" and isinstance(batched.source, ShardSource)
 
 
 def _write_shard(path: Path, samples) -> None:
@@ -361,50 +252,29 @@ def _write_shard(path: Path, samples) -> None:
             w.write(s)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_bad_members_counted_replaced_and_dropped(tmp_path, path):
-    """The broken-file zoo inside a shard: zero-byte, HTML-as-.jpg, truncated JPEG, a GIF as
-    .jpg (PIL reads it; screened out as on folders), no .cls, a label out of range; odd but
-    good: grayscale, CMYK, PNG named .jpg, 1x1. On every decode path (no non-image reaches
-    the batched path's or DALI's decoder)."""
+def test_members_without_a_usable_label_are_counted_bad_samples(tmp_path):
+    """A sample with no .cls member or a label outside the index's classes is a bad sample,
+    named `shard.tar:key`: replaced (counted) in training, dropped (counted) in validation."""
     rng = np.random.default_rng(0)
-    odd = tmp_path / "odd"
-    write_odd_images([odd] * 4, rng)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (60, 60, 3), dtype=np.uint8)).save(buf, "JPEG")
     good = buf.getvalue()
-    Image.fromarray(rng.integers(0, 256, (60, 60, 3), dtype=np.uint8)).save(buf := io.BytesIO(), "GIF")
-    gif = buf.getvalue()
     samples = [{"__key__": f"g{i}", "cls": b"%d" % (i % 2), "jpg": good} for i in range(8)]
-    samples += [{"__key__": p.stem, "cls": b"1", "jpg": p.read_bytes()} for p in sorted(odd.glob("*.jpg"))]
-    bad = [{"__key__": "zero", "cls": b"0", "jpg": b""},
-           {"__key__": "html", "cls": b"0", "jpg": b"<html><body>not found</body></html>"},
-           {"__key__": "trunc", "cls": b"1", "jpg": good[: len(good) // 3]},
-           {"__key__": "nocls", "jpg": good},
-           {"__key__": "label9", "cls": b"9", "jpg": good},
-           {"__key__": "gif", "cls": b"1", "jpg": gif}]
-    _write_shard(tmp_path / "s-000000.tar", samples[:6] + bad[:3])
-    _write_shard(tmp_path / "s-000001.tar", samples[6:] + bad[3:])
+    _write_shard(tmp_path / "s-000000.tar", samples[:4] + [{"__key__": "nocls", "jpg": good}])
+    _write_shard(tmp_path / "s-000001.tar", samples[4:] + [{"__key__": "label9", "cls": b"9", "jpg": good}])
     pattern = str(tmp_path / "s-{000000..000001}.tar")
-    wds.write_index(wds.scan_shards(wds._expand(pattern), classes=["0", "1"]),
-                    str(tmp_path / "s.shards.json"))  # two classes: label 9 is out of range
-    if path == "dali":  # DALI reads by position: local shards with offsets in their index
-        wds.write_index(wds.scan_shards(wds._expand(pattern), classes=["0", "1"]),
-                        str(tmp_path / "s.shards.json"))
-    cfg = path_cfg(path, pattern, pattern, batch_size=18, max_bad_fraction=0.5, hflip=0.0)
+    write_index(scan_shards(expand_urls(pattern), classes=["0", "1"]),
+                str(tmp_path / "s.shards.json"))  # two classes: label 9 is out of range
+    cfg = loader_cfg(pattern, pattern, native_decode="workers", batch_size=10, max_bad_fraction=0.5)
     train = build_loader(cfg, "train", CPU)
     (x, y), = list(train)
-    assert x.shape[0] == 18 and train.classes == ["0", "1"]  # full batch: replaced
-    if path == "workers":  # named by member key; the other paths by position (shard.tar:#k)
-        assert sorted(b.split(":")[1] for b in train.bad_files) == ["gif", "html", "label9", "nocls",
-                                                                      "trunc", "zero"]
-    assert len(train.bad_files) == 6 and any("no .cls member" in b for b in train.bad_files)
-    assert any("not an image file" in b for b in train.bad_files)  # the GIF, screened
+    assert x.shape[0] == 10 and train.classes == ["0", "1"] and set(y.tolist()) <= {0, 1}  # replaced
+    assert {b.split(": ")[0] for b in train.bad_files} == {"s-000000.tar:nocls", "s-000001.tar:label9"}
+    assert "s-000000.tar:nocls: no .cls member" in train.bad_files
+    assert any(b.startswith("s-000001.tar:label9: .cls b'9' is not a class index in 0..1")
+               for b in train.bad_files), train.bad_files
     val = build_loader(cfg, "val", CPU, classes=["0", "1"])
-    assert sum(len(y) for _, y in val) == 12 and len(val.bad_files) == 6  # dropped, counted
-    strict = build_loader(path_cfg(path, pattern, pattern, max_bad_fraction=0.0), "val", CPU, classes=["0", "1"])
-    with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*s-00000[01].tar:"):
-        list(strict)
+    assert sum(len(y) for _, y in val) == 8 and len(val.bad_files) == 2  # dropped, counted
 
 
 def test_broken_and_stale_shards_are_one_line_errors(data, tmp_path):
@@ -440,7 +310,7 @@ def test_print_config_counts_shards(data):
     assert "train_images: 48" in r.stdout and "steps_per_epoch: 12" in r.stdout
 
 
-# ---------------------------------------------------------------- torchrun, demo
+# ---------------------------------------------------------------- torchrun
 
 def test_torchrun_two_ranks_disjoint_and_val_once(data, tmp_path):
     _, shards = data
@@ -458,33 +328,3 @@ def test_torchrun_two_ranks_disjoint_and_val_once(data, tmp_path):
     assert a["train0"] != a["train1"]
     assert sorted(a["val"] + b["val"]) == list(range(N))  # each val image scored once
     assert a["resumed"] == a["train1"][4 * 2:]  # set_epoch(1, 2) continues exactly
-
-
-def test_demo_trains_from_shards_to_bar(demo_cache, tmp_path):
-    demo = demo_cache / "demo-v1"
-    for split in ("train", "val"):
-        r = subprocess.run([PY, "-m", "fastcls.tools.convert", "--to", "wds", str(demo / split),
-                            str(tmp_path / split), "--shard-size", "200KB", "--no-progress"],
-                           env=run_env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-    out = tmp_path / "run"
-    proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/demo.yaml", f"train.out_dir={out}",
-                           f"data.train={tmp_path}/train/train.shards.json",  # the index
-                           f"data.val={tmp_path}/val"],                       # a folder of shards
-                          cwd=ROOT, env=run_env(demo_cache), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 30 and rows[-1]["val_images"] == 200
-    assert rows[-1]["val_top1"] > 80.0, rows[-1]  # the demo's bar (test_train.py)
-
-
-@pytest.mark.gpu
-def test_shards_cuda_contract(data):
-    _, shards = data
-    dev = torch.device("cuda")
-    cfg = loader_cfg(shards, shards, workers=2)
-    loader = build_loader(cfg, "train", dev, dtype=torch.bfloat16)  # auto: the PIL workers
-    check_contract(loader, dtype=torch.bfloat16, device=dev, tol=0.02)
-    val = build_loader(cfg, "val", dev, classes=loader.classes)
-    assert sum(y.shape[0] for _, y in val) == N
-    free(loader, val)
