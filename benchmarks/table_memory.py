@@ -23,7 +23,7 @@ Measured:
   its own copy of it, so this is an upper bound on what the worker copied;
 - for comparison, the layout before the table: a Python list of (absolute path, label)
   tuples of the same lines (tracemalloc), which forked workers copy page by page as they
-  touch the reference counts (pytorch issue 13246).
+  touch the reference counts (pytorch/pytorch#13246).
 
 The JSON goes to benchmarks/results/memory/ (not benchmarks/results/: table.py renders the
 loader/train results there and refuses other shapes).
@@ -44,6 +44,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -118,6 +119,26 @@ def smaps(pid: int) -> dict[str, int]:
     return out
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def table_pages(pid: int, arrays) -> dict[str, int]:
+    """Pages of the table's arrays in process `pid` (the same addresses in a forked child):
+    how many are resident and how many exclusively mapped (/proc/PID/pagemap bit 56), i.e.
+    a copy of its own: a page still shared with the parent is not exclusive."""
+    total = present = exclusive = 0
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        for a in arrays:
+            first, last = a.ctypes.data // PAGE, (a.ctypes.data + a.nbytes - 1) // PAGE
+            f.seek(first * 8)
+            v = np.frombuffer(f.read((last - first + 1) * 8), np.uint64)
+            total += len(v)
+            on = (v >> np.uint64(63)) & np.uint64(1) == 1
+            present += int(on.sum())
+            exclusive += int((on & ((v >> np.uint64(56)) & np.uint64(1) == 1)).sum())
+    return {"table_pages": total, "table_pages_resident": present, "table_pages_exclusive": exclusive}
+
+
 def workers_of(it) -> list[int]:
     """The DataLoader iterator's worker pids, found among this process's children."""
     want = {w.pid for w in getattr(it, "_workers", [])}
@@ -125,7 +146,7 @@ def workers_of(it) -> list[int]:
     return [p for p in kids if p in want] if want else kids
 
 
-def measure_table(lst: Path, workers: int) -> dict:
+def measure_table(lst: Path, workers: int, freeze: bool = False) -> dict:
     cfg = config_from_dict({"model": {"name": "resnet_tiny", "num_classes": CLASSES},
                             "data": {"train": str(lst), "val": str(lst), "batch_size": 256,
                                      "image_size": 32, "workers": workers,
@@ -149,20 +170,31 @@ def measure_table(lst: Path, workers: int) -> dict:
             "rss_delta_trimmed": None if trimmed is None else trimmed - before,
             "peak_rss": peak, "build_s": round(build_s, 2)}
 
+    arrays = (source.table.blob, source.table.offsets, source.table.labels)
+
+    def snap(pids):
+        return {p: smaps(p) | table_pages(p, arrays) for p in pids}
+
     loader.set_epoch(0)
+    if freeze:  # the objects made so far leave the cyclic GC's reach: its passes write no page of them
+        gc.collect()
+        gc.freeze()
     it = iter(loader.loader)  # the BatchedLoader's DataLoader: byte workers only, no decode here
     pids = workers_of(it)
-    at_fork = {p: smaps(p) for p in pids}
+    at_fork = snap(pids)
     t0 = time.perf_counter()
     next(it)
-    first = {p: smaps(p) for p in pids}
+    first = snap(pids)
     batches = 1
     last = first
     for _ in it:
         batches += 1
         if batches == len(loader):  # the last batch is in: read before the workers stop
-            last = {p: smaps(p) for p in pids}
+            last = snap(pids)
+            main_pages = table_pages(os.getpid(), arrays)
     epoch_s = time.perf_counter() - t0
+    if freeze:
+        gc.unfreeze()
     loader.close()
     per_worker = []
     for p in pids:
@@ -172,10 +204,13 @@ def measure_table(lst: Path, workers: int) -> dict:
             row[f"private_dirty_kb_{name}"] = s.get("Private_Dirty")
             row[f"pss_kb_{name}"] = s.get("Pss")
             row[f"rss_kb_{name}"] = s.get("Rss")
+            row[f"table_pages_exclusive_{name}"] = s.get("table_pages_exclusive")
+        row["table_pages"] = last[p]["table_pages"]
         row["private_dirty_growth_kb"] = row["private_dirty_kb_end"] - row["private_dirty_kb_first_batch"]
         per_worker.append(row)
     epoch = {"batches": batches, "images": batches * 256, "seconds": round(epoch_s, 1),
              "img_per_s": round(batches * 256 / epoch_s, 0)}
+    main["table_pages_exclusive_at_epoch_end"] = main_pages["table_pages_exclusive"]
     return {"table": table, "main": main, "workers": per_worker, "epoch": epoch}
 
 
@@ -208,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the batched path")
     p.add_argument("--dir", default="", help="work dir for the links and the list (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (a rerun reuses its links)")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="gc.freeze() before the workers fork (what the growth is without the GC's writes)")
     p.add_argument("--no-tuples", action="store_true", help="skip the list-of-tuples comparison")
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/memory/"
                                               "table_memory-<machine>.json)")
@@ -220,7 +257,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         lst = make_data(work, args.n)
         make_s = time.perf_counter() - t0
-        r = measure_table(lst, args.workers)
+        r = measure_table(lst, args.workers, args.gc_freeze)
         r["tuples"] = None if args.no_tuples else measure_tuples(lst)
     finally:
         if not args.keep:
@@ -235,12 +272,14 @@ def main(argv=None) -> int:
     print(f"main RSS: {m['rss_before'] / MIB:.0f} MiB before, {m['rss_after_build'] / MIB:.0f} MiB "
           f"after building the loader ({m['build_s']:.1f} s){trim}; peak {m['peak_rss'] / MIB:.0f} MiB")
     print(f"epoch: {e['batches']:,} batches in {e['seconds']:.0f} s ({e['img_per_s']:,.0f} img/s)")
-    print("| worker | Private_Dirty at fork | after batch 1 | at epoch end | growth over the epoch |")
-    print("|---|---|---|---|---|")
+    print(f"| worker | Private_Dirty at fork | after batch 1 | at epoch end | growth over the epoch | "
+          f"table pages copied at the end{' (gc.freeze)' if args.gc_freeze else ''} |")
+    print("|---|---|---|---|---|---|")
     for i, w in enumerate(r["workers"]):
         print(f"| {i} | {w['private_dirty_kb_at_fork'] / 1024:.1f} MiB | "
               f"{w['private_dirty_kb_first_batch'] / 1024:.1f} MiB | {w['private_dirty_kb_end'] / 1024:.1f} MiB | "
-              f"{w['private_dirty_growth_kb'] / 1024:+.1f} MiB |")
+              f"{w['private_dirty_growth_kb'] / 1024:+.1f} MiB | "
+              f"{w['table_pages_exclusive_end']:,} of {w['table_pages']:,} |")
     if r["tuples"]:
         tu = r["tuples"]
         print(f"old layout, list of (path, label) tuples: {tu['tracemalloc_bytes'] / MIB:.0f} MiB "
@@ -251,10 +290,11 @@ def main(argv=None) -> int:
               "versions": versions(),
               "settings": {"n": args.n, "classes": CLASSES, "workers": args.workers, "batch_size": 256,
                            "image_size": 32, "native_decode": "batched", "decoder": "torchvision",
-                           "image": "64x48 JPEG, hard-linked", "make_data_s": round(make_s, 1)},
+                           "image": "64x48 JPEG, hard-linked", "make_data_s": round(make_s, 1),
+                           "gc_freeze": args.gc_freeze},
               **r}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "memory" / \
-        f"table_memory-{machine_slug()}.json"
+        f"table_memory-{machine_slug()}{'-gc-freeze' if args.gc_freeze else ''}.json"
     write_json(out, result)
     print(f"wrote {out}")
     return 0

@@ -151,6 +151,7 @@ def test_hung_file_read_times_out_instead_of_hanging(tmp_path):
     t = time.perf_counter()
     with pytest.raises(DatasetError, match=r"data.timeout=2 s"):
         next(iter(loader))
+    loader.close()  # its worker, stuck in open(), is terminated now, not at exit
     assert time.perf_counter() - t < 60
     cfg = config_from_dict({"model": {"name": "resnet_tiny"}, "data": {"batch_size": 2}})
     assert cfg.data.timeout == 600.0

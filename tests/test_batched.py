@@ -298,6 +298,7 @@ def test_staging_thread_stops_on_early_exit():
 @DECODER
 def test_batched_loader_early_exit_leaves_no_thread_or_worker(tmp_path, decoder):
     import multiprocessing
+    others = set(multiprocessing.active_children())  # another test's, if any: not this loader's
     root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=(10, 10))
     loader = build_loader(make_cfg(root, workers=2, batch_size=2, decoder=decoder), "train", CPU)
     it = iter(loader)
@@ -308,10 +309,10 @@ def test_batched_loader_early_exit_leaves_no_thread_or_worker(tmp_path, decoder)
     assert x.shape == (2, 3, 32, 32)
     keep = [loader]  # held, as a stored traceback can hold a run's frames: only close() helps
     loader.close()
-    assert multiprocessing.active_children() == []  # joined by close(), not left to gc
+    assert set(multiprocessing.active_children()) <= others  # joined by close(), not left to gc
     assert len(list(keep[0])) == len(loader)  # iterating again starts the workers again
     loader.close()
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= others
 
 
 @DECODER

@@ -91,6 +91,7 @@ def forms(folder: Path, tmp: Path, per_shard: int = 7) -> tuple[dict, dict]:
     from fastcls.data.shards import iter_shard, open_shards
     from fastcls.tools.convert import convert_wds
     idx = scan_folder(str(folder))
+    tmp.mkdir(parents=True, exist_ok=True)
     lst = tmp / f"{folder.name}_list.txt"
     lst.write_text("".join(f"{os.path.relpath(p, tmp)} {label}\n" for p, label in idx.samples))
     (tmp / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(idx.classes)))

@@ -18,7 +18,7 @@ twice is sampled twice in training (PaddleClas oversamples so); in validation it
 The table holds no Python object per sample (paths in one byte buffer + offsets, labels in
 an int64 array): DataLoader workers forked from the main process share its pages, where a
 list of (path, label) tuples is copied page by page into every worker as reference counts
-touch it (pytorch issue 13246; ~600 MB per worker at ImageNet's 1.28 M images).
+touch it (pytorch/pytorch#13246; ~600 MB per worker at ImageNet's 1.28 M images).
 """
 from __future__ import annotations
 

@@ -44,14 +44,9 @@ shuffle buffer's state cannot be seeked. webdataset is used for what it is good 
 URLs (`gopen`: local files, `pipe:`, http via curl), the tar key/extension convention
 (`base_plus_ext`) and writing tars (`TarWriter`, in convert.py).
 
-`ShardSource` reads a batch either by streaming (`read_batch`: the batches g, g+K, g+2K, ...
-of stream g % K asked in that order by one process read each shard once, sequentially,
-`pipe:` URLs too; any other request rebuilds the stream at that batch: exact, but it
-re-reads up to one shuffle buffer) or by position (`read`: local shards with per-sample
-offsets in their index, one seek per sample into handles kept open; what a DALI worker
-needs, since any worker may serve any batch). A source without offsets or with `pipe:`
-URLs has no random access: a bad sample's replacement is then drawn within its batch.
-Every member is screened (fastcls.data.sample.screen) as files are.
+`ShardSource` streams a batch (`read_batch`, each shard read once per stream) or reads a
+sample by position (`read`: local shards with offsets only; else a bad sample's replacement
+is drawn within its batch). Every member is screened as files are.
 """
 from __future__ import annotations
 
@@ -121,11 +116,6 @@ class ShardSet:
     @property
     def num_samples(self) -> int:
         return int(self.counts.sum())
-
-    @property
-    def starts(self) -> np.ndarray:
-        """Sample id of each shard's first sample."""
-        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
 
 
 def _need(module: str):
@@ -560,6 +550,9 @@ class ShardSource(Source):
         return f"{shard_name(self.shards.urls[shard])}:#{member}"
 
     def read_batch(self, epoch: int, g: int) -> list[Raw]:
+        """Batches g, g+K, g+2K, ... of stream g % K asked in that order by one process read
+        each shard once, sequentially (`pipe:` too); any other request rebuilds the stream at
+        that batch (exact; it re-reads up to one shuffle buffer)."""
         if not 0 <= g < len(self.order):
             raise IndexError(f"batch {g} outside 0..{len(self.order) - 1}")
         self._own()

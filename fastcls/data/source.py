@@ -11,6 +11,7 @@ only; a new dataset format is one Source subclass in one file plus its line in
     random_access                can any sample be read alone, by `read(sid)`?
     read(sid) -> Raw             the sample `sid`, screened (random access only)
     read_batch(epoch, g) -> [Raw]  batch g of `order` in `epoch` (default: read each id)
+    name(sid) -> str             how messages name sample `sid`
     order                        this rank's epoch order: a RankOrder unless the format
                                  needs its own (tar shards: a ShardPlan)
 
@@ -136,7 +137,3 @@ class Source:
 
     def read_batch(self, epoch: int, g: int) -> list[Raw]:
         return [self.read(int(s)) for s in self.order.batch(epoch, g)]
-
-    def name(self, sid: int) -> str:
-        """How messages name sample `sid`."""
-        return f"sample {sid}"
