@@ -15,6 +15,11 @@ train.keep_checkpoints), `best.pt` (best val top-1), `best_ema.pt` (best EMA val
 with train.ema); each with a `NAME.sha256` sidecar in `sha256sum` format. Loading checks
 the digest and unpickles (plain types only); `train.resume=auto` takes the newest
 checkpoint that passes and warns about each one that does not.
+
+A new checkpoint is written whole (temp file and sidecar, fsynced) before anything is
+rotated or replaced: a full disk or a quota stops the write with `WriteError` (the file,
+the bytes needed and free) and leaves every existing checkpoint, `last.pt` included, as it
+was; the temp files are removed.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .atomic import write_text_atomic
+from .atomic import WriteError, os_error_in
 from .dist import barrier
 from .preempt import Preempted, slurm_requeue
 from .resume import gather_rng_states
@@ -38,13 +43,15 @@ class CheckpointError(RuntimeError):
 
 
 class _HashingWriter:
-    """File wrapper that hashes what torch.save writes (no second pass over the file)."""
+    """File wrapper that hashes what torch.save writes (no second pass over the file) and
+    counts the bytes."""
 
     def __init__(self, f):
-        self.f, self.h = f, hashlib.sha256()
+        self.f, self.h, self.bytes = f, hashlib.sha256(), 0
 
     def write(self, b) -> int:
         self.h.update(b)
+        self.bytes += len(b)
         return self.f.write(b)
 
     def flush(self) -> None:
@@ -55,37 +62,84 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`: a crash
-    at any point leaves either the old file or the new one, never a half-written one.
-    The SHA-256 of the bytes goes to `path.sha256` (written after `path`; a file without
-    a sidecar is still loadable, verified by unpickling only)."""
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in `obj` (dicts, lists, tuples): about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_atomic(obj: dict, path: str | os.PathLike,
+                before_replace: Optional[Callable[[], None]] = None) -> None:
+    """Write `obj` to a temp file in the same folder and its SHA-256 to a temp sidecar, fsync
+    both, then (after `before_replace()`, e.g. the rotation of older checkpoints) rename them
+    over `path` and `path.sha256`: a crash at any point leaves either the old file or the
+    new one, never a half-written one (a file without its sidecar is still loadable, verified
+    by unpickling only). Nothing is renamed until both are on disk: a write that fails (a
+    full disk, a quota) raises WriteError naming `path`, the bytes needed and free, with the
+    temp files removed and the existing files untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    side_tmp = path.with_name(f"{Path(tmp).name}.sha256")
+    w = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            w = _HashingWriter(f)
-            torch.save(obj, w)
-            f.flush()
-            os.fsync(f.fileno())
         try:
-            _sidecar(path).unlink()  # never pair the new file with the old digest
-        except FileNotFoundError:
-            pass
+            with os.fdopen(fd, "wb") as f:
+                w = _HashingWriter(f)
+                torch.save(obj, w)
+                f.flush()
+                os.fsync(f.fileno())
+            _write_synced(side_tmp, f"{w.h.hexdigest()}  {path.name}\n".encode())
+        except (OSError, RuntimeError) as e:  # torch wraps the OSError in a RuntimeError
+            err = os_error_in(e)
+            if err is None:
+                raise
+            _remove(tmp, side_tmp)  # before measuring what is free
+            raise WriteError(path, err, max(tensor_bytes(obj), w.bytes if w else 0)) from None
+        if before_replace is not None:
+            before_replace()
+        _sidecar(path).unlink(missing_ok=True)  # never pair the new file with the old digest
         os.replace(tmp, path)
-        write_text_atomic(_sidecar(path), f"{w.h.hexdigest()}  {path.name}\n")
+        os.replace(side_tmp, _sidecar(path))
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove(tmp, side_tmp)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)  # make the renames themselves durable
     finally:
         os.close(dir_fd)
+
+
+def _remove(*paths) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def remove_temp_files(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temp files an interrupted save_atomic left in `out_dir` (a killed process
+    cannot clean up; on a nearly full disk they hold the space the next checkpoint needs)."""
+    gone = []
+    for p in Path(out_dir).glob(".*.pt.*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -148,6 +202,24 @@ def candidates(out_dir: str | os.PathLike) -> list[Path]:
     return [p for p in [d / "last.pt", *older] if p.is_file()]
 
 
+def newest_intact(out_dir: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:
+    """(path, state) of the newest last*.pt in `out_dir` that verifies: what
+    `train.resume=auto` continues from; (None, None) when there is none."""
+    for p in candidates(out_dir):
+        try:
+            return p, load_verified(p)
+        except CheckpointError:
+            continue
+    return None, None
+
+
+def position(state: dict) -> str:
+    """Where a checkpoint stands, as a user counts epochs: 'end of epoch 3' or 'epoch 4, step
+    120 of it'."""
+    epoch, step = int(state.get("epoch", 0)), int(state.get("epoch_step", 0) or 0)
+    return f"epoch {epoch + 1}, step {step} of it" if step else f"end of epoch {epoch}"
+
+
 def load_resume(resume: str, out_dir: str | os.PathLike,
                 warn: Callable[[str], None] = print) -> tuple[Optional[Path], Optional[dict]]:
     """`train.resume` -> (path, state), or (None, None) for a fresh start.
@@ -185,13 +257,12 @@ def _rotate(out_dir: Path, keep: int) -> None:
 
 def save_checkpoint(out_dir: str | os.PathLike, state: dict, *, keep: int = 1,
                     is_best: bool = False, is_best_ema: bool = False) -> Path:
-    """Write `state` as out_dir/last.pt (older ones rotated, `keep` in all), best.pt and
-    best_ema.pt."""
+    """Write `state` as out_dir/last.pt (older ones rotated once it is written whole, `keep`
+    in all), best.pt and best_ema.pt. WriteError when a file cannot be written: the ones
+    written before it stay (last.pt first, then best.pt)."""
     out_dir = Path(out_dir)
-    if keep > 1:
-        _rotate(out_dir, keep)
     path = out_dir / "last.pt"
-    save_atomic(state, path)
+    save_atomic(state, path, before_replace=(lambda: _rotate(out_dir, keep)) if keep > 1 else None)
     if is_best:
         save_atomic(state, out_dir / "best.pt")
     if is_best_ema:
@@ -246,12 +317,16 @@ class Checkpointer:
         self.dist, self.log, self.slurm_requeue = dist, log, slurm_requeue
         self.last, self.best_top1 = last, best_top1
         self.ema, self.best_ema_top1 = ema, -1.0  # fastcls.ema.ModelEma or None
+        if dist.is_main:
+            for p in remove_temp_files(out_dir):
+                log.info(f"removed {p}: the temp file of a checkpoint write that did not finish")
 
     def save(self, epoch: int, epoch_step: int, step: int, *, is_best: bool = False,
              is_best_ema: bool = False, epoch_sums: Optional[list] = None) -> None:
         """Checkpoint (epoch, epoch_step, step). Mid-epoch, `epoch_sums` ([loss sum, correct,
         images] over all ranks so far) let the resumed run report the whole epoch's
-        train_loss/train_top1. `global_batch` maps epoch_step to another world size."""
+        train_loss/train_top1. `global_batch` maps epoch_step to another world size.
+        WriteError (rank 0) when the disk is full: the existing checkpoints stay as they were."""
         rng = gather_rng_states(self.dist)
         if not self.dist.is_main:
             return

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
+from .atomic import WriteError
 from .config import Config, ConfigError, apply_overrides, config_from_dict
 from .data.base import MEAN, STD, val_image_size
 from .finetune import STATE_KEYS, strip_prefixes, unwrap_state_dict
@@ -183,4 +184,4 @@ def preprocessing(cfg: Config) -> dict:
 
 
 # Shown with every command's error: what a user can fix, as one line (exit status 2).
-USER_ERRORS = (InferenceError, ConfigError, ckpt.CheckpointError)
+USER_ERRORS = (InferenceError, ConfigError, ckpt.CheckpointError, WriteError)

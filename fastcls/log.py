@@ -3,6 +3,7 @@ and (train.tensorboard) TensorBoard event files in out_dir/tb."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ from typing import Optional
 import yaml
 from tqdm import tqdm
 
+from .atomic import WriteError, write_atomic, write_text_atomic
 from .schema import ConfigError
 
 TB_DIR = "tb"
@@ -79,15 +81,22 @@ class RunLog:
 
     def write_config(self, tree: dict) -> None:
         if self.enabled:
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+            write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
 
     def metrics(self, record: dict, quiet: tuple[str, ...] = ()) -> None:
         """Append one JSON object per evaluation to metrics.jsonl and print a summary line
         (without the `quiet` keys, which the caller prints on their own line)."""
         if not self.enabled:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out_dir / "metrics.jsonl"
+        size = path.stat().st_size if path.exists() else 0
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: no half line left behind for the next reader
+            if path.exists():
+                os.truncate(path, size)
+            raise WriteError(path, e) from None
         if self.tb is not None:
             epoch = record.get("epoch", 0)
             for k, v in record.items():
@@ -135,6 +144,8 @@ class RunLog:
         ax[1].legend()
         fig.tight_layout()
         out = self.out_dir / "curves.png"
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
+        try:
+            write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        finally:
+            plt.close(fig)
         return out

@@ -17,6 +17,8 @@ Every builder returns a randomly initialized model: input N×3×H×W float (Imag
 normalized, any H, W >= 32), output N×num_classes logits. Two options change any of them
 after construction (`build_model(..., blurpool=, zero_init_residual=)`): `apply_blurpool`
 (ffcv-imagenet's anti-aliased downsampling) and `zero_init_residual` (Goyal et al.).
+Every model's classifier computes in fp32 under autocast (`fp32_logits`: fp32 logits, no
+bf16 ties; docs/inference.md), with the same state_dict keys.
 """
 from __future__ import annotations
 
@@ -190,7 +192,45 @@ def build_model(name: str, num_classes: int, *, blurpool: bool = False,
     if blurpool and apply_blurpool(model) == 0:
         raise ValueError(f"model.blurpool: {name} has no stride-2 convolution with >= 16 input "
                          f"channels to blur")
+    fp32_logits(model, num_classes)
     return model
+
+
+class _Fp32Head:
+    """The classifier layer in fp32 under autocast: its input is cast up and autocast is off
+    for its matmul, so the logits are fp32 (bf16's 8 mantissa bits tie top logits: at 2.1,
+    neighbouring bf16 values are 0.016 apart). Outside autocast (fp32 runs, export, tracing)
+    the plain layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+class Fp32Linear(_Fp32Head, nn.Linear):
+    pass
+
+
+class Fp32Conv2d(_Fp32Head, nn.Conv2d):
+    pass
+
+
+def fp32_logits(model: nn.Module, num_classes: int) -> bool:
+    """Make `model`'s classifier (`classifier()`: an nn.Linear or nn.Conv2d) compute in fp32
+    under autocast, in place: its class becomes Fp32Linear/Fp32Conv2d (the same parameters,
+    state_dict keys and forward outside autocast). False when the classifier is of another
+    type (left as it is)."""
+    try:
+        head = classifier(model, num_classes)
+    except ValueError:
+        return False
+    for fp32 in (Fp32Linear, Fp32Conv2d):
+        if type(head) is fp32.__mro__[2]:  # exactly nn.Linear / nn.Conv2d, not a subclass
+            head.__class__ = fp32
+            return True
+    return isinstance(head, _Fp32Head)
 
 
 def zero_init_last_bn(model: nn.Module) -> int:

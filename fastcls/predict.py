@@ -38,6 +38,7 @@ from .data.folder import IMAGE_EXTENSIONS
 from .data.workers import decode_val
 from .dist import pick_device
 from .inference import USER_ERRORS, build_inference_model, checkpoint_parser, is_override, load_checkpoint
+from .metrics import ranked_classes
 from .train import amp_setup
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -117,7 +118,9 @@ def predict(model, paths: list[str], names: list[str], *, topk: int, size: int, 
             device: torch.device, autocast, batch_size: int, workers: int
             ) -> Iterator[tuple[str, Optional[list[tuple[str, int, float]]], Optional[str]]]:
     """(path, [(class, index, probability)] * topk or None, error or None) per path, in
-    order. Probabilities: softmax of the fp32 logits over all model outputs."""
+    order. Probabilities: softmax of the fp32 logits over all model outputs; the classes in
+    the order of fastcls.metrics.ranked_classes (tied logits: lower class index first), the
+    order fastcls.eval's top-1/top-5 and confusion matrix count."""
     workers = min(workers, math.ceil(len(paths) / batch_size))  # no idle processes to start
     loader = DataLoader(ImageFiles(paths, size, resize), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
@@ -128,7 +131,8 @@ def predict(model, paths: list[str], names: list[str], *, topk: int, size: int, 
         for images, errors in loader:
             with autocast():
                 logits = model(normalize(images.permute(0, 3, 1, 2)))
-            probs, idx = logits.float().softmax(1).topk(k, dim=1)
+            idx = ranked_classes(logits, k)  # evaluate()'s ranking and tie rule
+            probs = logits.float().softmax(1).gather(1, idx)
             probs, idx = probs.cpu().tolist(), idx.cpu().tolist()  # sync: once per batch
             for j, err in enumerate(errors):
                 path = paths[done + j]

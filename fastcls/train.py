@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -25,17 +26,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from . import finetune
+from .atomic import WriteError
 from .augment import build_augmenter, dominant_label
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
 from .data import DatasetError, build_loader, closing_loaders, dataset_paths, split_size
-from .data.base import train_image_size
-from .diagnose import diagnose, train_acc_source
+from .data.base import train_image_size, val_image_size
+from .diagnose import QUIET_KEYS, FitTracker, early_reason, read_fit, train_acc_source
 from .dist import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed, world_size_from_env
 from .ema import ModelEma
 from .guard import LossGuard, NonFiniteLoss
 from .log import RunLog
 from .loss import SmoothedCrossEntropy
-from .metrics import topk_correct
+from .metrics import ranked_classes, top1_class, topk_correct
 from .models import build_model
 from .optim import build_optimizer
 from .preempt import EXIT_PREEMPTED, Preempted, Preemption
@@ -114,7 +116,29 @@ def print_config(cfg: Config, world_size: int, notes: Sequence[str] = ()) -> int
     return 0
 
 
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.train.out_dir or f"runs/{cfg.name}")
+
+
+def continue_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: its arguments with train.resume=auto."""
+    args = [a for a in argv if not a.startswith("train.resume=")] + ["train.resume=auto"]
+    launch = "torchrun ... -m fastcls.train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+        else "python -m fastcls.train"
+    return f"{launch} {shlex.join(args)}"
+
+
+def write_error_line(e: WriteError, cfg: Config, argv: Sequence[str]) -> str:
+    """One line for a write that failed: the file, the bytes needed and free, the newest
+    intact checkpoint and the command that continues from it."""
+    path, state = ckpt.newest_intact(run_dir(cfg))
+    where = f"newest intact checkpoint {path} ({ckpt.position(state)})" if path else \
+        "no checkpoint written yet"
+    return f"{e}; {where}; free space, then continue with: {continue_command(argv)}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     notes: list[str] = []
     try:
@@ -132,6 +156,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         with closing_loaders():
             train(cfg, dist, notes)
         return 0
+    except WriteError as e:  # a full disk or quota (rank 0 writes): what to do, no traceback
+        print(f"error (rank {dist.rank}): {write_error_line(e, cfg, argv)}", file=sys.stderr)
+        return 1
     except (ConfigError, DatasetError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error (rank {dist.rank}): {e}", file=sys.stderr)
         return 2
@@ -151,7 +178,7 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     """Run the recipe; returns the last metrics record. `notes`: lines from load_config."""
     # ------------------------------------------------------------------ setup
     device = dist.device
-    out_dir = Path(cfg.train.out_dir or f"runs/{cfg.name}")
+    out_dir = run_dir(cfg)
     log = RunLog(out_dir, enabled=dist.is_main, progress=cfg.train.progress,
                  tensorboard=cfg.train.tensorboard)
     for note in notes:
@@ -193,6 +220,8 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     ema_eval = None if ema is None else torch.compile(ema.module) if cfg.model.compile else ema.module
     fit_source = train_acc_source(cfg)
     clean_loader = clean_train_loader(cfg, dist, data_dtype, classes) if fit_source == "clean" else None
+    # the verdict's hysteresis goes on over a resume: the evaluations before it, from metrics.jsonl
+    fit_tracker = FitTracker.from_rows(cfg, log.read_metrics() if dist.is_main else [], pos.epoch)
     ctx = EpochContext(wrap_for_training(raw_model, cfg, dist), optimizer, scaler, criterion, lr_at,
                        autocast, augmenter, cfg, dist, log,
                        guard=LossGuard(device, scaler_skips=scaler is not None), ckpts=ckpts, ema=ema)
@@ -228,17 +257,23 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
             if val is not None:
                 record = {"epoch": epoch + 1, "image_size": size, **stats, **val,
                           "lr": lr_at(max(step - 1, 0))}
-                fit = diagnose_fit(fit_source, stats, val, eval_model, clean_loader, autocast, cfg,
-                                   dist, eval_pad)
+                early = early_reason(cfg, epoch, step, res.steps_per_epoch, record["lr"], res.lr)
+                fit = diagnose_fit(fit_source, fit_tracker, epoch, (stats["train_top1"], int(sums[2])),
+                                   size, val, early, eval_model, clean_loader, autocast, cfg, dist,
+                                   eval_pad)
                 record.update(fit.as_record() if fit is not None else {})
-                log.metrics(record, quiet=("fit_advice",))
+                log.metrics(record, quiet=QUIET_KEYS)
                 if fit is not None:
                     log.info(fit.line)
             if epoch + 1 < cfg.train.epochs and stop.agreed_now():  # signal during evaluation
                 raise ckpts.preempted(stop.requested, epoch + 1, 0, step)
     curves = log.plot()
+    fit_final = ""
+    if "fit_final" in record:  # the last evaluation's verdict and the gap's trend
+        fit_final = (f" | fit: {record['fit_final']} (gap {record['fit_gap']:+.2f} +/- "
+                     f"{2 * record['fit_se']:.2f}, trend {record['fit_trend_direction']})")
     log.info(f"done: best val top-1 {ckpts.best_top1:.2f}%"
-             + (f" (EMA {ckpts.best_ema_top1:.2f}%)" if ema is not None else "")
+             + (f" (EMA {ckpts.best_ema_top1:.2f}%)" if ema is not None else "") + fit_final
              + f" | run folder {out_dir}" + (f" | curves {curves}" if curves else ""))
     # Ranks leave together: a gloo rank tearing the group down while rank 0 still plots or
     # writes was seen aborting ("terminate called without an active exception").
@@ -256,6 +291,16 @@ def set_determinism(deterministic: bool) -> None:
         # Deterministic mode would also fill every new tensor with NaN: a fill queued on the
         # side stream races nvJPEG writing the same (decoder output) buffers.
         torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def data_name(cfg: Config) -> str:
+    """What the run trains on, for the header line: the train path (folder, list file, shards
+    or .beton), "the built-in demo data" or "synthetic data"."""
+    if cfg.data.backend == "synthetic":
+        return "synthetic data"
+    if cfg.data.demo:
+        return f"the built-in demo data ({dataset_paths(cfg)[0]})"
+    return cfg.data.train
 
 
 def build_data(cfg: Config, dist: DistInfo, log: RunLog, dtype: torch.dtype):
@@ -281,8 +326,8 @@ def build_data(cfg: Config, dist: DistInfo, log: RunLog, dtype: torch.dtype):
     assert res.steps_per_epoch == len(train_loader) // res.accum_steps, \
         (res.steps_per_epoch, len(train_loader), res.accum_steps)
     log.write_config(resolved_tree(cfg, res))
-    log.info(f"fastcls: {cfg.name} on {dist.device} x{dist.world_size} | {res.train_images} train "
-             f"images, {n_cls} classes | global batch {res.global_batch_size} ({res.batch_size}/process"
+    log.info(f"fastcls: {cfg.name} on {dist.device} x{dist.world_size} | data: {data_name(cfg)} | "
+             f"{res.train_images} train images, {n_cls} classes | global batch {res.global_batch_size} ({res.batch_size}/process"
              + (f" x {res.accum_steps} accumulation steps" if res.accum_steps > 1 else "") + ") "
              f"| lr {res.lr:.4g} | {res.steps_per_epoch} steps/epoch | out {log.out_dir}")
     return train_loader, val_loader, res
@@ -373,15 +418,23 @@ def clean_train_loader(cfg: Config, dist: DistInfo, dtype, classes):
                         dtype=dtype, classes=classes, path=dataset_paths(cfg)[0])
 
 
-def diagnose_fit(source: str, stats: dict, val: dict, eval_model, clean_loader, autocast,
+def diagnose_fit(source: str, tracker: FitTracker, epoch: int, running: tuple[float, int],
+                 train_size: int, val: dict, early: Optional[str], eval_model, clean_loader, autocast,
                  cfg: Config, dist: DistInfo, pad_to: Optional[int] = None):
-    """The guide §8 (fastcls/diagnose.py, docs/recipes.md): the verdict from this epoch's
-    running train accuracy, or from a clean pass over the training images; None when off."""
+    """The guide §8 (fastcls/diagnose.py, docs/recipes.md) after the evaluation of `epoch`
+    (from 0): the reading from the epoch's running train accuracy `running` = (top-1, images)
+    or from a clean pass over the training images, and the tracker's verdict; None when off."""
     if source == "off":
         return None
-    train_top1 = stats["train_top1"] if source == "running" else \
-        evaluate(eval_model, clean_loader, autocast, dist, pad_to, tta=cfg.train.eval_tta)["val_top1"]
-    return diagnose(train_top1, val["val_top1"], cfg, source)
+    if source == "running":
+        train_top1, n_train = running
+    else:
+        clean = evaluate(eval_model, clean_loader, autocast, dist, pad_to, tta=cfg.train.eval_tta)
+        train_top1, n_train = clean["val_top1"], clean["val_images"]
+    reading = read_fit(train_top1, n_train, val["val_top1"], val["val_images"], cfg, source,
+                       train_size=train_size, val_size=val_image_size(cfg.data))
+    return tracker.update(epoch + 1, reading, early, final=epoch + 1 == cfg.train.epochs,
+                          ema_val_top1=val.get("val_top1_ema"))
 
 
 @dataclass
@@ -460,7 +513,7 @@ def train_one_epoch(ctx: EpochContext, loader, epoch: int, step: int, *, start_s
                 ctx.guard.observe(loss, step)
             n = labels.shape[0]
             sums[0] += loss.detach().double() * n
-            sums[1] += (logits.detach().argmax(1) == dominant_label(targets)).sum()  # mixed: larger share
+            sums[1] += (top1_class(logits.detach()) == dominant_label(targets)).sum()  # mixed: larger share
             sums[2] += n
             images_seen += n
             win_images += n
@@ -529,7 +582,10 @@ def evaluate(model, loader, autocast, dist: DistInfo, pad_to: Optional[int] = No
     `tta="flip"` (train.eval_tta): the logits are the mean of the image's and its mirror's
     (ffcv-imagenet sums them: the same ranking, a loss on the mean).
     With `confusion_classes` = C > 0 also "confusion": the int64 C×C confusion matrix on the
-    CPU (row = true class, column = top-1 prediction; C = the model's outputs)."""
+    CPU (row = true class, column = top-1 prediction; C = the model's outputs).
+    Top-1, top-5 and the confusion matrix read one ranking per image
+    (fastcls.metrics.ranked_classes: tied logits rank by class index, lowest first), so
+    100 × trace(confusion) / images is val_top1 exactly."""
     if tta not in ("none", "flip"):
         raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
     model.eval()
@@ -549,10 +605,11 @@ def evaluate(model, loader, autocast, dist: DistInfo, pad_to: Optional[int] = No
             logits = logits[:n]
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         sums[0] += loss.double()
-        sums[1:3] += topk_correct(logits, labels, (1, 5)).double()
+        ranked = ranked_classes(logits, 5)  # one prediction per image for every count below
+        sums[1:3] += topk_correct(logits, labels, (1, 5), ranked=ranked).double()
         sums[3] += labels.shape[0]
         if confusion_classes:
-            conf += torch.bincount(labels * confusion_classes + logits.argmax(1),
+            conf += torch.bincount(labels * confusion_classes + ranked[:, 0],
                                    minlength=confusion_classes ** 2)
     all_reduce_sum(sums)
     loss_sum, top1, top5, n = sums.tolist()

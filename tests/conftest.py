@@ -234,3 +234,34 @@ def index_folder(root: Path, per_class=(16, 16, 16)) -> Path:
 def ids(x: torch.Tensor) -> list[int]:
     rgb = unnormalize(x[:, :, 0, 0].reshape(-1, 3, 1, 1)).round().long().view(-1, 3)
     return (rgb[:, 0] + 256 * rgb[:, 1]).tolist()
+
+
+def digits_folder(root: Path, indices, size: int = 32) -> Path:
+    """root/<digit>/NNNN.png: scikit-learn's handwritten digits (UCI; 8x8 px, 17 gray levels,
+    shipped with the package) number `indices` of its 1797, upscaled (bilinear) to size px."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for i in indices:
+        d = root / str(digits.target[i])
+        d.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray((digits.images[i] * (255 / 16)).round().astype(np.uint8))
+        img.resize((size, size), Image.BILINEAR).save(d / f"{i:04d}.png")
+    return root
+
+
+def assert_verdict_stable(out_dir: Path, max_changes: int = 2, final: str = "healthy") -> list[str]:
+    """A run's fit verdicts (metrics.jsonl `fit`, fastcls/diagnose.py): the stated verdict
+    (not "provisional") changes at most `max_changes` times, the last record carries the final
+    verdict `final` with its trend, and the log fields agree with it. -> the `fit` sequence."""
+    import json
+    rows = [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    seq = [r["fit"] for r in rows]
+    stated = [v for v in seq if v != "provisional"]
+    changes = sum(a != b for a, b in zip(stated, stated[1:]))
+    assert changes <= max_changes, f"{changes} changes: {seq}"
+    last = rows[-1]
+    assert last["fit_final"] == last["fit"] == final, (final, seq, last.get("fit_advice"))
+    assert last["fit_advice"].startswith(f"fit (final): {final}")
+    assert last["fit_trend"] and last["fit_trend"][-1][0] == last["epoch"]
+    assert last["fit_trend_direction"] in ("rising", "falling", "flat")
+    return seq

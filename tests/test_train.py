@@ -10,7 +10,7 @@ import yaml
 from fastcls import checkpoint
 from fastcls.train import main
 
-from conftest import PY, ROOT, make_folder, run_env
+from conftest import PY, ROOT, assert_verdict_stable, make_folder, run_env
 
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -35,6 +35,12 @@ def test_demo_reaches_accuracy_bar(demo_cache, tmp_path):
     state = checkpoint.load(out / "last.pt")
     assert state["epoch"] == 30 and len(state["classes"]) == 10
     assert (out / "best.pt").is_file()
+    # the header names the data; the fit verdict settles and ends healthy (fastcls/diagnose.py)
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("fastcls: demo on "))
+    assert "| data: the built-in demo data (" in header, header
+    seq = assert_verdict_stable(out, max_changes=2, final="healthy")
+    assert seq[0] == "provisional"  # warmup, LR above half its peak: no verdict yet
+    assert f"| fit: healthy (gap {rows[-1]['fit_gap']:+.2f}" in proc.stdout
 
 
 def _small_run(data, out, *extra):
