@@ -55,7 +55,11 @@ if (( SMOKE )); then
   DATA=${BENCH_DATA:-$OUT/jpegs}
   JPEGS=(--classes 2 --per-class 6 --workers 2)
   DEV=(train.device=cpu train.amp=off data.workers=1 data.image_size=32 data.val_resize=32)
-  LOADER=(--batch-size 4 --image-size 32 --workers 1 --warmup 1 --steps 2 --repeats 1 --device cpu)
+  # one backend (the PIL workers) beside the baseline: tests/test_benchmarks.py runs them all
+  LOADER=(--batch-size 4 --image-size 32 --workers 1 --warmup 1 --steps 2 --repeats 1 --device cpu
+          --backends native:workers)
+  # the pytest steps' plumbing on one file (every gpu test skips on a CPU anyway)
+  TESTS=tests/test_kernels.py
   KERNELS=(--device cpu --batch 4 --size 32 --min-side 40 --max-side 64 --dtype fp32 --warmup 1 --steps 1 --repeats 1)
   # The demo's resnet_tiny stands in for ResNet-50/18 (the same code path; a ResNet-50 step
   # on a busy 2-core CPU takes seconds).
@@ -73,6 +77,7 @@ else
   KERNELS=(--device cuda --batch 256 --size 224 --warmup 3 --steps 10 --repeats 3)
   R50=(data.global_batch_size=256); R18=(data.global_batch_size=512)
   TIMING=(--warmup 10 --steps 25 --repeats 3)
+  TESTS=tests
   COMPILE_ENV=()
   COMPILE_NOTE=""
 fi
@@ -146,14 +151,14 @@ EOF
 gpu_tests() {
   local per_test=()
   "$PY" -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout=60)  # when installed
-  "$PY" -m pytest -m "$1" -v -p no:cacheprovider "${per_test[@]}" --junitxml="$2" tests
+  "$PY" -m pytest -m "$1" -v -p no:cacheprovider "${per_test[@]}" --junitxml="$2" "$TESTS"
   local rc=$?
   (( rc == 5 )) && { echo "no test is marked $1"; return 0; }  # 5 = nothing collected
   return $rc
 }
 
 export -f env_info gpu_tests  # `timeout` runs programs: the functions run in a child bash
-export PY OUT
+export PY OUT TESTS
 step env bash -c env_info
 step make_jpegs "$PY" benchmarks/make_jpegs.py --out "$DATA" "${JPEGS[@]}"
 step kernels "$PY" benchmarks/kernels.py "${KERNELS[@]}" --out "$OUT/kernels.json"

@@ -244,15 +244,22 @@ def load_resume(resume: str, out_dir: str | os.PathLike,
 
 def _rotate(out_dir: Path, keep: int) -> None:
     """Shift last.pt -> last.1.pt -> ... -> last.{keep-1}.pt (the oldest drops off).
-    Each rename is atomic; a crash midway leaves every file whole (resume=auto scans)."""
+    Each rename is atomic; a crash midway leaves every file whole (resume=auto scans).
+    last.pt itself is hard-linked, not moved: it stays in place until the new one replaces
+    it (on a filesystem without hard links it is moved)."""
     files = rotated(out_dir, keep)
     for src, dst in zip(reversed(files[:-1]), reversed(files[1:])):
-        if src.is_file():
-            os.replace(src, dst)
-            if _sidecar(src).is_file():
-                os.replace(_sidecar(src), _sidecar(dst))
+        for a, b in ((src, dst), (_sidecar(src), _sidecar(dst))):
+            if not a.is_file():
+                b.unlink(missing_ok=True)
+            elif a == files[0] or a == _sidecar(files[0]):
+                b.unlink(missing_ok=True)
+                try:
+                    os.link(a, b)
+                except OSError:
+                    os.replace(a, b)
             else:
-                _sidecar(dst).unlink(missing_ok=True)
+                os.replace(a, b)
 
 
 def save_checkpoint(out_dir: str | os.PathLike, state: dict, *, keep: int = 1,

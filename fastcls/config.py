@@ -335,10 +335,10 @@ class TrainConfig:
     diagnose: Literal["auto", "running", "clean", "off"] = knob(
         "auto", "fit diagnosis after each evaluation: running (augmented-batch train accuracy), "
         "clean (an extra eval pass over the train images), auto (clean when mixup/cutmix is on)")
-    diagnose_overfit_gap: float = knob(5.0, "train top-1 - val top-1 (points) above which the "
-                                       "verdict is overfitting", ge=0)
-    diagnose_underfit_gap: float = knob(1.0, "val top-1 - train top-1 (points) above which the "
-                                        "verdict is underfitting", ge=0)
+    diagnose_overfit_gap: float = knob(5.0, "train top-1 - val top-1 (points) above which a "
+                                       "reading is overfitting (if also > 2 standard errors)", ge=0)
+    diagnose_underfit_gap: float = knob(1.0, "val top-1 - train top-1 (points) above which a "
+                                        "reading is underfitting (if also > 2 standard errors)", ge=0)
     checkpoint_every: int = knob(0, "steps between mid-epoch checkpoints (0: at epoch ends and on "
                                  "preemption only)", ge=0)
     keep_checkpoints: int = knob(3, "checkpoints kept (last.pt, last.1.pt, ...): the fallback when "

@@ -111,7 +111,11 @@ class RunLog:
         p = self.out_dir / "metrics.jsonl"
         if not p.is_file():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        text = p.read_text()
+        whole, _, partial = text.rpartition("\n")
+        if partial and self.enabled:  # a record cut by a kill mid-write: dropped, appends start clean
+            os.truncate(p, len(text.encode()) - len(partial.encode()))
+        return [json.loads(line) for line in whole.splitlines() if line.strip()]
 
     def plot(self) -> Optional[Path]:
         """curves.png: loss, accuracy (and the EMA model's, with train.ema) and LR per epoch

@@ -152,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         # The loaders' workers stop when the run ends, however it ends: left to the garbage
         # collector or to exit-time terminate(), each outlives the run by 30 s (a worker must
-        # survive SLURM's SIGTERM: data/native.py _worker_init; data/base.shutdown_workers).
+        # survive SLURM's SIGTERM: data/workers.py worker_init; data/base.shutdown_workers).
         with closing_loaders():
             train(cfg, dist, notes)
         return 0

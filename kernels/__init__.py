@@ -6,5 +6,5 @@ lands in site-packages.
 
 - `resized_crop.py`: `resized_crop_normalize()`: crop -> bilinear resize (antialias option)
   -> flip -> normalize -> cast -> channels_last for a whole ragged batch in one launch; the
-  native backend's batched path (fastcls/data/native_batched.py) runs it on every batch.
+  native backend's batched path (fastcls/data/batched.py) runs it on every batch.
 """

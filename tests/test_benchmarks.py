@@ -1,4 +1,5 @@
 """Benchmark scripts run to completion on tiny settings (smoke, not timing)."""
+import importlib.util
 import json
 import subprocess
 
@@ -21,6 +22,10 @@ def test_loader_benchmark_smoke(folder, tmp_path):
         assert row["img_per_s"] > 0 and len(row["runs"]) == 2
     assert r["machine"]["torch"] and r["settings"]["batch_size"] == 4
     assert "dali" in r["skipped"] or "dali" in backends
+    if importlib.util.find_spec("ffcv") is not None:  # both of its .beton forms
+        assert {"ffcv (jpg)", "ffcv (raw)"} <= set(backends)
+    else:
+        assert "ffcv" in r["skipped"]
     assert "img/s" in proc.stdout
 
 

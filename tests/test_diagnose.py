@@ -7,8 +7,7 @@ import json
 import pytest
 
 from fastcls.config import load_config
-from fastcls.diagnose import (PROVISIONAL, FitTracker, diagnose, early_reason, gap_se, mixing_active,
-                              read_fit, train_acc_source)
+from fastcls.diagnose import PROVISIONAL, FitTracker, diagnose, early_reason, gap_se, mixing_active, read_fit, train_acc_source
 from fastcls.train import main
 
 from conftest import assert_verdict_stable, digits_folder, make_folder
@@ -34,14 +33,19 @@ def test_standard_error_by_hand():
     assert gap_se(82.0, 1000, 75.0, 100) == pytest.approx(4.49733, abs=1e-5)
     r = read_fit(82.0, 1000, 75.0, 100, cfg())
     assert (r.verdict, r.why) == ("healthy", "within noise")
-    assert "fit: healthy: train top-1 82.00% (running, 1000 images) vs val 75.00% (100 images): " \
-           "gap +7.00 +/- 8.99. within noise: +/- 8.99 points at 100 val images" in \
-           FitTracker(cfg()).update(1, r, None, final=False).line.replace("fit: provisional", "fit: healthy") or \
-           r.numbers() == "train top-1 82.00% (running, 1000 images) vs val 75.00% (100 images): gap +7.00 +/- 8.99"
-    # underfitting needs the same: val above train by > 1 point and > 2 standard errors
-    assert read_fit(70.0, 1000, 73.0, 400, cfg()).verdict == "underfitting"  # 2 se = 4.8? no:
-    # se = sqrt(100^2 (0.7 0.3 / 1000 + 0.73 0.27 / 400)) = sqrt(2.1 + 4.9275) = 2.651: 3 < 5.30
-    assert read_fit(70.0, 1000, 73.0, 400, cfg()).why == "within noise" or True
+    line = FitTracker(cfg()).update(1, r, None, final=True).line
+    assert line.startswith("fit (final): healthy: train top-1 82.00% (running, 1000 images) vs val 75.00% "
+                           "(100 images): gap +7.00 +/- 8.99. within noise: +/- 8.99 points at 100 val images")
+    # underfitting needs the same. val 73% above train 70% of 1000 and 400 images:
+    #   se = sqrt(100^2 (0.7 * 0.3 / 1000 + 0.73 * 0.27 / 400)) = sqrt(2.1 + 4.9275) = 2.651,
+    #   |gap| 3 > diagnose_underfit_gap 1 but < 2 se = 5.30: within noise
+    assert gap_se(70.0, 1000, 73.0, 400) == pytest.approx(2.65094, abs=1e-5)
+    r = read_fit(70.0, 1000, 73.0, 400, cfg())
+    assert (r.verdict, r.why) == ("healthy", "within noise")
+    # on 10000 images each: se = sqrt(0.21 + 0.1971) = 0.63804, 2 se = 1.276 < 3: underfitting
+    assert gap_se(70.0, 10000, 73.0, 10000) == pytest.approx(0.63804, abs=1e-5)
+    r = read_fit(70.0, 10000, 73.0, 10000, cfg())
+    assert (r.verdict, r.why) == ("underfitting", "gap")
 
 
 @pytest.mark.parametrize("train, val, verdict", [

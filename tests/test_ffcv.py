@@ -21,7 +21,18 @@ from torchvision.transforms import v2
 
 from fastcls.data import DatasetError, build_loader
 
-from conftest import CPU, FOLDER_LABELS, PY, ROOT, check_contract, loader_cfg, make_folder, run_env, write_image
+from conftest import (
+    CPU,
+    FOLDER_LABELS,
+    PY,
+    ROOT,
+    assert_verdict_stable,
+    check_contract,
+    loader_cfg,
+    make_folder,
+    run_env,
+    write_image,
+)
 from conftest import unnormalize as _unnormalize
 
 if os.environ.get("FASTCLS_REQUIRE_FFCV") != "1":  # .ci/run sets it: there, missing is a failure
@@ -366,14 +377,15 @@ def test_flip(coord_beton, nojit):
 
 # ---------------------------------------------------------------- end to end
 
-@pytest.mark.timeout(900)  # ~1-2 min on 2 idle cores; much more on a shared machine
+@pytest.mark.timeout(900)  # ~2.5 min on 2 idle cores; much more on a shared machine
 def test_demo_trains_to_bar_with_ffcv(demo_cache, tmp_path):
     """`data.demo: true` with data.backend=ffcv converts the demo folders into the cache
-    (subprocess), then trains the recipe (30 epochs) with the numba JIT on. (A 15-epoch
-    schedule reached only ~75%: the recipe's length is needed for the bar.)"""
+    (subprocess), then trains the recipe (30 epochs) with the numba JIT on; its fit verdict
+    settles (seed 1 of the demo's three: test_train.py, test_data.py). (A 15-epoch schedule
+    reached only ~75-84%: the recipe's length is needed for the bar.)"""
     out = tmp_path / "demo"
     proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/demo.yaml", "data.backend=ffcv",
-                           f"train.out_dir={out}", "train.progress=false"],
+                           f"train.out_dir={out}", "train.progress=false", "train.seed=1"],
                           cwd=ROOT, env=run_env(demo_cache), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "not counted in img/s" in proc.stderr
@@ -381,6 +393,7 @@ def test_demo_trains_to_bar_with_ffcv(demo_cache, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 30 and rows[-1]["val_images"] == 200
     assert rows[-1]["val_top1"] > 80.0, rows[-1]
+    assert_verdict_stable(out, max_changes=2, final="healthy")
 
 
 def test_directory_given_to_ffcv_says_convert(tmp_path):
@@ -397,18 +410,6 @@ def test_missing_ffcv_gives_install_command(monkeypatch, tmp_path):
     with pytest.raises(DatasetError, match=r"apt-get install -y pkg-config libturbojpeg0-dev "
                                            r"libopencv-dev && pip install 'fastcls\[ffcv\]'"):
         build_loader(make_cfg(tmp_path / "x.beton"), "train", CPU)
-
-
-def test_loader_benchmark_has_ffcv_jpg_and_raw(folder, tmp_path):
-    out = tmp_path / "loader.json"
-    proc = subprocess.run([PY, "benchmarks/loader.py", "--data", str(folder), "--backends", "ffcv",
-                           "--batch-size", "4", "--image-size", "32", "--workers", "1", "--warmup",
-                           "1", "--steps", "3", "--repeats", "1", "--device", "cpu", "--out", str(out)],
-                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
-    assert {"ffcv (jpg)", "ffcv (raw)", "pil_dataloader (baseline)"} == set(rows)
-    assert all(r["img_per_s"] > 0 for r in rows.values())
 
 
 @pytest.mark.gpu

@@ -98,6 +98,66 @@ def test_eval_equals_the_training_runs_val_top1_and_writes_the_report(r18, tmp_p
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+# bf16 logits with exact ties (8 mantissa bits: 2.109375 is the value seen tying in a real run)
+TIED = torch.tensor([[2.109375, 1.0, 2.109375, 0.5],   # classes 0 and 2 tie: 0 first
+                     [0.0, 3.0, 3.0, 3.0],             # 1, 2, 3 tie: 1, 2, 3, then 0
+                     [1.0, 1.0, 1.0, 1.0],             # all tie: 0, 1, 2, 3
+                     [0.5, 0.25, 0.25, 2.0],           # 3, 0, then 1 and 2 tie: 1 first
+                     [1.0, 2.0, 0.0, 2.0],             # 1 and 3 tie: 1 first
+                     [2.0, 2.0, 1.0, 1.0]], dtype=torch.bfloat16)
+TIED_RANKING = [[0, 2, 1, 3], [1, 2, 3, 0], [0, 1, 2, 3], [3, 0, 1, 2], [1, 3, 0, 2], [0, 1, 2, 3]]
+TIED_LABELS = torch.tensor([2, 1, 3, 3, 3, 1])
+
+
+class TableModel(torch.nn.Module):
+    """Returns the next rows of a fixed logit table, in call order (a model whose outputs tie
+    by construction)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table, self.at = table, 0
+
+    def forward(self, x):
+        out = self.table[self.at:self.at + x.shape[0]]
+        self.at += x.shape[0]
+        return out
+
+
+def test_one_ranking_for_top1_top5_confusion_and_predict(tmp_path):
+    """Tied logits rank by class index, lowest first (fastcls.metrics): top-1, top-k, the
+    confusion matrix and predict's classes all read that one ranking."""
+    import contextlib
+
+    from fastcls.dist import DistInfo
+    from fastcls.metrics import ranked_classes, topk_correct
+    from fastcls.predict import predict
+    from fastcls.train import evaluate
+    assert ranked_classes(TIED, 4).tolist() == TIED_RANKING
+    assert ranked_classes(TIED, 9).shape == (6, 4)  # k above the class count: every class
+    # hits by hand: top-1 rows 1 and 3; top-2 adds rows 0, 4 and 5 (each label ranked second)
+    assert topk_correct(TIED, TIED_LABELS, (1, 2, 4)).tolist() == [2.0, 5.0, 6.0]
+    batches = [(torch.zeros(4, 3, 8, 8), TIED_LABELS[:4]), (torch.zeros(2, 3, 8, 8), TIED_LABELS[4:])]
+    got = evaluate(TableModel(TIED), batches, contextlib.nullcontext, DistInfo(0, 0, 1, CPU),
+                   confusion_classes=4)
+    assert got["val_images"] == 6 and got["val_top1"] == pytest.approx(100 * 2 / 6)
+    expected = torch.zeros(4, 4, dtype=torch.int64)
+    for true, pred in zip(TIED_LABELS.tolist(), [r[0] for r in TIED_RANKING]):
+        expected[true, pred] += 1
+    assert torch.equal(got["confusion"], expected)
+    assert 100 * got["confusion"].trace().item() / 6 == pytest.approx(got["val_top1"])
+    # predict: the same classes in the same order, with their softmax probabilities
+    paths = []
+    for i in range(6):
+        Image.new("RGB", (12, 12), (i, 0, 0)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    out = list(predict(TableModel(TIED), paths, list("abcd"), topk=2, size=8, resize=8, device=CPU,
+                       autocast=contextlib.nullcontext, batch_size=4, workers=0))
+    assert [[c for _, c, _ in top] for _, top, _ in out] == [r[:2] for r in TIED_RANKING]
+    probs = TIED.float().softmax(1)
+    assert [[p for _, _, p in top] for _, top, _ in out] == \
+        [[pytest.approx(probs[i, c].item()) for c in r[:2]] for i, r in enumerate(TIED_RANKING)]
+
+
 @pytest.mark.parametrize("backend", ["native", "dali"])
 def test_eval_equals_training_on_two_backends(tiny, backend, tmp_path, capsys):
     if backend == "dali":

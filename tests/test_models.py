@@ -71,3 +71,27 @@ def test_unknown_model_names():
     with pytest.raises(ValueError, match="unknown timm model 'resnet_nope'"):
         build_model("timm:resnet_nope", 10)
     assert load_config("pipelines/demo.yaml", ["model.name=timm:resnet18d"]).model.name == "timm:resnet18d"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "MobileNetV1_x0_25", "mobilenet_v3_small", "timm:resnet18d"])
+def test_logits_are_fp32_under_bf16_autocast_and_the_model_stays_torchvisions(name):
+    """The classifier computes in fp32 under autocast (fastcls.models.fp32_logits): bf16
+    logits carry 8 mantissa bits and tie; the parameters, state_dict keys and the forward
+    outside autocast stay the library's."""
+    torch.manual_seed(0)
+    m = build_model(name, 10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.float32
+    if name == "resnet18":  # the same weights in plain torchvision: keys and fp32 outputs equal
+        import torchvision
+        plain = torchvision.models.resnet18(num_classes=10).eval()
+        assert plain.load_state_dict(m.state_dict()) is not None
+        with torch.no_grad():
+            assert torch.equal(plain(x), m(x))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16 = plain(x)
+        assert bf16.dtype == torch.bfloat16  # what fp32_logits changes
+        # the fp32 head reads the same bf16 features: its logits round to torchvision's
+        torch.testing.assert_close(y.to(torch.bfloat16), bf16, atol=0.05, rtol=0.02)

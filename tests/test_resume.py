@@ -286,3 +286,79 @@ def test_cuda_rng_state_is_one_device_and_old_lists_still_load():
     old = dict(s, cuda=[s["cuda"]] * 8)
     set_rng_state(old)
     assert torch.equal(torch.rand(3, device="cuda"), a)
+
+
+# ---------------------------------------------------------------- a full disk
+
+def _can_mount_tmpfs() -> bool:
+    import os
+    import shutil
+    return os.geteuid() == 0 and shutil.which("unshare") is not None and \
+        subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_last_pt(tmp_path, monkeypatch, capsys):
+    """The issue's cluster case: train.out_dir fills up during the epoch-2 checkpoint (a 25 MB
+    tmpfs, ~10 MB checkpoints: last.pt + best.pt of epoch 1 fit, a third does not). The run
+    stops with one line (file, bytes needed and free, the newest intact checkpoint, the command
+    that continues); last.pt is epoch 1's, whole, with no temp file left; the printed command
+    continues the run once there is space. Without root (no tmpfs), the checkpoint write
+    itself raises ENOSPC."""
+    import errno
+    import shlex
+    import shutil
+    data = make_folder(tmp_path / "data")
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    out.mkdir()
+    args = run_args(data, out, "train.epochs=3", "train.keep_checkpoints=2")
+    if _can_mount_tmpfs():
+        cmd = shlex.join([PY, "-m", "fastcls.train", *args])
+        script = f"mount -t tmpfs -o size=25m tmpfs {out} && {{ {cmd}; rc=$?; cp -a {out} {kept}; exit $rc; }}"
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=run_env(),
+                              capture_output=True, text=True, timeout=300)
+        rc, err = proc.returncode, proc.stderr
+    else:
+        made, init, write = [], ckpt._HashingWriter.__init__, ckpt._HashingWriter.write
+
+        def counting_init(self, f):  # the third checkpoint file (epoch 2's last.pt) meets a full disk
+            init(self, f)
+            made.append(self)
+            self.full = len(made) >= 3
+
+        def full_write(self, b):
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(self, b)
+        monkeypatch.setattr(ckpt._HashingWriter, "__init__", counting_init)
+        monkeypatch.setattr(ckpt._HashingWriter, "write", full_write)
+        rc = main(args)
+        err = capsys.readouterr().err
+        shutil.copytree(out, kept)
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
+    [line] = [x for x in err.splitlines() if x.startswith("error")]
+    assert line.startswith(f"error (rank 0): cannot write {out / 'last.pt'}: No space left on device (needs about ")
+    assert " MB free there); newest intact checkpoint " in line
+    assert f"{out / 'last.pt'} (end of epoch 1); free space, then continue with: " in line
+    state = ckpt.load_verified(kept / "last.pt")
+    assert state["epoch"] == 1 and (kept / "best.pt").is_file()
+    assert not [p.name for p in kept.iterdir() if p.name.endswith(".tmp") or ".tmp." in p.name]
+    # the printed command continues the run (in a folder with room), to the end
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "fastcls.train"] and command[-1] == "train.resume=auto"
+    command = [PY] + [a.replace(str(out), str(kept)) for a in command[1:]]
+    proc = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ckpt.load_verified(kept / "last.pt")["epoch"] == 3
+    assert [json.loads(x)["epoch"] for x in (kept / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    """metrics.jsonl whose last record was cut mid-write (no newline): the reader drops it
+    and the file, so the resumed run's records start on a line of their own."""
+    from fastcls.log import RunLog
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"epoch": 1, "val_top1": 50.0}\n{"epoch": 2, "val_to')
+    log = RunLog(tmp_path, enabled=True, progress=False)
+    assert log.read_metrics() == [{"epoch": 1, "val_top1": 50.0}]
+    log.metrics({"epoch": 2, "val_top1": 60.0})
+    assert [json.loads(x)["epoch"] for x in p.read_text().splitlines()] == [1, 2]

@@ -1,17 +1,10 @@
-"""The data interface (docs/design.md, docs/data.md) and what the backends share behind it.
-
-- `Loader`: the protocol every backend's loader satisfies (synthetic included), so the
-  trainer never asks which backend it holds;
-- `LoaderSpec`: one split's settings, resolved once by `build_loader` and handed to the
-  backend's builder;
-- `LoaderBase`: length, images per epoch and `set_epoch(epoch, start_step)` from an
-  `Order` (fastcls.data.source), the class list and the per-epoch bad-file limit;
-  `SourceLoader`: the same over a Source, the base of every decode path;
-- `Normalizer` (uint8 -> normalized float on the device) and `staged` (prepare the next
-  batches in a background thread, on a side stream on CUDA), the two steps several backends
-  end with;
-- `train_image_size(data, epoch)` and `val_image_size(data)`: the crop sizes every backend
-  uses (progressive resizing, train low / test high).
+"""The data interface (docs/design.md, docs/data.md) and what the backends share behind it:
+`Loader` (the protocol every loader satisfies, synthetic included), `LoaderSpec` (one split's
+settings, resolved once by `build_loader`), `LoaderBase` (length, images per epoch,
+`set_epoch(epoch, start_step)` from an `Order`, the classes, the bad-file limit) and
+`SourceLoader` (the same over a Source: the base of every decode path), `Normalizer` (uint8 ->
+normalized float on the device), `staged` (the next batches prepared in a background thread,
+on a side stream on CUDA), `train_image_size` / `val_image_size` (every backend's crop sizes).
 """
 from __future__ import annotations
 

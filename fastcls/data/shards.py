@@ -37,16 +37,12 @@ samples it emitted before k are skipped without being decoded. Local shards with
 the index are entered with one seek; a `pipe:` stream reads and drops the members before its
 start position. Nothing before that is read: the epoch is not replayed.
 
-fastcls's own plan, not webdataset's `WebDataset(...).shuffle(...)` pipeline, decides who
-reads what: webdataset splits whole shards over nodes and workers (uneven samples per rank,
-so either duplicated/dropped validation images or ranks that fall out of step) and its
-shuffle buffer's state cannot be seeked. webdataset is used for what it is good at: opening
-URLs (`gopen`: local files, `pipe:`, http via curl), the tar key/extension convention
-(`base_plus_ext`) and writing tars (`TarWriter`, in convert.py).
-
-`ShardSource` streams a batch (`read_batch`, each shard read once per stream) or reads a
-sample by position (`read`: local shards with offsets only; else a bad sample's replacement
-is drawn within its batch). Every member is screened as files are.
+fastcls's own plan decides who reads what, not webdataset's pipeline: that splits whole shards
+over nodes and workers (uneven samples per rank) and its shuffle buffer cannot be seeked.
+webdataset opens URLs (`gopen`: files, `pipe:`, http), names members (`base_plus_ext`) and
+writes tars (`TarWriter`). `ShardSource` streams a batch (`read_batch`) or reads a sample by
+position (`read`: local shards with offsets only; else a replacement stays in its batch).
+Every member is screened as files are.
 """
 from __future__ import annotations
 
