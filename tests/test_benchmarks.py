@@ -360,3 +360,21 @@ def test_table_reads_results_of_the_older_loader_json():
     assert table.canonical_name(old) == "2026-11-26_nvidia-h100-80gb-hbm3_loader_224px_train.json"
     text = table.render([("x.json", old)])
     assert "| 2026-11-26 | NVIDIA H100 80GB HBM3 | train | 224 | 256 | 16 | dali | 30,000 | 7.50 | `x.json` |" in text
+
+
+def test_table_memory_benchmark_smoke(tmp_path):
+    """benchmarks/table_memory.py on 20,000 list lines: the table holds no Python object per
+    sample (bytes + int64 offsets + int64 labels) and no worker copied a page of it over the
+    epoch (the full 1.28 M-line numbers are in docs/data.md)."""
+    out = tmp_path / "tm.json"
+    proc = subprocess.run([PY, "benchmarks/table_memory.py", "--n", "20000", "--out", str(out)],
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    t = r["table"]
+    assert t["samples"] == 20000 and t["offsets_bytes"] == t["labels_bytes"] + 8 == 8 * 20001
+    assert t["nbytes"] == t["blob_bytes"] + t["offsets_bytes"] + t["labels_bytes"]
+    assert r["epoch"]["images"] == 20000 // 256 * 256
+    assert len(r["workers"]) == 2
+    for w in r["workers"]:
+        assert w["table_pages"] > 0 and w["table_pages_exclusive_end"] == 0, w
