@@ -290,11 +290,15 @@ def test_cuda_rng_state_is_one_device_and_old_lists_still_load():
 
 # ---------------------------------------------------------------- a full disk
 
-def _can_mount_tmpfs() -> bool:
+def _can_mount_tmpfs(where) -> bool:
+    """Can this process mount a tmpfs in a private mount namespace (root, `unshare -m`)?"""
     import os
     import shutil
-    return os.geteuid() == 0 and shutil.which("unshare") is not None and \
-        subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {where}"],
+                           capture_output=True)
+    return probe.returncode == 0
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_last_pt(tmp_path, monkeypatch, capsys):
@@ -311,7 +315,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_last_pt(tmp_path, monkeypatch
     out, kept = tmp_path / "out", tmp_path / "kept"
     out.mkdir()
     args = run_args(data, out, "train.epochs=3", "train.keep_checkpoints=2")
-    if _can_mount_tmpfs():
+    if _can_mount_tmpfs(out):
         cmd = shlex.join([PY, "-m", "fastcls.train", *args])
         script = f"mount -t tmpfs -o size=25m tmpfs {out} && {{ {cmd}; rc=$?; cp -a {out} {kept}; exit $rc; }}"
         proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=run_env(),
