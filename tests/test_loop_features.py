@@ -354,19 +354,21 @@ def test_accumulation_clipping_and_tensorboard_add_no_sync_per_step(tmp_path):
 
 
 def test_trainer_under_torchrun_with_accumulation_clipping_and_tensorboard(tmp_path):
-    """The real trainer on 2 processes with 2 micro-batches of 2 each: global batch 8, its LR,
-    optimizer steps per epoch; one TensorBoard event file (rank 0's)."""
+    """The real trainer on 2 processes with 2 micro-batches of 2 each: data.global_batch_size=8
+    resolved to 2 per process, its LR, optimizer steps per epoch, each val image once across
+    the ranks, DataLoader workers under torchrun; one TensorBoard event file (rank 0's)."""
     data = make_folder(tmp_path / "d", per_class=(7, 6, 6))
     out = tmp_path / "run"
     proc = subprocess.run(
         [*TORCHRUN, "-m", "fastcls.train", "pipelines/demo.yaml", f"data.train={data}", f"data.val={data}",
-         "model.num_classes=3", "data.batch_size=2", "train.accum_steps=2", "optim.clip_grad_norm=1.0",
+         "model.num_classes=3", "data.global_batch_size=8", "train.accum_steps=2", "optim.clip_grad_norm=1.0",
          "train.tensorboard=true", "train.log_every=1", "data.image_size=32", "data.val_resize=32",
-         "data.workers=0", "train.epochs=2", f"train.out_dir={out}", "train.progress=false"],
+         "data.workers=1", "train.epochs=2", f"train.out_dir={out}", "train.progress=false"],
         cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = yaml.safe_load((out / "config.yaml").read_text())["resolved"]
     assert (res["world_size"], res["accum_steps"], res["global_batch_size"]) == (2, 2, 8)
+    assert res["batch_size_per_process"] == 2
     assert res["steps_per_epoch"] == (19 // 2) // 4 and res["lr_effective"] == pytest.approx(0.8 * 8 / 256)
     assert "global batch 8 (2/process x 2 accumulation steps)" in proc.stdout
     assert ckpt.load(out / "last.pt")["step"] == 2 * 2

@@ -133,23 +133,6 @@ def test_ddp_gloo_equals_single_process(tmp_path):
     assert r["single_diff"] < 1e-5, r  # and equal to one process on the global batch
 
 
-def test_trainer_under_torchrun(tmp_path):
-    data = make_folder(tmp_path / "data", per_class=(7, 6, 6))
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [*TORCHRUN, "-m", "fastcls.train", "pipelines/demo.yaml", f"data.train={data}", f"data.val={data}",
-         "data.demo=false", "model.num_classes=3", "data.global_batch_size=4", "data.image_size=32",
-         "data.val_resize=32", "data.workers=1", "train.epochs=2", f"train.out_dir={out}", "train.progress=false"],
-        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert rows[-1]["val_images"] == 19  # each image once across the 2 ranks
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["batch_size_per_process"] == 2
-    assert cfg["resolved"]["steps_per_epoch"] == (19 // 2) // 2
-
-
 @pytest.mark.parametrize("extra", [["train.amp=bf16"], ["train.amp=fp16"],
                                    ["train.amp=bf16", "model.compile=true", "train.ema.decay=0.9"],
                                    ["model.channels_last=false", "augment.label_smoothing=0.1"]])
