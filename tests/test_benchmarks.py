@@ -364,8 +364,8 @@ def test_table_reads_results_of_the_older_loader_json():
 
 def test_table_memory_benchmark_smoke(tmp_path):
     """benchmarks/table_memory.py on 20,000 list lines: the table holds no Python object per
-    sample (bytes + int64 offsets + int64 labels) and no worker copied a page of it over the
-    epoch (the full 1.28 M-line numbers are in docs/data.md)."""
+    sample (bytes + int64 offsets + int64 labels) and the workers copied none of its pages
+    over the epoch but the buffers' edges (the full 1.28 M-line numbers are in docs/data.md)."""
     out = tmp_path / "tm.json"
     proc = subprocess.run([PY, "benchmarks/table_memory.py", "--n", "20000", "--out", str(out)],
                           cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
@@ -376,5 +376,7 @@ def test_table_memory_benchmark_smoke(tmp_path):
     assert t["nbytes"] == t["blob_bytes"] + t["offsets_bytes"] + t["labels_bytes"]
     assert r["epoch"]["images"] == 20000 // 256 * 256
     assert len(r["workers"]) == 2
+    # A buffer's first and last page can hold other heap objects that a worker writes to: up
+    # to 2 pages for each of the 3 buffers; a table that workers copy would lose most of them.
     for w in r["workers"]:
-        assert w["table_pages"] > 0 and w["table_pages_exclusive_end"] == 0, w
+        assert w["table_pages"] > 100 and w["table_pages_exclusive_end"] <= 6, w
