@@ -31,7 +31,7 @@ from .augment import build_augmenter, dominant_label
 from .config import Config, ConfigError, Resolved, load_config, resolve, to_dict
 from .data import DatasetError, build_loader, closing_loaders, dataset_paths, split_size
 from .data.base import train_image_size, val_image_size
-from .diagnose import QUIET_KEYS, FitTracker, early_reason, read_fit, train_acc_source
+from .diagnose import QUIET_KEYS, SIGMAS, FitTracker, early_reason, read_fit, train_acc_source
 from .dist import DistInfo, all_reduce_sum, barrier, cleanup_distributed, setup_distributed, world_size_from_env
 from .ema import ModelEma
 from .guard import LossGuard, NonFiniteLoss
@@ -271,7 +271,7 @@ def train(cfg: Config, dist: DistInfo, notes: Sequence[str] = ()) -> dict:
     fit_final = ""
     if "fit_final" in record:  # the last evaluation's verdict and the gap's trend
         fit_final = (f" | fit: {record['fit_final']} (gap {record['fit_gap']:+.2f} +/- "
-                     f"{2 * record['fit_se']:.2f}, trend {record['fit_trend_direction']})")
+                     f"{SIGMAS * record['fit_se']:.2f}, trend {record['fit_trend_direction']})")
     log.info(f"done: best val top-1 {ckpts.best_top1:.2f}%"
              + (f" (EMA {ckpts.best_ema_top1:.2f}%)" if ema is not None else "") + fit_final
              + f" | run folder {out_dir}" + (f" | curves {curves}" if curves else ""))
