@@ -202,14 +202,16 @@ def candidates(out_dir: str | os.PathLike) -> list[Path]:
     return [p for p in [d / "last.pt", *older] if p.is_file()]
 
 
-def newest_intact(out_dir: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:
+def newest_intact(out_dir: str | os.PathLike, skipped: Callable[[CheckpointError], None] = lambda e: None
+                  ) -> tuple[Optional[Path], Optional[dict]]:
     """(path, state) of the newest last*.pt in `out_dir` that verifies: what
-    `train.resume=auto` continues from; (None, None) when there is none."""
+    `train.resume=auto` continues from; (None, None) when there is none. `skipped` is told
+    of each newer one that does not verify."""
     for p in candidates(out_dir):
         try:
             return p, load_verified(p)
-        except CheckpointError:
-            continue
+        except CheckpointError as e:
+            skipped(e)
     return None, None
 
 
@@ -234,12 +236,7 @@ def load_resume(resume: str, out_dir: str | os.PathLike,
         if not p.is_file():
             raise FileNotFoundError(f"train.resume: checkpoint {resume!r} does not exist")
         return p, load_verified(p)
-    for p in candidates(out_dir):
-        try:
-            return p, load_verified(p)
-        except CheckpointError as e:
-            warn(f"skipping bad checkpoint: {e}; falling back to the previous one")
-    return None, None
+    return newest_intact(out_dir, lambda e: warn(f"skipping bad checkpoint: {e}; falling back to the previous one"))
 
 
 def _rotate(out_dir: Path, keep: int) -> None:
