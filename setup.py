@@ -33,12 +33,12 @@ setup(
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         # train.tensorboard: true (torch.utils.tensorboard writes the event files)
         "tensorboard": ["tensorboard"],
-        # timm: reference for the mixup/cutmix tests; nvidia-nvimgcodec-cu12 (32 MB, no CUDA
+        # pytest-xdist: `make test` runs two workers; timm: reference for the mixup/cutmix tests; nvidia-nvimgcodec-cu12 (32 MB, no CUDA
         # needed) so CI tests its CPU-only decode path; tensorboard (its EventAccumulator reads
         # the event files back) and the onnx extra so CI tests both; scikit-image: real
         # photographs (skimage.data) for the loader tests; scikit-learn: its handwritten digits
         # for the fit-diagnosis runs; psutil: benchmarks/table_memory.py
-        "test": ["pytest", "pytest-timeout", "ruff", "timm", "nvidia-nvimgcodec-cu12", "tensorboard",
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "timm", "nvidia-nvimgcodec-cu12", "tensorboard",
                  "onnx", "onnxruntime", "onnxscript", "scikit-image", "scikit-learn", "psutil"],
         "all": ["nvidia-dali-cuda120", "ffcv==1.0.2", "numba>=0.59",
                 "pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12",

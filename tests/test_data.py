@@ -347,6 +347,7 @@ def test_missing_install_says_how_to_install(id_data, monkeypatch, path):
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.demo
 @pytest.mark.timeout(900)  # ~2.5 min on an idle 2-core box
 def test_demo_trains_to_the_bar_from_shards_on_dali(demo_cache, tmp_path):
     """The demo recipe from tar shards on the DALI graph reaches the folders' bar, and its fit

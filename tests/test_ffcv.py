@@ -377,6 +377,7 @@ def test_flip(coord_beton, nojit):
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.demo
 @pytest.mark.timeout(900)  # ~2.5 min on 2 idle cores; much more on a shared machine
 def test_demo_trains_to_bar_with_ffcv(demo_cache, tmp_path):
     """`data.demo: true` with data.backend=ffcv converts the demo folders into the cache

@@ -15,6 +15,7 @@ from conftest import PY, ROOT, assert_verdict_stable, make_folder, run_env
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
+@pytest.mark.demo
 def test_demo_reaches_accuracy_bar(demo_cache, tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/demo.yaml", f"train.out_dir={out}"],
