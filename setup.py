@@ -34,7 +34,8 @@ setup(
         # train.tensorboard: true (torch.utils.tensorboard writes the event files)
         "tensorboard": ["tensorboard"],
         # pytest-xdist: `make test` runs two workers; timm: reference for the mixup/cutmix
-        # tests; nvidia-nvimgcodec-cu12 (32 MB, no CUDA needed) so CI tests its CPU-only decode path; tensorboard (its EventAccumulator reads
+        # tests; nvidia-nvimgcodec-cu12 (32 MB, no CUDA needed) so CI tests its CPU-only
+        # decode path; tensorboard (its EventAccumulator reads
         # the event files back) and the onnx extra so CI tests both; scikit-image: real
         # photographs (skimage.data) for the loader tests; scikit-learn: its handwritten digits
         # for the fit-diagnosis runs; psutil: benchmarks/table_memory.py
