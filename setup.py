@@ -31,6 +31,9 @@ setup(
         # python -m fastcls.export --format onnx: torch's torch.export-based ONNX exporter needs
         # onnxscript; onnxruntime verifies the export against eager PyTorch
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        # Parquet / Arrow image datasets (Hugging Face layout): pyarrow reads them; `datasets`
+        # is not needed at run time
+        "parquet": ["pyarrow"],
         # train.tensorboard: true (torch.utils.tensorboard writes the event files)
         "tensorboard": ["tensorboard"],
         # pytest-xdist: `make test` runs two workers; timm: reference for the mixup/cutmix
@@ -38,12 +41,14 @@ setup(
         # decode path; tensorboard (its EventAccumulator reads
         # the event files back) and the onnx extra so CI tests both; scikit-image: real
         # photographs (skimage.data) for the loader tests; scikit-learn: its handwritten digits
-        # for the fit-diagnosis runs; psutil: benchmarks/table_memory.py
+        # for the fit-diagnosis runs; psutil: benchmarks/table_memory.py; datasets (pulls
+        # pyarrow) writes the Parquet / save_to_disk test data as the Hub's files are written
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "timm", "nvidia-nvimgcodec-cu12", "tensorboard",
-                 "onnx", "onnxruntime", "onnxscript", "scikit-image", "scikit-learn", "psutil"],
+                 "onnx", "onnxruntime", "onnxscript", "scikit-image", "scikit-learn", "psutil",
+                 "datasets"],
         "all": ["nvidia-dali-cuda120", "ffcv==1.0.2", "numba>=0.59",
                 "pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12",
-                "tensorboard", "onnx", "onnxruntime", "onnxscript"],
+                "tensorboard", "onnx", "onnxruntime", "onnxscript", "pyarrow", "datasets"],
     },
     entry_points={"console_scripts": ["fastcls-train=fastcls.train:main",
                                       "fastcls-eval=fastcls.eval:main",

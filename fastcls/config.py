@@ -105,6 +105,15 @@ class WdsConfig:
 
 
 @dataclass(frozen=True)
+class ParquetConfig:
+    """Parquet / Arrow image datasets, Hugging Face layout (fastcls/data/parquet.py)."""
+    image_column: str = knob("", "the column of encoded images (Hugging Face Image feature or "
+                             "binary); empty: image, img, jpg, ... or the Image feature")
+    label_column: str = knob("", "the column of labels (ClassLabel integers or strings); empty: "
+                             "label, labels, cls, ... or the ClassLabel feature")
+
+
+@dataclass(frozen=True)
 class ProgressiveConfig:
     """Training image size per epoch (ffcv-imagenet's rule; off while start_size is 0).
     Epochs count from 0 as ffcv-imagenet's start_ramp/end_ramp (docs/data.md)."""
@@ -122,8 +131,9 @@ class DataConfig:
                             "on CUDA; dali; ffcv (.beton files); synthetic: random tensors on the "
                             "device, for benchmarks (docs/data.md)")
     train: str = knob("", "ImageFolder root train/<class>/*.jpg, a list file ('path label' per "
-                      "line), or tar shards (native: a brace pattern, folder or .shards.json "
-                      "index); ffcv: a .beton file")
+                      "line), tar shards (native: a brace pattern, folder or .shards.json "
+                      "index), Parquet/Arrow files (a file, folder, glob or brace pattern, a "
+                      "save_to_disk folder); ffcv: a .beton file")
     val: str = knob("", "validation data, in the same forms as data.train")
     root: str = knob("", "list files: the folder their relative paths start from (default: the "
                      "list file's folder)")
@@ -166,6 +176,7 @@ class DataConfig:
                           "filesystem); 0 = wait forever", ge=0)
     ffcv: FFCVConfig = section(FFCVConfig)
     wds: WdsConfig = section(WdsConfig)
+    parquet: ParquetConfig = section(ParquetConfig)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@
     python -m fastcls.predict runs/demo/best.pt list.txt --out preds.csv --batch-size 128
     python -m fastcls.predict resnet50-11ad3fa6.pth model.name=resnet50 cat.jpg
 
-PATH: image files, folders (searched recursively for .jpg .jpeg .png .bmp .webp .tif .tiff)
-or text lists of image paths (.txt/.lst/.list, one per line, # comments; relative paths are
-relative to the current directory). Images go through the checkpoint's val transform (shorter
+PATH: image files, folders (searched recursively for .jpg .jpeg .png .bmp .webp .tif .tiff),
+text lists of image paths (.txt/.lst/.list, one per line, # comments; relative paths are
+relative to the current directory), or Parquet / Arrow files as data.train names them (a
+file, folder, glob or save_to_disk folder: every row, named `file.parquet:#row`). Images go
+through the checkpoint's val transform (shorter
 side to data.val_resize, center crop data.image_size: the native backend's, decoded by PIL in
 --workers processes) in batches on the best device (CUDA when available; train.device=cpu to
 force the CPU), with the checkpoint's train.amp. A file that cannot be read or decoded gets an
@@ -33,8 +35,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .atomic import write_text_atomic
+from .data import open_split
 from .data.base import Normalizer, val_image_size
 from .data.folder import IMAGE_EXTENSIONS
+from .data.parquet import is_parquet
+from .data.source import DatasetError
 from .data.workers import decode_val
 from .dist import pick_device
 from .inference import USER_ERRORS, build_inference_model, checkpoint_parser, is_override, load_checkpoint
@@ -66,13 +71,25 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def expand(paths: list[str]) -> list[tuple[str, Optional[str]]]:
+def expand(paths: list[str], rows: Optional[dict] = None) -> list[tuple[str, Optional[str]]]:
     """PATH arguments -> [(image path, error or None)], in order: folders walked (sorted),
-    text lists read; a missing path or unreadable list is an entry with its error."""
+    text lists read; a missing path or unreadable list is an entry with its error. With
+    `rows` (a dict), Parquet / Arrow data becomes one entry per row, `file.parquet:#row`,
+    and rows[name] = (its Source, sample id)."""
     out: list[tuple[str, Optional[str]]] = []
     for arg in paths:
         p = Path(arg)
-        if p.is_dir():
+        if rows is not None and is_parquet(arg):
+            try:
+                source = open_split(arg)
+            except DatasetError as e:
+                out.append((arg, str(e)))
+                continue
+            for sid in range(source.num_samples):
+                name = source.name(sid)
+                rows[name] = (source, sid)
+                out.append((name, None))
+        elif p.is_dir():
             found = sorted(str(f) for f in p.rglob("*")
                            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                            and not f.name.startswith("."))
@@ -97,15 +114,22 @@ class ImageFiles(Dataset):
     """Paths -> (uint8 crop×crop×3 tensor, error or ""): the val transform of the native
     backend (fastcls.data.workers.decode_val); a bad file yields zeros and its error."""
 
-    def __init__(self, paths: list[str], size: int, resize: int):
-        self.paths, self.size, self.resize = paths, size, resize
+    def __init__(self, paths: list[str], size: int, resize: int, rows: Optional[dict] = None):
+        self.paths, self.size, self.resize, self.rows = paths, size, resize, rows or {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        src = self.paths[i]
         try:
-            return torch.from_numpy(decode_val(self.paths[i], self.size, self.resize).copy()), ""
+            if src in self.rows:  # a Parquet row: its screened bytes
+                source, sid = self.rows[src]
+                raw = source.read(sid)
+                if raw.error:
+                    return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), raw.error
+                src = io.BytesIO(raw.data)
+            return torch.from_numpy(decode_val(src, self.size, self.resize).copy()), ""
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
@@ -115,14 +139,14 @@ def _collate(batch):
 
 
 def predict(model, paths: list[str], names: list[str], *, topk: int, size: int, resize: int,
-            device: torch.device, autocast, batch_size: int, workers: int
+            device: torch.device, autocast, batch_size: int, workers: int, rows: Optional[dict] = None
             ) -> Iterator[tuple[str, Optional[list[tuple[str, int, float]]], Optional[str]]]:
     """(path, [(class, index, probability)] * topk or None, error or None) per path, in
     order. Probabilities: softmax of the fp32 logits over all model outputs; the classes in
     the order of fastcls.metrics.ranked_classes (tied logits: lower class index first), the
     order fastcls.eval's top-1/top-5 and confusion matrix count."""
     workers = min(workers, math.ceil(len(paths) / batch_size))  # no idle processes to start
-    loader = DataLoader(ImageFiles(paths, size, resize), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(ImageFiles(paths, size, resize, rows), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     normalize = Normalizer(device, torch.float32)
     k = min(topk, len(names))
@@ -146,7 +170,8 @@ def predict(model, paths: list[str], names: list[str], *, topk: int, size: int, 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     overrides = [a for a in args.paths if is_override(a)]
-    inputs = expand([a for a in args.paths if not is_override(a)])
+    rows: dict = {}
+    inputs = expand([a for a in args.paths if not is_override(a)], rows)
     try:
         loaded = load_checkpoint(args.checkpoint, overrides, ema=args.ema)
         device = pick_device(loaded.cfg.train.device)
@@ -162,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if good:
         for path, top, err in predict(model, good, names, topk=args.topk, size=val_image_size(cfg.data),
                                       resize=cfg.data.val_resize, device=device, autocast=autocast,
-                                      batch_size=args.batch_size, workers=args.workers):
+                                      batch_size=args.batch_size, workers=args.workers, rows=rows):
             results[path] = (top, err)
             if not args.out:
                 print(f"{path}: " + (f"error: {err}" if err else

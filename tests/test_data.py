@@ -1,7 +1,8 @@
 """The data test matrix: every Source x every decode path (docs/design.md).
 
 Sources (SOURCE_FORMS): an ImageFolder, a PaddleClas list file, tar shards from a path, the
-same shards through `pipe:`. Paths (PATHS): PIL in DataLoader workers, the batched path with
+same shards through `pipe:`, Parquet files written by Hugging Face `datasets` (Image +
+ClassLabel features, several files of small row groups). Paths (PATHS): PIL in DataLoader workers, the batched path with
 each batch decoder, DALI's CPU graph (random-access sources only: a `pipe:` stream is
 refused with a message). A new source or path is covered by adding it to these lists.
 
@@ -61,14 +62,18 @@ def _closed():
         yield
 
 _HAVE = {m: importlib.util.find_spec(m.split(".")[0]) is not None and importlib.util.find_spec(m) is not None
-         for m in ("nvidia.dali", "nvidia.nvimgcodec")}
-SOURCE_FORMS = ["folder", "list", "shards", "pipe"]
+         for m in ("nvidia.dali", "nvidia.nvimgcodec", "datasets")}
+NEED_DATASETS = pytest.mark.skipif(not _HAVE["datasets"], reason="the Parquet fixtures are written by Hugging "
+                                   "Face datasets: pip install 'fastcls[test]' (or pip install datasets)")
+SOURCE_FORMS = ["folder", "list", "shards", "pipe", "parquet"]
+SOURCE_MARKS = {"parquet": [NEED_DATASETS]}
 PATHS = ["workers", "batched:torchvision",
          pytest.param("batched:nvimgcodec", marks=pytest.mark.skipif(not _HAVE["nvidia.nvimgcodec"],
                                                                    reason="pip install 'fastcls[nvimgcodec]'")),
          pytest.param("dali", marks=pytest.mark.skipif(not _HAVE["nvidia.dali"], reason="pip install 'fastcls[dali]'"))]
 STREAMS = {"pipe"}  # sources without random access: DALI refuses them (test_dali_refuses_a_stream)
-CELLS = [pytest.param(s, getattr(p, "values", [p])[0], marks=getattr(p, "marks", ()), id=f"{s}-{getattr(p, 'values', [p])[0]}")
+CELLS = [pytest.param(s, getattr(p, "values", [p])[0], marks=[*getattr(p, "marks", ()), *SOURCE_MARKS.get(s, ())],
+                      id=f"{s}-{getattr(p, 'values', [p])[0]}")
          for s in SOURCE_FORMS for p in PATHS if not (s in STREAMS and getattr(p, "values", [p])[0] == "dali")]
 
 
@@ -84,6 +89,23 @@ def path_cfg(path: str, train, val="", **data):
         return loader_cfg(train, val, backend="dali", **data)
     decode, *decoder = path.split(":")
     return loader_cfg(train, val, native_decode=decode, **({"decoder": decoder[0]} if decoder else {}), **data)
+
+
+def write_parquet(rows: list[tuple[bytes | None, str, int]], classes: list[str], out: Path, prefix: str, *,
+                  files: int = 3, per_group: int = 5) -> list[Path]:
+    """(image bytes, file name, label) rows as Hugging Face writes a dataset: `datasets`'
+    Image() and ClassLabel features, `Dataset.to_parquet` into `files` files
+    <prefix>-NNNNN-of-NNNNN.parquet of `per_group` rows per row group. -> the files."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as HFImage
+    images = [None if b is None else {"bytes": b, "path": n} for b, n, _ in rows]
+    ds = Dataset.from_dict({"image": images, "label": [lab for _, _, lab in rows]},
+                           features=Features({"image": HFImage(), "label": ClassLabel(names=classes)}))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{prefix}-{i:05d}-of-{files:05d}.parquet" for i in range(files)]
+    for i, p in enumerate(paths):
+        ds.shard(num_shards=files, index=i, contiguous=True).to_parquet(str(p), batch_size=per_group)
+    return paths
 
 
 def forms(folder: Path, tmp: Path, per_shard: int = 7) -> tuple[dict, dict]:
@@ -106,6 +128,12 @@ def forms(folder: Path, tmp: Path, per_shard: int = 7) -> tuple[dict, dict]:
     pattern = str(tmp / "shards" / f"{folder.name}-{{000000..{n - 1:06d}}}.tar")
     paths = {"folder": str(folder), "list": str(lst), "shards": str(tmp / "shards"), "pipe": f"pipe:cat {pattern}"}
     ids = {k: (np.arange(len(idx.samples)) if k in ("folder", "list") else sid2id) for k in paths}
+    if _HAVE["datasets"]:  # the rows shuffled once, as the Hub's files are
+        perm = np.random.default_rng(1).permutation(len(idx.samples))
+        rows = [(Path(idx.samples[i][0]).read_bytes(), os.path.relpath(idx.samples[i][0], folder),
+                 idx.samples[i][1]) for i in perm]
+        write_parquet(rows, idx.classes, tmp / "parquet", folder.name, per_group=max(2, per_shard - 2))
+        paths["parquet"], ids["parquet"] = str(tmp / "parquet"), perm
     return paths, ids
 
 
@@ -258,6 +286,8 @@ def test_progressive_and_validation_sizes(id_data, source, path):
 # ---------------------------------------------------------------- the broken-file zoo
 
 SHARD_ONLY_BAD = ["label9", "nocls"]  # tar members without a usable class
+PARQUET_ONLY_BAD = ["nolabel", "null"]  # rows: the Hub's label -1 (unlabelled), no image at all
+ZOO_NAMES: dict[str, str] = {}  # "file.parquet:#row" -> the zoo file's stem, from zoo_data
 
 
 @pytest.fixture(scope="module")
@@ -287,13 +317,26 @@ def zoo_data(tmp_path_factory):
              "pipe": f"pipe:cat {pattern}"}
     keys = [s.name.split(":", 1)[1] for u in expand_urls(pattern) for s in iter_shard(u, data=False)]
     names = {"folder": [f.stem for f in files], "list": [f.stem for f in files], "shards": keys, "pipe": keys}
+    if _HAVE["datasets"]:
+        rows = [(f.read_bytes(), f.name, 0) for f in files]
+        rows += [((root / "a" / "plain.jpg").read_bytes(), "nolabel.jpg", -1), (None, "null.jpg", 0)]
+        rows = [rows[i] for i in np.random.default_rng(2).permutation(len(rows))]
+        written = write_parquet(rows, ["a"], tmp / "pq", "zoo", files=2, per_group=3)
+        paths["parquet"], names["parquet"] = str(tmp / "pq" / "zoo-*.parquet"), [Path(n).stem for _, n, _ in rows]
+        import pyarrow.parquet as pq
+        sid = 0
+        for p in written:
+            for r in range(pq.ParquetFile(p).metadata.num_rows):
+                ZOO_NAMES[f"{p.name}:#{r}"] = names["parquet"][sid]
+                sid += 1
     return paths, names, zoo_reference(root, 32, 36)
 
 
 def stems(bad_files) -> list[str]:
     """The file stems / member keys in "name: reason" strings (path/x.jpg or shard.tar:key)."""
     names = [b.split(": ", 1)[0] for b in bad_files]
-    return sorted(n.rsplit(":", 1)[1] if ".tar:" in n else Path(n).stem for n in names)
+    return sorted(ZOO_NAMES[n] if n in ZOO_NAMES else n.rsplit(":", 1)[1] if ".tar:" in n else Path(n).stem
+                  for n in names)
 
 
 @pytest.mark.parametrize("source, path", CELLS)
@@ -303,7 +346,8 @@ def test_broken_file_zoo_counted_replaced_and_dropped(zoo_data, source, path):
     RGBA and PNG-as-.jpg decode to the PIL path's pixels. Validation drops and names each
     bad one; training fills every batch with replacements (a `pipe:` stream: from the batch)."""
     paths, names, ref = zoo_data
-    bad = sorted(Path(n).stem for n in ZOO_BAD) + (SHARD_ONLY_BAD if source in ("shards", "pipe") else [])
+    bad = sorted(Path(n).stem for n in ZOO_BAD) + (SHARD_ONLY_BAD if source in ("shards", "pipe") else []) \
+        + (PARQUET_ONLY_BAD if source == "parquet" else [])
     cfg = path_cfg(path, paths[source], paths[source], max_bad_fraction=1.0, workers=2, hflip=0.0)
     val = build_loader(cfg, "val", CPU, classes=["a"])
     x = torch.cat([b for b, _ in val])
@@ -323,7 +367,9 @@ def test_broken_file_zoo_counted_replaced_and_dropped(zoo_data, source, path):
         assert train.bad_files and set(stems(train.bad_files)) <= set(bad)
     strict = build_loader(path_cfg(path, paths[source], paths[source], max_bad_fraction=0.0), "val", CPU,
                           classes=["a"])
-    with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*(gif|html|text|trunc|zero)"):
+    # the first bad samples named (Parquet rows by position, file:#row) with their reasons
+    with pytest.raises(DatasetError, match=r"(?s)undecodable files.*max_bad_fraction.*"
+                                           r"(gif|html|text|trunc|zero|not an image file|empty file)"):
         list(strict)
     close(val, train, strict)
 
@@ -343,6 +389,237 @@ def test_missing_install_says_how_to_install(id_data, monkeypatch, path):
                if path == "dali" else r"nvImageCodec is not installed; run: pip install 'fastcls\[nvimgcodec\]'")
     with pytest.raises(DatasetError, match=message):
         build_loader(path_cfg(path, id_data[0]["folder"]), "train", CPU)
+
+
+# ---------------------------------------------------------------- Parquet specifics
+
+def _source(path, train=True, classes=None, **data):
+    from fastcls.data import _spec, open_source
+    cfg = loader_cfg(path, path, **data)
+    return open_source(_spec(cfg, "train" if train else "val", str(path), CPU, batch_size=4, classes=classes))
+
+
+@pytest.fixture(scope="module")
+def hf_data(tmp_path_factory):
+    """16 real photographs as Hugging Face writes them: classes named out of sorted order,
+    4 Parquet files of row groups of 3, and the same dataset saved with save_to_disk."""
+    tmp = tmp_path_factory.mktemp("hf")
+    idx = scan_folder(str(photo_folder(tmp / "photos", per_class=3)))
+    names = ["zebra", "ant", "mole", "yak", "bee", "cat"]  # ClassLabel order, not sorted
+    rows = [(Path(p).read_bytes(), Path(p).name, label) for p, label in idx.samples[:16]]
+    files = write_parquet(rows, names, tmp / "data", "train", files=4, per_group=3)
+    from datasets import Dataset
+    Dataset.from_parquet([str(f) for f in files]).save_to_disk(str(tmp / "saved"), num_shards=2)
+    return tmp, rows, names, files
+
+
+@NEED_DATASETS
+def test_parquet_file_folder_glob_brace_and_save_to_disk(hf_data):
+    """Every way to name the files reads the same rows in the same order, with the
+    ClassLabel names (not sorted) as the classes and the row groups as written."""
+    tmp, rows, names, files = hf_data
+    forms = [str(tmp / "data"), str(tmp / "data" / "train-*.parquet"),
+             str(tmp / "data" / "train-{00000..00003}-of-00004.parquet"), str(tmp / "saved")]
+    for form in forms:
+        src = _source(form)
+        assert src.classes == names and src.random_access and src.num_samples == 16, form
+        got = [src.read(i) for i in range(16)]
+        assert [r.data for r in got] == [b for b, _, _ in rows], form
+        assert [r.label for r in got] == [lab for _, _, lab in rows] and all(r.error is None for r in got)
+        assert src.empty_classes == [n for i, n in enumerate(names) if i not in {lab for _, _, lab in rows}]
+    one = _source(str(files[1]))
+    assert one.num_samples == 4 and one.read(0).data == rows[4][0] and one.name(1) == f"{files[1].name}:#1"
+    assert len(_source(str(tmp / "data")).group_start) - 1 == 8  # 4 files x 2 row groups (3 + 1)
+
+
+@NEED_DATASETS
+def test_parquet_classes_and_validation_must_agree(hf_data, tmp_path):
+    """Validation takes training's classes: equal ClassLabel names, or an error."""
+    tmp, rows, names, files = hf_data
+    assert _source(str(files[0]), train=False, classes=names).classes == names
+    with pytest.raises(DatasetError, match=r"ClassLabel names of .* differ from training's"):
+        _source(str(files[0]), train=False, classes=sorted(names))
+    other = write_parquet(rows[:4], sorted(names), tmp_path / "o", "mixed", files=1)
+    import shutil
+    shutil.copy(files[0], tmp_path / "o")
+    with pytest.raises(DatasetError, match=r"names other classes \(ClassLabel\) than"):
+        _source(str(tmp_path / "o" / "*.parquet"))
+    assert other
+
+
+@NEED_DATASETS
+def test_parquet_pyarrow_binary_column_with_string_labels(tmp_path):
+    """A file written by pyarrow alone (no Hugging Face metadata): binary images, string
+    labels -> the sorted distinct strings; validation's strings map to training's indices;
+    a string training never saw is an error; a non-image blob is a counted bad sample."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    idx = scan_folder(str(photo_folder(tmp_path / "p", per_class=2)))
+    blobs = [Path(p).read_bytes() for p, _ in idx.samples]
+    kinds = ["dog", "cat", "emu"] * 4
+    pq.write_table(pa.table({"jpg": pa.array(blobs, pa.binary()), "cls": kinds}), tmp_path / "train.parquet",
+                   row_group_size=5)
+    pq.write_table(pa.table({"jpg": pa.array([blobs[0], b"<html>404</html>", blobs[2]], pa.binary()),
+                             "cls": ["emu", "dog", "emu"]}), tmp_path / "val.parquet")
+    cfg = loader_cfg(tmp_path / "train.parquet", tmp_path / "val.parquet", max_bad_fraction=1.0)
+    train = build_loader(cfg, "train", CPU)
+    assert train.classes == ["cat", "dog", "emu"] and train.dataset_size == 12
+    check_contract(train)
+    val = build_loader(cfg, "val", CPU, classes=train.classes)
+    labels = torch.cat([y for _, y in val]).tolist()
+    assert labels == [2, 2] and len(val.bad_files) == 1
+    assert val.bad_files[0].startswith("val.parquet:#1: not an image file")
+    pq.write_table(pa.table({"jpg": pa.array([blobs[0]], pa.binary()), "cls": ["owl"]}), tmp_path / "v2.parquet")
+    with pytest.raises(DatasetError, match=r"labels \['owl'\] are not among training's 3 classes"):
+        build_loader(cfg, "val", CPU, classes=train.classes, path=str(tmp_path / "v2.parquet"))
+    close(train, val)
+
+
+@NEED_DATASETS
+def test_parquet_columns_autodetected_or_named_or_one_line_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    idx = scan_folder(str(index_folder(tmp_path / "i", per_class=(2, 2, 2))))
+    blobs = [Path(p).read_bytes() for p, _ in idx.samples]
+    pq.write_table(pa.table({"pixels": pa.array(blobs, pa.binary()), "y": [0, 1, 2, 0, 1, 2],
+                             "note": ["x"] * 6}), tmp_path / "d.parquet")
+    with pytest.raises(DatasetError) as e:
+        _source(tmp_path / "d.parquet")
+    msg = str(e.value)
+    assert "\n" not in msg and "no image column found" in msg and "data.parquet.image_column=NAME" in msg
+    assert "columns: pixels (binary), y (int64), note (string)" in msg
+    with pytest.raises(DatasetError, match=r"no label column found .*data.parquet.label_column=NAME"):
+        _source(tmp_path / "d.parquet", parquet={"image_column": "pixels"})
+    with pytest.raises(DatasetError, match=r"label_column='nope' is not a column"):
+        _source(tmp_path / "d.parquet", parquet={"image_column": "pixels", "label_column": "nope"})
+    with pytest.raises(DatasetError, match=r"image column 'note' .* is string; expected encoded images"):
+        _source(tmp_path / "d.parquet", parquet={"image_column": "note", "label_column": "y"})
+    src = _source(tmp_path / "d.parquet", parquet={"image_column": "pixels", "label_column": "y"})
+    assert src.classes == ["0", "1", "2"] and src.read(4).data == blobs[4] and src.read(4).label == 1
+
+
+@NEED_DATASETS
+def test_parquet_folder_of_several_splits_and_dataset_dict_say_what_to_name(tmp_path):
+    from datasets import Dataset, DatasetDict
+    idx = scan_folder(str(index_folder(tmp_path / "i", per_class=(2, 2, 2))))
+    rows = [(Path(p).read_bytes(), Path(p).name, lab) for p, lab in idx.samples]
+    write_parquet(rows, ["a", "b", "c"], tmp_path / "hub", "train", files=2)
+    write_parquet(rows, ["a", "b", "c"], tmp_path / "hub", "validation", files=1)
+    with pytest.raises(DatasetError, match=r"several splits \(train, validation\); name one, e\.g\. "
+                                           r"data.train=.*hub/train-\*\.parquet"):
+        _source(tmp_path / "hub")
+    assert _source(tmp_path / "hub" / "validation-*.parquet").num_samples == 6
+    ds = Dataset.from_parquet(str(tmp_path / "hub" / "train-*.parquet"))
+    DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DatasetError, match=r"DatasetDict .* name a split: data.train=.*dd/test, data.train=.*dd/train"):
+        _source(tmp_path / "dd")
+    assert _source(tmp_path / "dd" / "train").classes == ["a", "b", "c"]
+
+
+@NEED_DATASETS
+def test_parquet_source_pickles_without_data_and_bounds_its_cache(hf_data, monkeypatch):
+    """What a worker receives: counts and labels (numpy), no open file, no cached row group;
+    a process keeps at most CACHE_BYTES of row groups (at least the last one)."""
+    import pickle
+
+    import fastcls.data.parquet as pqsrc
+    tmp, rows, names, files = hf_data
+    src = _source(str(tmp / "data"))
+    for i in range(16):
+        src.read(i)
+    assert len(src._cache) == 8 and src._handles
+    blob = pickle.dumps(src)
+    assert len(blob) < 8000 and b"pyarrow" not in blob
+    clone = pickle.loads(blob)
+    assert not hasattr(clone, "_cache") and clone.read(5).data == rows[5][0]
+    monkeypatch.setattr(pqsrc, "CACHE_BYTES", 1)
+    small = _source(str(tmp / "data"))
+    for i in range(16):
+        assert small.read(i).data == rows[i][0]
+        assert len(small._cache) == 1
+
+
+@NEED_DATASETS
+def test_parquet_big_row_groups_and_missing_pyarrow_are_one_line_errors(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import fastcls.data.parquet as pqsrc
+    idx = scan_folder(str(index_folder(tmp_path / "i", per_class=(2, 2, 2))))
+    pq.write_table(pa.table({"image": pa.array([Path(p).read_bytes() for p, _ in idx.samples], pa.binary()),
+                             "label": [lab for _, lab in idx.samples]}), tmp_path / "d.parquet")
+    monkeypatch.setattr(pqsrc, "ROW_GROUP_LIMIT", 100)
+    with pytest.raises(DatasetError, match=r"has a row group of .* rewrite it with small row groups"):
+        _source(tmp_path / "d.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(DatasetError, match=r"need pyarrow: pip install 'fastcls\[parquet\]'"):
+        build_loader(loader_cfg(tmp_path / "d.parquet"), "train", CPU)
+
+
+@NEED_DATASETS
+def test_parquet_check_tool_lists_the_bad_rows(zoo_data, capsys):
+    """python -m fastcls.tools.check on Parquet files: every bad row named file:#row, exit 1."""
+    from fastcls.tools.check import main
+    paths, names, _ = zoo_data
+    assert main([paths["parquet"], "--workers", "1", "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    bad = [line.split("\t")[0] for line in out.splitlines()]
+    assert sorted(ZOO_NAMES[n] for n in bad) == sorted([Path(n).stem for n in ZOO_BAD] + PARQUET_ONLY_BAD)
+    assert f"checked {len(names['parquet'])} images: {len(bad)} bad" in err
+
+
+@NEED_DATASETS
+def test_parquet_converts_to_shards(hf_data, tmp_path):
+    """convert --to wds from Parquet: every row once, its bytes and label, the Hub's classes."""
+    from fastcls.data.shards import iter_shard, open_shards
+    from fastcls.tools.convert import main
+    tmp, rows, names, files = hf_data
+    assert main(["--to", "wds", str(tmp / "data" / "train-*.parquet"), str(tmp_path / "s"), "--per-shard", "5",
+                 "--workers", "1", "--no-progress"]) == 0
+    shards = open_shards(str(tmp_path / "s"))
+    assert shards.classes == names and shards.num_samples == 16 and os.path.basename(shards.index) == "train.shards.json"
+    got = sorted((s.data, s.label) for u in shards.urls for s in iter_shard(u))
+    assert got == sorted((b, lab) for b, _, lab in rows)
+
+
+@NEED_DATASETS
+def test_parquet_converts_to_beton(hf_data, tmp_path):
+    """convert --to ffcv from Parquet (its own process: FFCV's writer forks): every row, the
+    Hub's classes in the sidecar."""
+    pytest.importorskip("ffcv")
+    tmp, rows, names, files = hf_data
+    out = tmp_path / "train.beton"
+    proc = subprocess.run([PY, "-m", "fastcls.tools.convert", "--to", "ffcv", str(tmp / "saved"), str(out),
+                           "--write-mode", "raw", "--workers", "1", "--no-progress"],
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert meta["classes"] == names and meta["num_samples"] == 16 and meta["skipped"] == []
+
+
+@NEED_DATASETS
+def test_parquet_trains_two_epochs_and_the_checkpoint_keeps_the_hub_classes(hf_data, tmp_path):
+    """fastcls.train from Parquet files (train) and a save_to_disk folder (val), 2 short
+    epochs: the run's classes are the ClassLabel names, in the Hub's order; fastcls.predict
+    reads the Parquet rows."""
+    from fastcls import checkpoint
+    from fastcls.train import main
+    tmp, rows, names, files = hf_data
+    out = tmp_path / "run"
+    assert main(["pipelines/demo.yaml", f"data.train={tmp / 'data'}", f"data.val={tmp / 'saved'}",
+                 "data.demo=false", "model.num_classes=6", "data.batch_size=4", "data.image_size=32",
+                 "data.val_resize=32", "data.workers=0", "train.progress=false", f"train.out_dir={out}",
+                 "train.epochs=2", "schedule.warmup_epochs=1", "train.amp=off"]) == 0
+    rows_ = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows_) == 2 and rows_[-1]["val_images"] == 16
+    assert checkpoint.load(out / "last.pt")["classes"] == names
+    # fastcls.predict on the Parquet files: one line per row, named file:#row, the Hub's names
+    from fastcls.predict import main as predict
+    assert predict([str(out / "last.pt"), str(tmp / "data" / "train-*.parquet"), "--out", str(tmp_path / "p.jsonl"),
+                    "--workers", "0", "--topk", "2"]) == 0
+    preds = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [p["path"] for p in preds] == [f"{f.name}:#{r}" for f in files for r in range(4)]
+    assert all(len(p["top"]) == 2 and p["top"][0]["class"] in names for p in preds)
 
 
 # ---------------------------------------------------------------- end to end
@@ -387,6 +664,6 @@ def test_cuda_contract(id_data, source, path):
 def test_matrix_covers_every_source_and_backend_path():
     """A new Source or decode path must join the matrix (and a new backend its own file)."""
     from fastcls.data import BUILDERS, SOURCES
-    assert {s.__name__ for s in SOURCES} == {"ShardSource", "FolderSource"}
+    assert {s.__name__ for s in SOURCES} == {"ParquetSource", "ShardSource", "FolderSource"}
     assert set(BUILDERS) == {"native", "dali", "ffcv", "synthetic"}
     assert {getattr(p, "values", [p])[0].split(":")[0] for p in PATHS} == {"workers", "batched", "dali"}

@@ -26,12 +26,13 @@ import torch
 from ..config import BACKENDS, Config, resolve
 from .base import Loader, LoaderSpec
 from .folder import FolderSource, index_split, read_exclude, scan_folder
+from .parquet import ParquetSource
 from .shards import ShardSource, is_shards
 from .source import DatasetError, Source
 
 # The dataset formats, in the order they are asked whether they read a path (a new format:
 # one file with a Source subclass, one line here; FolderSource takes whatever is left).
-SOURCES: list[type[Source]] = [ShardSource, FolderSource]
+SOURCES: list[type[Source]] = [ParquetSource, ShardSource, FolderSource]
 
 SPLITS = ("train", "val")
 
@@ -57,8 +58,15 @@ def open_source(spec: LoaderSpec) -> Source:
     return next(s for s in SOURCES if s.claims(spec.path)).open(spec)
 
 
+def open_split(path: str, split: str = "train") -> Source:
+    """The Source that data.<split>=`path` reads, with default settings (the tools' way in)."""
+    from ..config import config_from_dict
+    return open_source(_spec(config_from_dict({"data": {split: path, "batch_size": 1}}), split, path,
+                             torch.device("cpu"), batch_size=1))
+
+
 def split_size(cfg: Config, split: str = "train") -> int:
-    """Images in the split named by the config (folder, list file, shards or .beton),
+    """Images in the split named by the config (folder, list file, shards, Parquet or .beton),
     without building a loader: what --print-config and resolve() count."""
     path = dataset_paths(cfg)[SPLITS.index(split)]
     if cfg.data.backend == "ffcv":  # the converter's sidecar holds the count (no ffcv import)
@@ -152,5 +160,5 @@ def closing_loaders() -> Iterator[None]:
 
 
 __all__ = ["BUILDERS", "SOURCES", "Loader", "LoaderSpec", "Source", "build_loader", "closing_loaders",
-           "dataset_paths", "DatasetError", "index_split", "is_shards", "open_source", "read_exclude",
+           "dataset_paths", "DatasetError", "index_split", "is_shards", "open_source", "open_split", "read_exclude",
            "scan_folder", "split_size"]

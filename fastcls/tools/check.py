@@ -1,6 +1,8 @@
 """`python -m fastcls.tools.check SPLIT [SPLIT ...]`: find undecodable images before training.
 
-Every image under the ImageFolder root(s) or in the list file(s) is decoded in full, in parallel worker processes.
+Every image under the ImageFolder root(s) or in the list file(s), or every row of Parquet /
+Arrow files (a file, folder, glob or `save_to_disk` folder, as data.train names them; rows
+are named `file.parquet:#row`), is decoded in full, in parallel worker processes.
 Bad files are listed one per line as `path<TAB>reason`; the exit status is 1 when any was
 found (0 when all decode, 2 for a usage/dataset error), so a batch script can stop before a
 multi-day run. `--exclude-out FILE` writes the bad paths to FILE, one per line, which the
@@ -20,7 +22,9 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable, Optional
 
 from ..atomic import write_text_atomic
+from ..data import open_split
 from ..data.folder import index_split
+from ..data.parquet import is_parquet
 from ..data.sample import strict_error
 from ..data.source import DatasetError
 
@@ -62,13 +66,44 @@ def check_paths(paths: Iterable[str], workers: int = 0, strict: bool = False,
             pool.shutdown()
 
 
+def _check_rows(args) -> list[tuple[int, str, str]]:
+    source, lo, hi, strict = args
+    bad = []
+    for sid in range(lo, hi):  # in order: each row group is read once
+        raw = source.read(sid)
+        why = raw.error or strict_error(raw.data, torchvision=strict)
+        if why is not None:
+            bad.append((sid, raw.name, why))
+    return bad
+
+
+def check_source(source, workers: int = 0, strict: bool = False,
+                 progress: bool = False) -> list[tuple[int, str, str]]:
+    """[(sample id, name, reason)] of the samples of a random-access Source that do not
+    decode, in id order."""
+    n, workers = source.num_samples, workers or os.cpu_count() or 1
+    step = max(64, -(-n // (workers * 8)))
+    jobs = [(source, lo, min(n, lo + step), strict) for lo in range(0, n, step)]
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
+    results = pool.map(_check_rows, jobs) if pool else map(_check_rows, jobs)
+    try:
+        if progress:
+            from tqdm import tqdm
+            results = tqdm(results, total=len(jobs), unit="chunk", desc="check", file=sys.stderr)
+        return [b for part in results for b in part]
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m fastcls.tools.check",
         description="Decode every image of ImageFolder root(s) or list file(s); list the ones "
                     "that fail.")
     ap.add_argument("roots", nargs="+", metavar="SPLIT",
-                    help="ImageFolder root (DIR/<class>/*.jpg) or list file ('path label' lines)")
+                    help="ImageFolder root (DIR/<class>/*.jpg), list file ('path label' lines) or "
+                         "Parquet / Arrow files")
     ap.add_argument("--root", default="", metavar="DIR",
                     help="list files: the folder their paths start from (as data.root)")
     ap.add_argument("--classes", default="", metavar="FILE",
@@ -80,8 +115,23 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="write the bad paths to FILE (use it as data.exclude)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    bad, total = [], 0
+    bad, total, rows = [], 0, set()  # rows: Parquet rows, which data.exclude cannot name
     for root in args.roots:
+        if is_parquet(root):
+            try:
+                source = open_split(root)
+            except DatasetError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            total += source.num_samples
+            found = [(name, why) for _, name, why in
+                     check_source(source, args.workers, args.strict, progress=not args.no_progress)]
+            bad += found
+            rows.update(name for name, _ in found)
+            if found and args.exclude_out:
+                print(f"warning: {root}: data.exclude does not apply to Parquet rows; they are "
+                      f"counted and skipped as bad samples", file=sys.stderr)
+            continue
         try:
             index = index_split(root, root, root=args.root, classes_file=args.classes)
         except DatasetError as e:
@@ -95,7 +145,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for path, why in bad:
         print(f"{path}\t{why}")
     if args.exclude_out:
-        write_text_atomic(args.exclude_out, "".join(f"{os.path.abspath(p)}\n" for p, _ in bad))
+        write_text_atomic(args.exclude_out, "".join(f"{os.path.abspath(p)}\n" for p, _ in bad
+                                                    if p not in rows))
     print(f"checked {total} images: {len(bad)} bad" +
           (f"; wrote {args.exclude_out} (set data.exclude={args.exclude_out})"
            if args.exclude_out else ""), file=sys.stderr)

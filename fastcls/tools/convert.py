@@ -5,9 +5,12 @@
     python -m fastcls.tools.convert --to wds SRC_SPLIT OUT_DIR [--shard-size 1GB | --per-shard N]
         [--seed 0] [--prefix NAME]
 
-SRC_SPLIT is an ImageFolder root (SRC/<class>/<image>) or a PaddleClas list file
+SRC_SPLIT is an ImageFolder root (SRC/<class>/<image>), a PaddleClas list file
 ("relative/path label" per line; `--root DIR` for its paths, `--classes FILE` for its class
-names, as data.root / data.classes_file).
+names, as data.root / data.classes_file), or Parquet / Arrow files as data.train names them
+(a file, folder, glob or brace pattern, a save_to_disk folder; fastcls/data/parquet.py): their
+rows are checked by a full decode and written in row-group order (shards: the row groups
+shuffled, then the rows within each), so each row group is read once per pass.
 
 Shards (`--to wds`): see convert_wds below and fastcls/data/shards.py for the layout.
 
@@ -32,6 +35,7 @@ compile lock held by another thread) hangs there, so run conversions in their ow
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing as mp
 import os
@@ -48,9 +52,13 @@ from PIL import Image
 
 from ..data.beton import FORMAT, META_SUFFIX, import_ffcv, meta_path
 from ..data.folder import FolderIndex, index_split, read_exclude
+from ..data.parquet import _SPLIT_FILE, is_parquet
+from ..data.sample import image_format
 from ..data.source import DatasetError
 
 WRITE_MODES = ("jpg", "raw", "proportion")
+# sample.image_format -> the tar member's extension (a Parquet row's bytes carry no file name)
+_EXT = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
 def _probe(path: str) -> Optional[str]:
     """None if `path` decodes, else "path: error". Cheap: JPEGs decode at 1/8 scale."""
     try:
@@ -89,6 +97,52 @@ class _FolderSamples:
             time.sleep(3600)  # the parent terminates us
 
 
+class _SourceSamples(_FolderSamples):
+    """`_FolderSamples` over the rows `sids` of a random-access Source (Parquet / Arrow)."""
+
+    def __init__(self, source, sids: Sequence[int], err_path: str):
+        self.source, self.sids, self.err_path = source, list(sids), err_path
+
+    def __len__(self) -> int:
+        return len(self.sids)
+
+    def __getitem__(self, i: int):
+        raw = self.source.read(self.sids[i])
+        try:
+            if raw.error:
+                raise ValueError(raw.error)
+            with Image.open(io.BytesIO(raw.data)) as im:
+                return np.asarray(im.convert("RGB")), raw.label
+        except Exception as e:
+            with open(self.err_path, "a") as f:
+                f.write(f"{raw.name}: {type(e).__name__}: {e}\n")
+            os.kill(os.getppid(), signal.SIGUSR1)
+            time.sleep(3600)  # the parent terminates us
+
+
+def _rows(src: str, source, workers: int, progress: bool, max_bad_fraction: float, listed_in: str):
+    """The rows of Parquet / Arrow `src` (its `source`) -> (the ids of the rows that decode, in
+    id order, ["name: reason"] of those that do not); every row decoded in full on all cores."""
+    from .check import check_source
+    bad = check_source(source, workers, progress=progress)
+    samples = [(sid, int(source.labels[sid])) for sid in range(source.num_samples)]
+    good, skipped = _keep_decodable(samples, [f"{name}: {why}" for _, name, why in bad],
+                                    {sid for sid, _, _ in bad}, src, max_bad_fraction, listed_in)
+    return [sid for sid, _ in good], skipped
+
+
+def _rows_prefix(src: str, source) -> str:
+    """The shard prefix of Parquet / Arrow `src`: a folder's name, else the first file's
+    split name (train-00000-of-00004.parquet -> train)."""
+    if os.path.isdir(src):
+        name = Path(src).resolve().name
+    else:
+        first = os.path.basename(source.files[0])
+        m = _SPLIT_FILE.match(first)
+        name = m.group(1) if m else Path(first).stem
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", name).lstrip(".") or "data"
+
+
 class _WorkerFailed(Exception):
     pass
 
@@ -116,7 +170,8 @@ def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution:
                  jpeg_quality: int = 90, compress_probability: float = 0.5, workers: int = 0,
                  max_bad_fraction: float = 0.01, chunksize: int = 100, progress: bool = True,
                  exclude: str = "", root: str = "", classes_file: str = "") -> dict:
-    """ImageFolder or list file `src` -> `out` (.beton) + `out.json`; returns the metadata.
+    """ImageFolder, list file or Parquet / Arrow files `src` -> `out` (.beton) + `out.json`;
+    returns the metadata.
 
     Call it in a fresh process (see the module docstring). Raises DatasetError for bad input."""
     import_ffcv()
@@ -130,7 +185,11 @@ def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution:
         raise DatasetError(f"--jpeg-quality: must be in 1..100, got {jpeg_quality}")
     if max_resolution is not None and max_resolution <= 0:
         raise DatasetError(f"--max-resolution: must be > 0, got {max_resolution}")
-    index = _source_index(src, exclude, root, classes_file, "ffcv")
+    rows = is_parquet(src)
+    if rows and exclude:
+        raise DatasetError("--exclude applies to folders and list files; Parquet rows that do not "
+                           "decode are skipped and listed")
+    index = None if rows else _source_index(src, exclude, root, classes_file, "ffcv")
     out_p = Path(out)
     if out_p.suffix != ".beton":
         raise DatasetError(f"OUT: expected a file name ending in .beton, got {out!r}")
@@ -140,13 +199,20 @@ def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution:
     workers = workers if workers > 0 else (os.cpu_count() or 1)
 
     # 1. decodability check on all cores (fork, like the writer: run in a fresh process)
-    paths = [p for p, _ in index.samples]
-    with mp.get_context("fork").Pool(workers) as pool:
-        results = list(tqdm(pool.imap(_probe, paths, chunksize=16), total=len(paths),
-                            desc="checking", disable=not progress, file=sys.stderr))
-    good, bad = _keep_decodable(index.samples, [r for r in results if r is not None],
-                                {p for p, r in zip(paths, results) if r is not None}, src,
-                                max_bad_fraction, str(meta_path(out_p)))
+    if rows:
+        from ..data import open_split
+        source = open_split(src)
+        sids, bad = _rows(src, source, workers, progress, max_bad_fraction, str(meta_path(out_p)))
+        classes, empty_classes, good = source.classes, source.empty_classes, sids
+    else:
+        paths = [p for p, _ in index.samples]
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = list(tqdm(pool.imap(_probe, paths, chunksize=16), total=len(paths),
+                                desc="checking", disable=not progress, file=sys.stderr))
+        good, bad = _keep_decodable(index.samples, [r for r in results if r is not None],
+                                    {p for p, r in zip(paths, results) if r is not None}, src,
+                                    max_bad_fraction, str(meta_path(out_p)))
+        classes, empty_classes = index.classes, index.empty_classes
 
     # 2. write under a temporary name, then rename
     tmp = out_p.with_name(f"{out_p.name}.tmp-{os.getpid()}")
@@ -158,7 +224,8 @@ def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution:
     writer = DatasetWriter(str(tmp), fields, num_workers=workers)
     old = signal.signal(signal.SIGUSR1, _on_worker_failure)
     try:
-        writer.from_indexed_dataset(_FolderSamples(good, str(err)), chunksize=chunksize)
+        samples = _SourceSamples(source, good, str(err)) if rows else _FolderSamples(good, str(err))
+        writer.from_indexed_dataset(samples, chunksize=chunksize)
     except BaseException as e:  # incl. Ctrl-C: stop the workers, remove the partial file
         for child in mp.active_children():
             child.terminate()
@@ -174,7 +241,7 @@ def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution:
     finally:
         signal.signal(signal.SIGUSR1, old)
         err.unlink(missing_ok=True)
-    meta = {"format": FORMAT, "classes": index.classes, "empty_classes": index.empty_classes,
+    meta = {"format": FORMAT, "classes": classes, "empty_classes": empty_classes,
             "num_samples": len(good), "source": str(Path(src).resolve()), "write_mode": write_mode,
             "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
             "compress_probability": compress_probability, "skipped": bad}
@@ -226,12 +293,20 @@ def _sample_keys(index: FolderIndex, good: Sequence[tuple[str, int]]) -> list[st
     return keys
 
 
+def _check_prefix(prefix: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.+=-]+", prefix) or prefix.startswith("."):
+        raise DatasetError(f"--prefix: {prefix!r}: use letters, digits and _ . + = - only")
+    return prefix
+
+
 def convert_wds(src: str, out_dir: str, *, shard_size: str = "1GB", per_shard: Optional[int] = None,
                 seed: int = 0, prefix: str = "", workers: int = 0, max_bad_fraction: float = 0.01,
                 progress: bool = True, exclude: str = "", root: str = "",
                 classes_file: str = "") -> dict:
-    """ImageFolder or list file `src` -> tar shards OUT_DIR/<prefix>-NNNNNN.tar in the
-    WebDataset layout + OUT_DIR/<prefix>.shards.json; returns the index dict.
+    """ImageFolder, list file or Parquet / Arrow files `src` -> tar shards
+    OUT_DIR/<prefix>-NNNNNN.tar in the WebDataset layout + OUT_DIR/<prefix>.shards.json;
+    returns the index dict. (Parquet: see the module docstring for the order; a row's key is
+    `<file stem>_<row>`, its member extension the format its bytes are in.)
 
     1. index the split (classes as the folder backends number them) and decode every file
        in full on all cores (fastcls.tools.check): undecodable ones are skipped, counted and
@@ -259,28 +334,67 @@ def convert_wds(src: str, out_dir: str, *, shard_size: str = "1GB", per_shard: O
     if per_shard is not None and per_shard <= 0:
         raise DatasetError(f"--per-shard: must be > 0, got {per_shard}")
     limit = None if per_shard else parse_size(shard_size)
-    index = _source_index(src, exclude, root, classes_file, "wds")
-    prefix = prefix or (Path(src).stem.removesuffix("_list") if os.path.isfile(src)
-                        else Path(src).resolve().name)
-    if not re.fullmatch(r"[A-Za-z0-9_.+=-]+", prefix) or prefix.startswith("."):
-        raise DatasetError(f"--prefix: {prefix!r}: use letters, digits and _ . + = - only")
+    rows = is_parquet(src)
+    if rows and exclude:
+        raise DatasetError("--exclude applies to folders and list files; Parquet rows that do not "
+                           "decode are skipped and listed in the index")
+    index = None if rows else _source_index(src, exclude, root, classes_file, "wds")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"OUT_DIR: {out_dir!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
 
-    paths = [p for p, _ in index.samples]
-    bad = check_paths(paths, workers, progress=progress)
-    good, skipped = _keep_decodable(index.samples, [f"{p}: {why}" for p, why in bad],
-                                    {p for p, _ in bad}, src, max_bad_fraction, "the index")
-    good = [good[i] for i in np.random.default_rng(seed).permutation(len(good))]
-    keys = _sample_keys(index, good)
-    stats = [os.stat(p) for p, _ in good]
+    def make_out() -> None:
+        if out.exists() and not out.is_dir():
+            raise DatasetError(f"OUT_DIR: {out_dir!r} exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+
+    if rows:
+        from ..data import open_split
+        source = open_split(src)
+        prefix = _check_prefix(prefix or _rows_prefix(src, source))
+        make_out()
+        sids, skipped = _rows(src, source, workers, progress, max_bad_fraction, "the index")
+        # one shuffle that reads each row group once: the row groups in a seeded order, the
+        # rows of each in a seeded order
+        rng = np.random.default_rng(seed)
+        group = np.searchsorted(source.group_start, sids, side="right") - 1
+        rank = np.empty(len(source.group_start) - 1, np.int64)
+        rank[rng.permutation(len(rank))] = np.arange(len(rank))
+        sids = [sids[i] for i in np.lexsort((rng.random(len(sids)), rank[group]))]
+        labels = [int(source.labels[sid]) for sid in sids]
+        keys = []
+        for sid in sids:
+            f, row = source.position(sid)
+            keys.append(f"{Path(source.files[f]).stem.replace('.', '_')}_{row:07d}")
+        classes, empty_classes = source.classes, source.empty_classes
+
+        def payload(i: int) -> tuple[bytes, str]:
+            data = source.read(sids[i]).data
+            return data, _EXT[image_format(data[:16])]
+
+        sizes = [len(payload(i)[0]) for i in range(len(sids))] if limit else [0] * len(sids)
+    else:
+        prefix = _check_prefix(prefix or (Path(src).stem.removesuffix("_list") if os.path.isfile(src)
+                                          else Path(src).resolve().name))
+        make_out()
+        paths = [p for p, _ in index.samples]
+        bad = check_paths(paths, workers, progress=progress)
+        good, skipped = _keep_decodable(index.samples, [f"{p}: {why}" for p, why in bad],
+                                        {p for p, _ in bad}, src, max_bad_fraction, "the index")
+        good = [good[i] for i in np.random.default_rng(seed).permutation(len(good))]
+        keys = _sample_keys(index, good)
+        labels = [label for _, label in good]
+        sizes = [os.stat(p).st_size for p, _ in good]
+        classes, empty_classes = index.classes, index.empty_classes
+
+        def payload(i: int) -> tuple[bytes, str]:
+            path = good[i][0]
+            ext = os.path.splitext(path)[1].lower().lstrip(".") or "jpg"
+            with open(path, "rb") as img:
+                return img.read(), "jpg" if ext == "jpeg" else ext
 
     # cut into shards: at most `limit` tar bytes (header + padded data per member) or per_shard
     groups, cur, cur_bytes = [], [], 0
-    for i, st in enumerate(stats):
-        size = 512 + -(-st.st_size // 512) * 512 + 1024  # image member + the .cls member
+    for i, nbytes in enumerate(sizes):
+        size = 512 + -(-nbytes // 512) * 512 + 1024  # image member + the .cls member
         if cur and ((per_shard and len(cur) >= per_shard) or (limit and cur_bytes + size > limit)):
             groups.append(cur)
             cur, cur_bytes = [], 0
@@ -291,7 +405,7 @@ def convert_wds(src: str, out_dir: str, *, shard_size: str = "1GB", per_shard: O
     names = [f"{prefix}-{k:0{width}d}.tar" for k in range(len(groups))]
     tmps = [out / f"{n}.tmp-{os.getpid()}" for n in names]
     shards = []
-    bar = tqdm(total=len(good), desc="writing", unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(keys), desc="writing", unit="img", disable=not progress, file=sys.stderr)
     try:
         for name, tmp, group in zip(names, tmps, groups):
             with open(tmp, "wb") as f:
@@ -300,11 +414,8 @@ def convert_wds(src: str, out_dir: str, *, shard_size: str = "1GB", per_shard: O
                 # order, is fastcls's plan (shards.ShardPlan), not webdataset's pipeline.
                 writer = TarWriter(f, encoder=False, mtime=0)
                 for i in group:
-                    path, label = good[i]
-                    ext = os.path.splitext(path)[1].lower().lstrip(".") or "jpg"
-                    with open(path, "rb") as img:
-                        writer.write({"__key__": keys[i], "cls": str(label).encode(),
-                                      "jpg" if ext == "jpeg" else ext: img.read()})
+                    data, ext = payload(i)
+                    writer.write({"__key__": keys[i], "cls": str(labels[i]).encode(), ext: data})
                     bar.update(1)
                 writer.close()
             offsets, cur_key = [], None
@@ -325,8 +436,8 @@ def convert_wds(src: str, out_dir: str, *, shard_size: str = "1GB", per_shard: O
         raise
     finally:
         bar.close()
-    meta = {"format": WDS_FORMAT, "classes": index.classes, "empty_classes": index.empty_classes,
-            "num_samples": len(good), "source": str(Path(src).resolve()), "seed": seed,
+    meta = {"format": WDS_FORMAT, "classes": classes, "empty_classes": empty_classes,
+            "num_samples": len(keys), "source": str(Path(src).resolve()), "seed": seed,
             "shard_size": None if per_shard else limit, "per_shard": per_shard,
             "skipped": skipped, "shards": shards}
     final = out / f"{prefix}{INDEX_SUFFIX}"
@@ -372,7 +483,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--to", required=True, choices=("ffcv", "wds"),
                    help="ffcv: one .beton file; wds: tar shards (WebDataset layout) + index")
     p.add_argument("src", metavar="SRC_SPLIT",
-                   help="ImageFolder split (SRC/<class>/<image>) or a list file ('path label' lines)")
+                   help="ImageFolder split (SRC/<class>/<image>), a list file ('path label' lines) "
+                        "or Parquet / Arrow files (file, folder, glob, save_to_disk folder)")
     p.add_argument("out", help="ffcv: the output file OUT.beton; wds: the output folder OUT_DIR")
     p.add_argument("--root", default="", metavar="DIR",
                    help="list files: the folder their paths start from (default: the list's folder)")
