@@ -8,7 +8,10 @@ The ffcv backend is measured on .beton copies of the folder in both write modes,
 (re-encoded JPEG, decoded by libjpeg-turbo) and raw (uint8 pixels, no decode); the
 conversion is not timed and neither is the numba JIT (done when the loader is built).
 `shards` is the native PIL-worker path reading a tar-shard copy of the folder (convert
---to wds, 64 MB shards, not timed) instead of the files: the same decode, other I/O.
+--to wds, 64 MB shards, not timed) instead of the files: the same decode, other I/O;
+`parquet` the same path reading a Parquet copy in Hugging Face's layout (written untimed
+with pyarrow: `Image` struct, `ClassLabel` names, row groups of 100 rows as `datasets`
+writes images, files of 10,000 rows).
 img/s is the median over --repeats timed runs of --steps batches each, after --warmup
 batches (worker start-up, numba/cudnn warm-up); on CUDA every timed run ends in a
 synchronize. The ratio column is each backend over the baseline measured in this run,
@@ -68,6 +71,28 @@ def pil_baseline(folder: str, args, device: torch.device):
     return Wrapped()
 
 
+def parquet_copy(folder: str, out: str, rows_per_group: int = 100, rows_per_file: int = 10_000) -> str:
+    """The folder's images as Parquet files under `out`, laid out as Hugging Face's `datasets`
+    writes an image dataset (written here with pyarrow, so the benchmark needs no `datasets`)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    idx = scan_folder(folder, key="--data")
+    features = {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": list(idx.classes)}}
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        ("label", pa.int64())],
+                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for f, lo in enumerate(range(0, len(idx.samples), rows_per_file)):
+        rows = idx.samples[lo:lo + rows_per_file]
+        table = pa.table({"image": pa.array([{"bytes": Path(p).read_bytes(), "path": Path(p).name}
+                                             for p, _ in rows], schema.field("image").type),
+                          "label": pa.array([lab for _, lab in rows], pa.int64())}, schema=schema)
+        pq.write_table(table, f"{out}/train-{f:05d}.parquet", row_group_size=rows_per_group)
+    return out
+
+
 def time_loader(loader, args, device: torch.device) -> dict:
     """Median img/s over repeats; the loader is cycled through epochs as needed."""
     epoch = 0
@@ -103,10 +128,12 @@ def main(argv=None) -> int:
     src.add_argument("--demo", action="store_true", help="use the embedded demo dataset")
     p.add_argument("--backends", default=",".join(
                        b for n in BACKENDS
-                       for b in (("native:workers", "native:batched", "shards") if n == "native" else (n,))),
+                       for b in (("native:workers", "native:batched", "shards", "parquet")
+                                 if n == "native" else (n,))),
                    help="comma list; unavailable ones are reported and skipped; native:workers|batched "
                         "picks data.native_decode (plain native = auto), native:batched:torchvision|"
-                        "nvimgcodec also data.decoder; shards: native:workers over a tar-shard copy")
+                        "nvimgcodec also data.decoder; shards / parquet: native:workers over a "
+                        "tar-shard / Parquet copy")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2)
@@ -153,6 +180,15 @@ def main(argv=None) -> int:
     if "shards" in names:  # tar shards of the same files (WebDataset layout), written untimed
         shards = f"{tmp.name}/shards"
         convert_wds(folder, shards, shard_size="64MB", progress=False)
+    pq_copy = None
+    if "parquet" in names:  # the same files as Parquet (Hugging Face layout), written untimed
+        try:
+            import pyarrow.parquet  # noqa: F401
+            pq_copy = parquet_copy(folder, f"{tmp.name}/parquet")
+        except ImportError:
+            skipped["parquet"] = "needs pyarrow: pip install 'fastcls[parquet]'"
+            print(f"{'parquet':>10}: skipped ({skipped['parquet']})", file=sys.stderr)
+            names.remove("parquet")
     for name in names:
         backend, _, rest = name.partition(":")   # native:batched:nvimgcodec
         decode, _, decoder = rest.partition(":")
@@ -163,6 +199,8 @@ def main(argv=None) -> int:
             variants = [(f"ffcv ({m})", betons[m]) for m in FFCV_MODES]
         elif name == "shards":
             backend, decode, variants = "native", "workers", [("native:workers (shards)", shards)]
+        elif name == "parquet":
+            backend, decode, variants = "native", "workers", [("native:workers (parquet)", pq_copy)]
         for label, train in variants:
             tree["data"]["backend"] = backend
             tree["data"]["native_decode"] = decode or "auto"

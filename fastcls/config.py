@@ -111,6 +111,9 @@ class ParquetConfig:
                              "binary); empty: image, img, jpg, ... or the Image feature")
     label_column: str = knob("", "the column of labels (ClassLabel integers or strings); empty: "
                              "label, labels, cls, ... or the ClassLabel feature")
+    shuffle_buffer: int = knob(1024, "training: samples each reader shuffles within, on top of "
+                               "the per-epoch row-group order (as data.wds.shuffle_buffer); each "
+                               "worker keeps the row groups this window spans; 0 = file order", ge=0)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ import importlib.util
 import json
 import subprocess
 
+import pytest
+
 from conftest import PY, ROOT, run_env
 
 
@@ -17,6 +19,10 @@ def test_loader_benchmark_smoke(folder, tmp_path):
     backends = {row["backend"]: row for row in r["results"]}
     assert {"native:workers", "native:batched", "native:workers (shards)", "synthetic",
             "pil_dataloader (baseline)"} <= set(backends)
+    if importlib.util.find_spec("pyarrow") is not None:  # the Parquet copy (Hugging Face layout)
+        assert "native:workers (parquet)" in backends
+    else:
+        assert "parquet" in r["skipped"]
     assert backends["pil_dataloader (baseline)"]["ratio_vs_pil"] == 1.0
     for row in r["results"]:
         assert row["img_per_s"] > 0 and len(row["runs"]) == 2
@@ -380,3 +386,23 @@ def test_table_memory_benchmark_smoke(tmp_path):
     # to 2 pages for each of the 3 buffers; a table that workers copy would lose most of them.
     for w in r["workers"]:
         assert w["table_pages"] > 100 and w["table_pages_exclusive_end"] <= 6, w
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pip install 'fastcls[parquet]'")
+def test_parquet_memory_benchmark_smoke(tmp_path):
+    """benchmarks/parquet_memory.py on 100 MB of Parquet: a worker's private memory grows by
+    about the row groups it keeps, not by the dataset (the files are memory-mapped)."""
+    out = tmp_path / "pm.json"
+    proc = subprocess.run([PY, "benchmarks/parquet_memory.py", "--gb", "0.1", "--shuffle-buffer", "100",
+                           "--out", str(out)], cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    data_mib = r["data"]["bytes_on_disk"] / 2**20
+    assert data_mib > 90 and r["row_groups_kept_per_worker"] == 3 and len(r["workers"]) == 2
+    bound = r["row_groups_kept_per_worker"] * r["largest_row_group_mb"]
+    for w in r["workers"]:
+        grew = (w["private_dirty_kb_end"] - w["private_dirty_kb_first_batch"]) / 1024
+        assert w["private_dirty_kb_end"] / 1024 < bound + 80 < data_mib, (w, bound)
+        assert grew < bound, (grew, bound)
+    assert r["epoch"]["images"] == r["epoch"]["batches"] * 256 > 0

@@ -517,26 +517,41 @@ def test_parquet_folder_of_several_splits_and_dataset_dict_say_what_to_name(tmp_
 
 
 @NEED_DATASETS
-def test_parquet_source_pickles_without_data_and_bounds_its_cache(hf_data, monkeypatch):
-    """What a worker receives: counts and labels (numpy), no open file, no cached row group;
-    a process keeps at most CACHE_BYTES of row groups (at least the last one)."""
+def test_parquet_source_pickles_without_data_and_reads_each_row_group_once(hf_data, monkeypatch):
+    """What a worker receives: counts and labels (numpy), no open file, no cached row group.
+    Training follows the shards' plan over row groups: each worker's stream decodes each of
+    its row groups once per epoch (a random order would re-read one per sample) and keeps
+    at most `_keep` of them; the streams together give the epoch's ids exactly."""
     import pickle
 
-    import fastcls.data.parquet as pqsrc
+    import pyarrow.parquet as pq
     tmp, rows, names, files = hf_data
-    src = _source(str(tmp / "data"))
+    src = _source(str(tmp / "data"), workers=2, parquet={"shuffle_buffer": 3})
+    assert src._keep == 2 + 3  # the smallest row group holds 1 row: 3 samples span <= 5 groups
     for i in range(16):
         src.read(i)
-    assert len(src._cache) == 8 and src._handles
+    assert len(src._cache) == src._keep and src._handles
     blob = pickle.dumps(src)
     assert len(blob) < 8000 and b"pyarrow" not in blob
     clone = pickle.loads(blob)
     assert not hasattr(clone, "_cache") and clone.read(5).data == rows[5][0]
-    monkeypatch.setattr(pqsrc, "CACHE_BYTES", 1)
-    small = _source(str(tmp / "data"))
-    for i in range(16):
-        assert small.read(i).data == rows[i][0]
-        assert len(small._cache) == 1
+
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+    order, got = src.order, []
+    assert order.streams == 2 and len(order) == 4
+    group_of = lambda ids: set(np.searchsorted(src.group_start, ids, side="right") - 1)  # noqa: E731
+    for j in range(2):
+        worker, reads[:] = pickle.loads(blob), []
+        mine = [order.batch(1, g) for g in range(j, len(order), 2)]
+        for g in range(j, len(order), 2):
+            batch = worker.read_batch(1, g)
+            assert [r.data for r in batch] == [rows[i][0] for i in order.batch(1, g)]
+            got += [r.sid for r in batch]
+        assert len(reads) == len(group_of(np.concatenate(mine))), (j, reads)
+    assert sorted(got) == sorted(order.ids(1)) and len(set(got)) == 16
+    assert not np.array_equal(order.ids(1), order.ids(2))  # the row-group order changes per epoch
 
 
 @NEED_DATASETS
@@ -626,17 +641,22 @@ def test_parquet_trains_two_epochs_and_the_checkpoint_keeps_the_hub_classes(hf_d
 
 @pytest.mark.demo
 @pytest.mark.timeout(900)  # ~2.5 min on an idle 2-core box
-def test_demo_trains_to_the_bar_from_shards_on_dali(demo_cache, tmp_path):
-    """The demo recipe from tar shards on the DALI graph reaches the folders' bar, and its fit
-    verdict settles (seed 2; test_train.py trains it from folders on the PIL workers, seed 0,
-    test_ffcv.py from a .beton, seed 1). The other cells share these paths' code: the matrix
-    above shows each source gives every path the same samples, crops and labels."""
+@NEED_DATASETS
+def test_demo_trains_to_the_bar_from_parquet_on_dali_validated_on_shards(demo_cache, tmp_path):
+    """The demo recipe trained from Parquet (Hugging Face's files: Image + ClassLabel, 3 files
+    of 98-row groups) on the DALI graph, validated on tar shards of the val split, reaches the
+    folders' bar, and its fit verdict settles (seed 2; test_train.py trains it from folders
+    on the PIL workers, seed 0, test_ffcv.py from a .beton, seed 1). One run covers two
+    sources end to end: Parquet's row-group plan in training, every shard image scored once
+    with training's classes. The other cells share these paths' code: the matrix above shows
+    each source gives every path the same samples, crops and labels."""
     pytest.importorskip("nvidia.dali")
     demo = demo_cache / "demo-v1"
-    split = {name: forms(demo / name, tmp_path / name, per_shard=100)[0]["shards"] for name in ("train", "val")}
+    train = forms(demo / "train", tmp_path / "train", per_shard=100)[0]["parquet"]
+    val = forms(demo / "val", tmp_path / "val", per_shard=100)[0]["shards"]
     out = tmp_path / "run"
     proc = subprocess.run([PY, "-m", "fastcls.train", "pipelines/demo.yaml", f"train.out_dir={out}",
-                           f"data.train={split['train']}", f"data.val={split['val']}", "train.seed=2",
+                           f"data.train={train}", f"data.val={val}", "train.seed=2",
                            "train.progress=false", "data.backend=dali"],
                           cwd=ROOT, env=run_env(demo_cache), capture_output=True, text=True, timeout=850)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -644,6 +664,8 @@ def test_demo_trains_to_the_bar_from_shards_on_dali(demo_cache, tmp_path):
     assert len(rows) == 30 and rows[-1]["val_images"] == 200
     assert rows[-1]["val_top1"] > 80.0, rows[-1]  # the demo's bar (test_train.py)
     assert_verdict_stable(out, max_changes=2, final="healthy")
+    from fastcls import checkpoint
+    assert checkpoint.load(out / "last.pt")["classes"] == sorted(p.name for p in (demo / "train").iterdir())
 
 
 # ---------------------------------------------------------------- CUDA (gpu machines)

@@ -26,14 +26,21 @@ unlabelled split) is a counted bad sample, as a non-image blob is (`sample.scree
 Reading: random access by row group. The Source holds counts and labels only, as numpy
 arrays (the row-group index: first sample id of each row group, its file and number), so
 forked DataLoader workers share its pages and a spawned one receives a few arrays; each
-process opens the files lazily (memory-mapped) and keeps a bounded cache of decoded row
-groups (`CACHE_BYTES`); an Arrow file is one memory map, read row by row without copying.
-The order is `RankOrder` (seeded permutation, equal disjoint rank ranges, exact seek,
-validation once). A random order decodes a whole row group per sample when the cache
-misses (`datasets` 5.x writes row groups of up to 100 MB): cheap for small datasets and for
-validation (in order), costly for training on a large one, where a `save_to_disk` folder (true
-random access) or shards (`convert --to wds`, one pass per row group) are the fast forms. A row
-group whose image column exceeds `ROW_GROUP_LIMIT` is refused with the rewrite command.
+process opens the files lazily (memory-mapped); an Arrow file is one memory map, read row by
+row without copying.
+
+The order of Parquet files is the shards' plan (`shards.ShardPlan`) over row groups: a Parquet file's row
+group is read whole (pyarrow reads no single row), as a tar shard is read in sequence, so
+the same plan fits: row groups permuted per epoch, ranks take equal disjoint ranges, one
+stream per DataLoader worker, a seeded shuffle buffer (`data.parquet.shuffle_buffer`)
+within each stream, exact mid-epoch seek, validation in file order with each image once.
+A stream's window of `shuffle_buffer` consecutive samples spans at most
+`shuffle_buffer / rows per group + 2` row groups, so each process keeps that many decoded
+row groups (`_keep`) and reads each row group once per epoch. Memory per worker is about
+that count times a row group's size; a row group whose image column exceeds
+`ROW_GROUP_LIMIT` is refused with the rewrite command. Arrow files alone (`save_to_disk`,
+a `datasets` cache) read any row from the memory map, so they take the folders' order
+(`RankOrder`: a full permutation per epoch).
 """
 from __future__ import annotations
 
@@ -42,17 +49,18 @@ import json
 import os
 import re
 from collections import OrderedDict
+from functools import cached_property
 from typing import Optional, Sequence
 
 import numpy as np
 
 from .sample import Raw, read_screened, screen
-from .source import DatasetError, Source
+from .shards import ShardPlan
+from .source import DatasetError, RankOrder, Source
 
 SUFFIXES = (".parquet", ".arrow")
 IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
 LABEL_NAMES = ("label", "labels", "cls", "class", "target")
-CACHE_BYTES = 128 << 20       # decoded row groups kept per process (at least the last one)
 ROW_GROUP_LIMIT = 512 << 20   # one row group's image bytes: what a cache miss reads
 HANDLES = 16                  # open files per process (the most recently used)
 _SPLIT_FILE = re.compile(r"^(.*?)[-_]\d+[-_]of[-_]\d+\.(parquet|arrow)$")
@@ -331,6 +339,7 @@ class ParquetSource(Source):
         groups = [g for f in files for g in f.groups]
         self.group_file = np.array([i for i, f in enumerate(files) for _ in f.groups], np.int32)
         self.group_index = np.array([j for f in files for j in range(len(f.groups))], np.int32)
+        self.group_rows = np.asarray(groups, np.int64)
         self.group_start = np.concatenate([[0], np.cumsum(groups)]).astype(np.int64)
         self.file_start = np.concatenate([[0], np.cumsum([sum(f.groups) for f in files])]).astype(np.int64)
         self.num_samples = int(self.group_start[-1])
@@ -339,6 +348,22 @@ class ParquetSource(Source):
         if not self.num_samples:
             raise DatasetError(f"{key}: {spec.path!r} holds no rows")
         self._pid = -1
+
+    @cached_property
+    def order(self):
+        """The shards' plan with row groups for shards (see the module docstring); Arrow
+        files alone (memory-mapped rows, true random access) take the folders' order."""
+        s = self.spec
+        if all(f.lower().endswith(".arrow") for f in self.files):
+            return RankOrder(self.num_samples, s.batch_size, s.rank, s.world_size, train=s.train, seed=s.seed)
+        return ShardPlan(self.group_rows, s.batch_size, s.rank, s.world_size, train=s.train, seed=s.seed,
+                         streams=s.data.workers, shuffle_buffer=s.data.parquet.shuffle_buffer)
+
+    @cached_property
+    def _keep(self) -> int:
+        """Decoded row groups kept per process: those one stream's shuffle window can span."""
+        rows = self.group_rows[self.group_rows > 0]
+        return 2 + -(-getattr(self.order, "shuffle_buffer", 0) // int(rows.min() if len(rows) else 1))
 
     @staticmethod
     def claims(path: str) -> bool:
@@ -353,7 +378,7 @@ class ParquetSource(Source):
 
     def _own(self) -> None:
         if self._pid != os.getpid():
-            self._pid, self._handles, self._cache, self._cached = os.getpid(), OrderedDict(), OrderedDict(), 0
+            self._pid, self._handles, self._cache = os.getpid(), OrderedDict(), OrderedDict()
 
     def _handle(self, i: int):
         """File i, opened in this process: a ParquetFile, or an Arrow file's image column
@@ -376,10 +401,9 @@ class ParquetSource(Source):
             return self._handle(f)
         col = self._cache.pop(g, None)
         if col is None:
+            while len(self._cache) >= self._keep:
+                self._cache.popitem(last=False)
             col = self._handle(f).read_row_group(int(self.group_index[g]), columns=[self.image]).column(0)
-            while self._cache and self._cached + col.nbytes > CACHE_BYTES:
-                self._cached -= self._cache.popitem(last=False)[1].nbytes
-            self._cached += col.nbytes
         self._cache[g] = col  # most recent last
         return col
 
