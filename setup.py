@@ -47,7 +47,7 @@ setup(
                  "onnx", "onnxruntime", "onnxscript", "scikit-image", "scikit-learn", "psutil",
                  "datasets"],
         "all": ["nvidia-dali-cuda120", "ffcv==1.0.2", "numba>=0.59",
-                "pytest", "pytest-timeout", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12",
+                "pytest", "pytest-timeout", "pytest-xdist", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12",
                 "tensorboard", "onnx", "onnxruntime", "onnxscript", "pyarrow", "datasets"],
     },
     entry_points={"console_scripts": ["fastcls-train=fastcls.train:main",

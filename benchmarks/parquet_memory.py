@@ -1,19 +1,24 @@
 """Memory of the Parquet source's DataLoader workers on a multi-GB file set: does each
 worker hold a copy of the dataset? Prints a table and writes JSON.
 
-    python benchmarks/parquet_memory.py                  # 3 GB, 2 workers (a few minutes)
-    python benchmarks/parquet_memory.py --gb 0.05 --out /tmp/pm.json     # smoke (seconds)
+    python benchmarks/parquet_memory.py                  # 0.5 GB then 3 GB, 2 workers (minutes)
+    python benchmarks/parquet_memory.py --gb 0.1,0.3 --out /tmp/pm.json     # smoke (seconds)
 
 The data, written with pyarrow as Hugging Face lays out an image dataset (an `Image` struct
 of bytes and path, a `ClassLabel` label, the features in the schema metadata, row groups of
 --rows-per-group rows, files of --rows-per-file rows): --images distinct JPEGs of about
 110 KB (ImageNet's mean size), each row's bytes made unique by a trailing row number (a JPEG
-decoder stops at its end marker), until --gb gigabytes are written.
+decoder stops at its end marker), until --gb gigabytes are written; each size of the --gb
+list in turn, so the table shows whether a worker's memory grows with the data.
 
 Measured over one training epoch on the batched path's byte workers (read + screen + header
 + crop draw in the workers; the batches are dropped in the main process, nothing is decoded,
-so what is measured is the source's reading): each worker's Rss, Pss and Private_Dirty (kB,
-/proc/PID/smaps_rollup) after its first batch and after the epoch's last; the main
+so what is measured is the source's reading): each worker's Rss, Pss, Private_Dirty and
+Anonymous (kB, /proc/PID/smaps_rollup) after its first batch and after the epoch's last.
+Rss and Pss include the memory-mapped files' page cache (shared by every process, dropped
+by the kernel under pressure); Anonymous is the worker's own memory, the number that would
+grow with the dataset if a worker held a copy of it. The files are synced before the
+measurement (see main). Also: the main
 process's RSS growth while building the loader; the row groups a worker keeps (the
 source's `_keep`) times the largest row group, the expected bound.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -117,7 +123,7 @@ def measure(root: Path, workers: int, batch_size: int, shuffle_buffer: int) -> d
     seconds = time.perf_counter() - t0
     loader.close()
     per_worker = [{"pid": p, **{f"{k.lower()}_kb_{name}": snap[p].get(k) for name, snap in
-                                (("first_batch", first), ("end", last)) for k in ("Rss", "Pss", "Private_Dirty")}}
+                                (("first_batch", first), ("end", last)) for k in ("Rss", "Pss", "Private_Dirty", "Anonymous")}}
                   for p in pids]
     return {"main_rss_build_mb": round((built - before) / MIB, 1), "row_groups_kept_per_worker": source._keep,
             "largest_row_group_mb": round(group_mb, 1), "workers": per_worker,
@@ -127,40 +133,55 @@ def measure(root: Path, workers: int, batch_size: int, shuffle_buffer: int) -> d
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gb", type=float, default=3.0, help="gigabytes of image bytes to write")
+    p.add_argument("--gb", default="0.5,3", help="comma list: gigabytes of image bytes per data set; "
+                   "each is written and measured in turn (a worker's memory must not grow with it)")
     p.add_argument("--images", type=int, default=64, help="distinct JPEGs the rows cycle through")
     p.add_argument("--rows-per-group", type=int, default=100, help="Hugging Face datasets' default for images")
     p.add_argument("--rows-per-file", type=int, default=4000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shuffle-buffer", type=int, default=1024, help="data.parquet.shuffle_buffer")
-    p.add_argument("--dir", help="write the files here (default: a temp dir, deleted)")
+    p.add_argument("--dir", help="write the files under here (default: a temp dir, deleted)")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    root = Path(args.dir or tempfile.mkdtemp(prefix="fastcls-pq-"))
-    root.mkdir(parents=True, exist_ok=True)
+    base = Path(args.dir or tempfile.mkdtemp(prefix="fastcls-pq-"))
+    runs = []
     try:
-        t0 = time.perf_counter()
-        rows, nbytes = make_parquet(root, args.gb, args.images, args.rows_per_group, args.rows_per_file)
-        write_s = time.perf_counter() - t0
-        result = measure(root, args.workers, args.batch_size, args.shuffle_buffer)
+        for gb in [float(x) for x in args.gb.split(",")]:
+            root = base / f"{gb:g}gb"
+            root.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            rows, nbytes = make_parquet(root, gb, args.images, args.rows_per_group, args.rows_per_file)
+            write_s = time.perf_counter() - t0
+            # Written back before measuring: a freshly written file's page-cache pages are
+            # dirty, and smaps counts a dirty page mapped by one process as its Private_Dirty
+            # (the workers memory-map the files): the page cache, not the worker's memory.
+            os.sync()
+            run = {"data": {"gb": gb, "rows": rows, "bytes_on_disk": nbytes,
+                            "files": -(-rows // args.rows_per_file), "write_s": round(write_s, 1)},
+                   **measure(root, args.workers, args.batch_size, args.shuffle_buffer)}
+            runs.append(run)
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
     finally:
         if not args.keep and not args.dir:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(base, ignore_errors=True)
+    print(f"{'data':>18}{'worker':>8}" + "".join(f"{k + ' MiB':>18}" for k in ("Rss", "Pss", "Private_Dirty",
+                                                                            "Anonymous"))
+          + "   (first batch -> end of epoch)")
+    for run in runs:
+        d = run["data"]
+        for w in run["workers"]:
+            print(f"{d['bytes_on_disk'] / 1e9:>7.2f} GB {d['rows']:>7,}{w['pid']:>8}" + "".join(
+                f"{w[f'{k}_kb_first_batch'] / 1024:>11.0f}->{w[f'{k}_kb_end'] / 1024:<5.0f}"
+                for k in ("rss", "pss", "private_dirty", "anonymous")))
+        print(f"{'':>18} one epoch of {run['epoch']['batches']} batches in {run['epoch']['seconds']} s "
+              f"({run['epoch']['img_per_s']} img/s); main process +{run['main_rss_build_mb']} MiB "
+              f"building the loader; each worker keeps {run['row_groups_kept_per_worker']} row groups "
+              f"of at most {run['largest_row_group_mb']} MiB")
     result = {"benchmark": "parquet_memory", "time": now_utc(), "machine": machine_info(torch.device("cpu")),
-              "versions": versions(), "settings": vars(args),
-              "data": {"rows": rows, "bytes_on_disk": nbytes, "files": -(-rows // args.rows_per_file),
-                       "write_s": round(write_s, 1)}, **result}
-    print(f"{rows:,} rows, {nbytes / 1e9:.2f} GB in {result['data']['files']} files; one epoch of "
-          f"{result['epoch']['batches']} batches in {result['epoch']['seconds']} s; main process "
-          f"+{result['main_rss_build_mb']} MiB building the loader; each worker keeps "
-          f"{result['row_groups_kept_per_worker']} row groups")
-    print(f"{'worker':>8}{'Rss MiB':>10}{'Pss MiB':>10}{'Private_Dirty MiB':>20}   (first batch -> end)")
-    for w in result["workers"]:
-        print(f"{w['pid']:>8}" + "".join(
-            f"{w[f'{k}_kb_first_batch'] / 1024:>6.0f}->{w[f'{k}_kb_end'] / 1024:<6.0f}"
-            for k in ("rss", "pss", "private_dirty")))
+              "versions": versions(), "settings": vars(args), "runs": runs}
     out = write_json(args.out or ROOT / "benchmarks" / "results" / "memory" / f"parquet-{machine_slug()}.json",
                      result)
     print(f"wrote {out}")

@@ -390,19 +390,20 @@ def test_table_memory_benchmark_smoke(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pip install 'fastcls[parquet]'")
 def test_parquet_memory_benchmark_smoke(tmp_path):
-    """benchmarks/parquet_memory.py on 100 MB of Parquet: a worker's private memory grows by
-    about the row groups it keeps, not by the dataset (the files are memory-mapped)."""
+    """benchmarks/parquet_memory.py on 100 MB then 300 MB of Parquet: with 3x the data (each
+    worker reads ~100 MiB more), a worker's private memory at the end of the epoch stays
+    within the allocators' slack (measured -20..+30 MiB): it keeps a few row groups, and
+    the memory-mapped files are the shared page cache, not the worker's memory."""
     out = tmp_path / "pm.json"
-    proc = subprocess.run([PY, "benchmarks/parquet_memory.py", "--gb", "0.1", "--shuffle-buffer", "100",
+    proc = subprocess.run([PY, "benchmarks/parquet_memory.py", "--gb", "0.1,0.3", "--shuffle-buffer", "100",
                            "--out", str(out)], cwd=ROOT, env=run_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(out.read_text())
-    data_mib = r["data"]["bytes_on_disk"] / 2**20
-    assert data_mib > 90 and r["row_groups_kept_per_worker"] == 3 and len(r["workers"]) == 2
-    bound = r["row_groups_kept_per_worker"] * r["largest_row_group_mb"]
-    for w in r["workers"]:
-        grew = (w["private_dirty_kb_end"] - w["private_dirty_kb_first_batch"]) / 1024
-        assert w["private_dirty_kb_end"] / 1024 < bound + 80 < data_mib, (w, bound)
-        assert grew < bound, (grew, bound)
-    assert r["epoch"]["images"] == r["epoch"]["batches"] * 256 > 0
+    small, big = json.loads(out.read_text())["runs"]
+    read = (big["data"]["bytes_on_disk"] - small["data"]["bytes_on_disk"]) / 2**20 / 2  # more per worker
+    assert read > 90 and big["row_groups_kept_per_worker"] == 3 and len(big["workers"]) == 2
+    end = {name: sorted(w["private_dirty_kb_end"] / 1024 for w in run["workers"])
+           for name, run in (("small", small), ("big", big))}
+    for a, b in zip(end["small"], end["big"]):
+        assert b - a < 45 < read / 2, end  # holding what it read: +read
+    assert big["epoch"]["images"] == big["epoch"]["batches"] * 256 > 0
