@@ -44,8 +44,10 @@ def canonical_name(r: dict) -> str:
     s = r["settings"]
     if r["benchmark"] == "loader":
         tag = f"{s['image_size']}px_{slug(data_name(r).split(',')[0])}"
-        if "shards" in str(s.get("backends") or "").split(","):  # folder vs shards vs .beton
-            tag += "_shards"
+        backends = str(s.get("backends") or "").split(",")
+        for copy in ("shards", "parquet"):  # folder vs its tar-shard / Parquet copies
+            if copy in backends:
+                tag += f"_{copy}"
     elif r["benchmark"] == "train":
         tag = (f"{s['model']}_{s['image_size']}px_bs{s['batch_size']}_"
                f"{'compiled' if s['compile'] else 'eager'}_{s['backend']}")
