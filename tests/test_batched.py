@@ -295,6 +295,32 @@ def test_staging_thread_stops_on_early_exit():
     assert _stage_threads() == [] and len(pulled) <= 2 + 2 + 2  # taken, queued, in hand
 
 
+@pytest.mark.parametrize("decode", ["workers", "batched"])
+def test_one_side_stream_per_loader(tmp_path, decode):
+    """staged() runs every epoch and every evaluation on the loader's one side stream (a stream
+    per call strands each epoch's CUDA memory pool): the loader's accessor is asked once per
+    iteration and makes the stream once. The CUDA factory is counted here, not called."""
+    from fastcls.data.base import SideStream
+    root = make_folder(tmp_path / "d")
+    made = []
+
+    class Spy(SideStream):
+        asked = 0
+
+        def __call__(self):
+            Spy.asked += 1
+            return super().__call__()
+
+    loader = build_loader(make_cfg(root, native_decode=decode), "train", CPU)
+    loader.side_stream = Spy(CPU, factory=lambda d: made.append(d) or object())
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == len(loader)
+    assert Spy.asked == 3 and made == []  # asked each epoch; off CUDA nothing is created
+    side = SideStream(torch.device("cuda", 0), factory=lambda d: made.append(d) or object())
+    assert len({id(side()) for _ in range(5)}) == 1 and made == [torch.device("cuda", 0)]
+
+
 @DECODER
 def test_batched_loader_early_exit_leaves_no_thread_or_worker(tmp_path, decoder):
     import multiprocessing

@@ -36,7 +36,7 @@ from conftest import (
 )
 
 pytest.importorskip("nvidia.dali", reason="DALI not installed: pip install 'fastcls[dali]'")
-from fastcls.data.dali import DaliSource, build_pipeline  # noqa: E402
+from fastcls.data.dali import DaliSource, build_pipeline, start_method  # noqa: E402
 
 
 def make_cfg(train, val="", **data):
@@ -304,6 +304,98 @@ def test_dali_spawned_workers_run_the_source(tmp_path):
     images, labels, keep, bad = pipe.run()
     assert np.array(images.as_tensor()).shape == (4, 32, 32, 3)
     assert np.array(keep.as_tensor()).all()
+
+
+@pytest.mark.parametrize("gpu, driver, expected", [(False, False, "fork"), (False, True, "spawn"),
+                                                   (True, False, "spawn"), (True, True, "spawn")])
+def test_dali_start_method(gpu, driver, expected):
+    """Spawn whenever the CUDA driver is up (DALI refuses to fork then), not only for a GPU
+    graph: conftest's torch.cuda.is_available() initializes the driver on a GPU machine."""
+    assert start_method(gpu, driver) == expected
+
+
+def test_dali_cpu_graph_spawns_once_the_driver_is_up(tmp_path, monkeypatch):
+    """The check is DALI's own (no CUDA here: False, and it initialized nothing); a CPU graph
+    built with the driver reported up gets spawned workers."""
+    import fastcls.data.dali as dali
+    assert dali.cuda_driver_initialized() is False and not torch.cuda.is_initialized()
+    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=(1, 1))
+    source = dali_source(root, batch_size=2)
+    kw = dict(batch_size=2, num_threads=1, device_id=None, seed=1, py_workers=1, build=False)
+    assert build_pipeline(source, **kw)._py_start_method == "fork"
+    monkeypatch.setattr(dali, "cuda_driver_initialized", lambda: True)
+    assert build_pipeline(source, **kw)._py_start_method == "spawn"
+
+
+def _run_pids(marker: str) -> set[int]:
+    """Live (not zombie) processes whose command line holds `marker`."""
+    import os
+    pids = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{d}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmd and state != "Z":
+            pids.add(int(d))
+    return pids
+
+
+def _children(pid: int) -> set[int]:
+    import os
+    kids = set()
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.add(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+@pytest.mark.timeout(240)
+def test_dali_workers_die_with_a_sigkilled_trainer(tmp_path):
+    """kill -9 of the trainer (an OOM kill, scancel's escalation) during epoch 1 on the CPU
+    graph with 2 Python workers: no process of the run is left a few seconds later (they were
+    re-parented to init and lived on: workers.die_with_parent)."""
+    import signal
+    import time
+    root = make_folder(tmp_path / "d", per_class=(8, 8, 8))  # 12 steps of 2
+    out = tmp_path / "sigkill-run-7f3a"  # in every forked worker's command line too
+    args = ["pipelines/demo.yaml", "data.backend=dali", f"data.train={root}", f"data.val={root}",
+            "data.demo=false", "model.num_classes=3", "data.batch_size=2", "data.image_size=32",
+            "data.val_resize=32", "data.workers=2", "train.epochs=20", "train.progress=false",
+            "train.amp=off", "train.checkpoint_every=2", f"train.out_dir={out}"]
+    proc = subprocess.Popen([PY, "-m", "fastcls.train", *args], cwd=ROOT, env=run_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kids, deadline = set(), time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            kids |= _children(proc.pid)
+            if (out / "last.pt.sha256").is_file() and len(kids) >= 2:  # steps ran: workers serve
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and len(kids) >= 2, (kids, proc.stderr.read()[-2000:])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        left = _run_pids(str(out)) | {p for p in kids if p in _run_pids("")}
+        end = time.time() + 10
+        while left and time.time() < end:
+            time.sleep(0.2)
+            left = _run_pids(str(out)) | {p for p in kids if p in _run_pids("")}
+        assert not left, f"processes of the killed run still alive: {sorted(left)}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _run_pids(str(out)):  # never leave them behind for the next test
+            import os
+            os.kill(p, signal.SIGKILL)
 
 
 @pytest.mark.timeout(300)

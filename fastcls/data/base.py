@@ -135,6 +135,7 @@ class LoaderBase:
         self.classes, self.empty_classes, self.excluded = classes, list(empty_classes), excluded
         self.dataset_size = dataset_size
         self.train, self.device, self.dtype, self.data = spec.train, spec.device, spec.dtype, spec.data
+        self.side_stream = SideStream(spec.device)  # staged()'s stream on CUDA, for every epoch
         self.bad_files: list[str] = []
         self.max_bad_fraction = spec.data.max_bad_fraction
 
@@ -221,6 +222,28 @@ class Normalizer:
         return x.to(self.dtype, memory_format=torch.channels_last)
 
 
+class SideStream:
+    """A loader's side stream on CUDA, created on first use and kept for the loader's life:
+    `staged` runs every epoch and every evaluation on it. A stream per call would strand each
+    epoch's memory pool (the caching allocator reuses a block only on the stream that
+    allocated it: ~1 GB at batch 256 / 224 px, until an allocation fails and forces a
+    device-wide sync + cudaFree). Calling it returns the stream, or None off CUDA (nothing
+    created). `factory` (torch.cuda.Stream) is a parameter so a CPU test can count it."""
+
+    def __init__(self, device: torch.device, factory: Optional[Callable[[torch.device], Any]] = None):
+        self.device, self.factory = device, factory or torch.cuda.Stream
+        self._stream = None
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        if self.device.type != "cuda":
+            return None
+        with self._lock:  # the staging thread asks; one stream even if two ever ask at once
+            if self._stream is None:
+                self._stream = self.factory(self.device)
+            return self._stream
+
+
 class _Failed:
     """An exception raised in the staging thread, carried to the consumer."""
 
@@ -232,14 +255,15 @@ _END = object()
 
 
 def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-           device: torch.device, *, depth: int = 2, sync_side_stream: bool = False
-           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+           device: torch.device, *, side: Optional[SideStream] = None, depth: int = 2,
+           sync_side_stream: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield `stage(batch)` for each batch, with up to `depth` batches staged ahead by a
     background thread, so that reading, decoding and the crop kernel of the next batches
     never hold the training thread (torchvision's CUDA batch decode ends with a stream
     synchronize, nvImageCodec waits on its future; both release the GIL).
 
-    On CUDA the thread stages on a side stream of `device` and records an event per batch;
+    On CUDA the thread stages on the loader's side stream `side` (one per loader, reused by
+    every epoch; without one, a stream for this call only) and records an event per batch;
     the consumer's stream waits on that event before it uses the batch, and `record_stream`
     keeps the allocator from reusing the tensors' memory while the consumer still reads
     them. `sync_side_stream`: the thread waits for its stream's previous work before it
@@ -253,6 +277,8 @@ def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, to
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     cuda = device.type == "cuda"
+    if side is None:
+        side = SideStream(device)
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -265,10 +291,9 @@ def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, to
 
     def work() -> None:
         try:
-            stream = None
             if cuda:
                 torch.cuda.set_device(device)  # the thread's current device is per thread
-                stream = torch.cuda.Stream(device)
+            stream = side()  # None off CUDA
             for batch in batches:
                 if stop.is_set():
                     return

@@ -339,7 +339,8 @@ class BatchedLoader(SourceLoader):
         # kernel, still reading blocks the allocator may hand to the decoder, must be
         # finished first (the training stream is not waited on).
         yield from staged(batches_with_timeout(iter(self.loader), self.timeout), self._process,
-                          self.device, sync_side_stream=self.decoder == "torchvision")
+                          self.device, side=self.side_stream,
+                          sync_side_stream=self.decoder == "torchvision")
 
     def epoch_warnings(self) -> list[str]:
         """One line when images fell back from the batch decoder this epoch."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import threading
 from typing import Iterator, Optional
 
 import numpy as np
@@ -86,13 +87,16 @@ def _placeholder_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def _worker_signals() -> None:
+def _worker_signals(parent: int, pdeathsig: bool) -> None:
     """In DALI's Python workers: SLURM signals every process of a job step; preemption is the
     trainer's job (checkpoint, then shut the pipeline down), so SIGUSR1 is ignored and SIGTERM
-    only arms a 30 s alarm (as the PIL path's DataLoader workers do)."""
-    from .workers import term_later
+    only arms a 30 s alarm (as the PIL path's DataLoader workers do). And the worker dies with
+    its parent (workers.die_with_parent): DALI's workers do not watch it, and a SIGKILLed
+    trainer left them running, re-parented to init."""
+    from .workers import die_with_parent, term_later
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, term_later)
+    die_with_parent(parent, pdeathsig=pdeathsig)
 
 
 class DaliSource:
@@ -112,6 +116,9 @@ class DaliSource:
         self.random_access, self.num_samples = True, source.num_samples
         self.placeholder = _placeholder_jpeg()
         self._owner = os.getpid()
+        # PR_SET_PDEATHSIG fires when the thread that started the worker ends: only safe when
+        # the pipeline is built (its workers started) on the main thread, as the trainer does.
+        self._pdeathsig = threading.current_thread() is threading.main_thread()
         self._signals_set = False
 
     def epoch_of(self, epoch_idx: int) -> int:
@@ -123,10 +130,19 @@ class DaliSource:
             return Raw(b"", -1, sid, self.source.name(sid), self.known_bad[sid])
         return self.source.read(sid)
 
-    def __call__(self, info):
+    def __setstate__(self, state):
+        """Unpickled in a spawned worker as it starts: its signal setup now, not at its first
+        batch."""
+        self.__dict__.update(state)
+        self._worker_setup()
+
+    def _worker_setup(self) -> None:
         if not self._signals_set and os.getpid() != self._owner:
-            _worker_signals()
+            _worker_signals(self._owner, self._pdeathsig)
             self._signals_set = True
+
+    def __call__(self, info):
+        self._worker_setup()  # a forked worker: at its first batch
         epoch = self.epoch_of(info.epoch_idx)
         step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
         if step >= len(self.order):
@@ -166,6 +182,28 @@ class DaliSource:
         return self._row(self.placeholder, -1, (0, 0, 8, 8), False, False, bad, size)
 
 
+def cuda_driver_initialized() -> bool:
+    """Whether the CUDA driver is initialized in this process: DALI's own check (the one its
+    worker pool makes before it refuses to fork, `nvidia.dali._multiproc.pool`), which asks the
+    driver without initializing it (not `torch.cuda.is_available()`, which would). torch's
+    lazy init counts too (it initializes the driver)."""
+    try:
+        from nvidia.dali import backend
+        if backend.IsDriverInitialized():
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return torch.cuda.is_initialized()
+
+
+def start_method(gpu: bool, driver_initialized: bool) -> str:
+    """How DALI starts its Python source workers: "spawn" when the pipeline is on the GPU
+    (its build initializes CUDA) or the driver is already up in this process (e.g. a
+    `torch.cuda.is_available()` call: DALI refuses to fork then), else "fork" (cheaper: the
+    source is inherited, not pickled)."""
+    return "spawn" if gpu or driver_initialized else "fork"
+
+
 def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
                    device_id: Optional[int], seed: int, py_workers: int,
                    prefetch_queue_depth: int = 2, hw_decoder_load: float = 0.65,
@@ -179,12 +217,13 @@ def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
     `build=False` only defines the graph (op names, arguments and devices are checked then;
     the GPU graph can be checked so on a machine without CUDA).
 
-    Python workers start by fork on the CPU; with CUDA in the process they must spawn (DALI
-    refuses to fork once the CUDA driver is initialized)."""
+    Python workers start by fork on the CPU; on the GPU or with the CUDA driver already
+    initialized in the process they spawn (`start_method`: DALI refuses to fork once the
+    driver is up)."""
     fn, Pipeline, types, _ = _dali()
     gpu = device_id is not None
     if py_start_method is None:
-        py_start_method = "spawn" if gpu else "fork"
+        py_start_method = start_method(gpu, cuda_driver_initialized())
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     seed=seed, prefetch_queue_depth=prefetch_queue_depth,
                     py_num_workers=max(1, py_workers), py_start_method=py_start_method)

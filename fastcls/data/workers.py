@@ -9,10 +9,15 @@ normalizes and lays it out channels_last (on CUDA on a side stream, one batch ah
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import io
 import math
+import os
 import signal
+import sys
+import threading
+import time
 from typing import Iterator
 
 import numpy as np
@@ -84,6 +89,39 @@ def worker_init(_: int) -> None:
 def term_later(signum, frame) -> None:
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(WORKER_TERM_GRACE_S)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, *, pdeathsig: bool = True, poll_s: float = 1.0) -> str:
+    """Make this (worker) process end when its parent `parent` ends, however the parent ends
+    (a SIGKILL runs no cleanup: an OOM kill, scancel's escalation), so no worker outlives a
+    killed trainer. torch's DataLoader workers watch their parent; DALI's Python workers do
+    not, hence this call in their first task.
+
+    With `pdeathsig` on Linux, prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills this
+    process when the thread that started it ends; so only when that thread lives as long as
+    the parent process (the main thread). Otherwise (or if prctl fails) a daemon thread polls
+    the parent every `poll_s` seconds and exits the process once it is gone. Either way a
+    parent already gone (before the call) ends this process now. -> "pdeathsig" | "watch"."""
+    how = "watch"
+    if pdeathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                how = "pdeathsig"
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # re-parented already: the parent died before the call
+        os._exit(1)
+    if how == "watch":
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(poll_s)
+            os._exit(1)
+        threading.Thread(target=watch, name="fastcls-parent-watch", daemon=True).start()
+    return how
 
 
 class Tasks(Dataset):
@@ -188,7 +226,8 @@ class WorkersLoader(SourceLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.bad_files = []
-        yield from staged(batches_with_timeout(iter(self.loader), self.timeout), self._stage, self.device)
+        yield from staged(batches_with_timeout(iter(self.loader), self.timeout), self._stage, self.device,
+                          side=self.side_stream)
 
     def _stage(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, errors = batch
