@@ -5,7 +5,8 @@
         --warmup 15 --steps 30 --repeats 3 --out bench_out/train_r50_compiled.json
     python benchmarks/train.py pipelines/demo.yaml --steps 10          # CPU, the demo data
 
-Builds the recipe's model, optimizer, loss, AMP, channels_last and compile setting once and
+Builds the recipe's model, optimizer, loss, AMP, channels_last and compile setting once (and
+the trainer's `set_determinism`: cuDNN autotuning unless train.deterministic) and
 runs the trainer's own loop (`fastcls.train.train_one_epoch`, so every sync, augmentation
 and stall measurement is the trainer's) over two loaders in turn: the `synthetic` backend
 (a batch already on the device: the model's speed) and the recipe's backend on its
@@ -43,7 +44,7 @@ from fastcls.log import RunLog  # noqa: E402
 from fastcls.loss import SmoothedCrossEntropy  # noqa: E402
 from fastcls.models import build_model  # noqa: E402
 from fastcls.optim import build_optimizer  # noqa: E402
-from fastcls.train import EpochContext, amp_setup, train_one_epoch  # noqa: E402
+from fastcls.train import EpochContext, amp_setup, set_determinism, train_one_epoch  # noqa: E402
 
 from common import dataset_info, device_name, machine_info, now_utc, versions, write_json  # noqa: E402
 
@@ -128,6 +129,9 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
+    # The trainer's kernel choice (cuDNN autotuning unless train.deterministic), so both
+    # numbers are the trainer's.
+    set_determinism(cfg.train.deterministic)
     autocast, data_dtype = amp_setup(cfg.train.amp, device)
 
     # Loaders first: a bad folder fails before the model is built.
@@ -179,6 +183,8 @@ def main(argv=None) -> int:
                 "image_size": cfg.data.image_size, "amp": cfg.train.amp,
                 "channels_last": cfg.model.channels_last, "compile": cfg.model.compile,
                 "backend": cfg.data.backend, "workers": cfg.data.workers,
+                "deterministic": cfg.train.deterministic,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
                 "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats}
     result = {"benchmark": "train", "time": now_utc(), "config_file": args.config,
               "overrides": args.overrides, "note": args.note,

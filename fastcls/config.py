@@ -84,6 +84,10 @@ class DaliConfig:
     hw_decoder_load: float = knob(0.65, "share of JPEGs sent to the NVJPG hardware decoder "
                                   "(A100/H100/H200; ignored elsewhere and on CPU)", ge=0, le=1)
     prefetch_queue_depth: int = knob(2, "batches DALI prepares ahead of the training step", gt=0)
+    threads: int = knob(0, "DALI's CPU threads per pipeline (CPU decode, resize; on a GPU each "
+                        "holds nvJPEG paddings: ~211 MB device + 2 x 140 MB pinned); 0 = auto: "
+                        "4, at most the cores this process may use. Independent of data.workers "
+                        "(DALI's Python source workers)", ge=0)
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,8 @@ class DataConfig:
     progressive: ProgressiveConfig = section(ProgressiveConfig)
     rrc: RRCConfig = section(RRCConfig)
     hflip: float = knob(0.5, "probability of a horizontal flip", ge=0, le=1)
-    workers: int = knob(8, "DataLoader worker processes per rank (dali: its num_threads, min 1; "
-                        "ffcv: its threads)", ge=0)
+    workers: int = knob(8, "DataLoader worker processes per rank (dali: its Python source "
+                        "workers, min 1, its threads are data.dali.threads; ffcv: its threads)", ge=0)
     pin_memory: bool = knob(True, "pinned host batches (GPU only)")
     max_bad_fraction: float = knob(0.01, "undecodable files tolerated per epoch and rank, as a "
                                    "fraction, before the run stops", ge=0, le=1)

@@ -139,7 +139,8 @@ def test_train_benchmark_smoke(folder, tmp_path):
     assert v["torch"] and v["torchvision"] and v["pillow"] and "dali" in v and "ffcv" in v
     assert r["settings"] == {"model": "resnet_tiny", "batch_size": 4, "image_size": 32, "amp": "bf16",
                              "channels_last": True, "compile": False, "backend": "native",
-                             "workers": 1, "warmup": 1, "steps": 2, "repeats": 2}
+                             "workers": 1, "deterministic": False, "cudnn_benchmark": True,
+                             "warmup": 1, "steps": 2, "repeats": 2}
     assert r["config"]["data"]["train"] == str(folder) and r["config"]["model"]["num_classes"] == 10
     assert r["dataset"]["images"] == 18
     rows = {row["backend"]: row for row in r["results"]}
@@ -170,6 +171,27 @@ def test_train_benchmark_errors(folder, tmp_path, capsys):
     rc, err = run(f"data.train={folder}", "data.batch_size=32")  # 18 images
     assert rc == 2 and "fewer than one global batch" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_train_benchmark_sets_the_trainers_determinism(tmp_path, monkeypatch, capsys, deterministic):
+    """benchmarks/train.py calls the trainer's set_determinism (cuDNN autotuning as the
+    trainer has it: the synthetic and real numbers are the trainer's), before anything runs."""
+    tb = _bench_module("train")
+    calls = []
+    monkeypatch.setattr(tb, "set_determinism", calls.append)
+    rc = tb.main(["pipelines/demo.yaml", *TRAIN_TINY, f"data.train={tmp_path / 'none'}",
+                  f"train.deterministic={str(deterministic).lower()}", "--out", str(tmp_path / "t.json")])
+    assert rc == 2 and calls == [deterministic]
+    import torch
+
+    from fastcls.train import set_determinism
+    before = torch.backends.cudnn.benchmark
+    try:
+        set_determinism(False)  # what the benchmark now records as settings.cudnn_benchmark
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def test_train_benchmark_measures_stall():

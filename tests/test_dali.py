@@ -223,6 +223,27 @@ def test_config_keys():
         load_config(None, ["data.batch_size=8", "data.dali.prefetch_queue_depth=0"])
 
 
+def test_dali_threads_are_not_data_workers(folder):
+    """DALI's thread count (nvJPEG's paddings are per thread: ~211 MB device + 2 x 140 MB
+    pinned each) is data.dali.threads, 0 = 4 capped by the cores; data.workers only sets
+    the Python source workers."""
+    import os
+
+    from fastcls.data.dali import DEFAULT_THREADS, dali_threads, padding_bytes
+    assert DEFAULT_THREADS == 4 and load_config(None, ["data.batch_size=8"]).data.dali.threads == 0
+    assert dali_threads(0, cores=2) == 2 and dali_threads(0, cores=64) == 4 and dali_threads(0, cores=1) == 1
+    assert dali_threads(6, cores=2) == 6  # an explicit value is taken as it is
+    assert padding_bytes(4) == (4 * 211025920, 8 * 140544512)
+    cores = len(os.sched_getaffinity(0))
+    loader = build_loader(make_cfg(folder, workers=16), "train", CPU)
+    assert loader.num_threads == min(4, cores) and loader.workers == 16
+    loader = build_loader(make_cfg(folder, workers=2, dali={"threads": 3}), "train", CPU)
+    assert loader.num_threads == 3 and loader.workers == 2
+    from fastcls.config import ConfigError
+    with pytest.raises(ConfigError, match="data.dali.threads"):
+        load_config(None, ["data.batch_size=8", "data.dali.threads=-1"])
+
+
 # ---------------------------------------------------------------- GPU (unverified without one)
 
 @pytest.mark.parametrize("train", [True, False])

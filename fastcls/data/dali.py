@@ -1,6 +1,6 @@
 """The `dali` backend: NVIDIA DALI decodes, crops, resizes, flips and normalizes.
 
-    data.backend: dali          # + data.dali.hw_decoder_load, data.dali.prefetch_queue_depth
+    data.backend: dali          # + data.dali.threads, hw_decoder_load, prefetch_queue_depth
 
 One pipeline per loader for the whole run (a build preallocates GBs of device and pinned
 memory and sets up nvJPEG and the hardware decoder: per epoch that would be paid again and
@@ -72,6 +72,33 @@ def _dali():
     except ImportError as e:
         raise DatasetError(f"data.backend=dali: nvidia.dali is not installed ({e}); run: {INSTALL}") from None
     return fn, Pipeline, types, feed_ndarray
+
+
+DEFAULT_THREADS = 4  # data.dali.threads=0
+# nvJPEG's buffers sized up front per DALI thread for ImageNet's largest JPEGs, so they are not
+# reallocated mid-epoch (the values of DALI's own ResNet-50 example): a pipeline preallocates
+# threads x (DEVICE_PADDING device + 2 x HOST_PADDING pinned).
+DEVICE_PADDING, HOST_PADDING = 211025920, 140544512
+
+
+def dali_threads(threads: int, cores: Optional[int] = None) -> int:
+    """DALI's CPU thread count for a pipeline: `data.dali.threads`, or for 0 DEFAULT_THREADS
+    capped by `cores` (default: the cores this process may run on). Not data.workers: the
+    paddings are per thread, and 16 workers' worth cost ~3.4 GB device + 4.5 GB pinned per
+    pipeline (train, val and the clean-diagnosis loader each)."""
+    if threads > 0:
+        return threads
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+    return max(1, min(DEFAULT_THREADS, cores))
+
+
+def padding_bytes(threads: int) -> tuple[int, int]:
+    """(device, pinned host) bytes a GPU pipeline of `threads` threads preallocates for nvJPEG."""
+    return threads * DEVICE_PADDING, threads * 2 * HOST_PADDING
 
 
 def _seed(*parts: int) -> int:
@@ -236,10 +263,9 @@ def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
             ndim=[1, 1, 1, 1, 0, 0, 1, 1])
         decode_kw = dict(device="mixed" if gpu else "cpu", output_type=types.RGB)
         if gpu:
-            # Paddings: nvJPEG's buffers sized up front for ImageNet's largest JPEGs, so they are
-            # not reallocated mid-epoch (the values of DALI's own ResNet-50 example).
-            decode_kw.update(hw_decoder_load=hw_decoder_load, device_memory_padding=211025920,
-                             host_memory_padding=140544512)
+            # Paddings per thread (DEVICE_PADDING, HOST_PADDING): num_threads x of each.
+            decode_kw.update(hw_decoder_load=hw_decoder_load, device_memory_padding=DEVICE_PADDING,
+                             host_memory_padding=HOST_PADDING)
         # ROI decode of the window; no EXIF rotation, so the header's size is the decoded one
         # and the pixels are the PIL path's.
         images = fn.decoders.image_slice(jpegs, anchor, shape, normalized_anchor=False,
@@ -274,7 +300,7 @@ class DaliLoader(SourceLoader):
         super().__init__(source, spec)
         d = spec.data
         self.batch_size, self.workers = spec.batch_size, d.workers
-        self.num_threads = max(1, d.workers)  # DALI CPU threads (decode on CPU, resize)
+        self.num_threads = dali_threads(d.dali.threads)  # DALI CPU threads (decode, resize)
         if spec.device.type == "cuda":
             self.device_id: Optional[int] = spec.device.index if spec.device.index is not None \
                 else torch.cuda.current_device()
