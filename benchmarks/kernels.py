@@ -106,17 +106,25 @@ def main(argv=None) -> int:
     aa = args.antialias != "off"
     a = fused(images, crops, flips, args.size, torch.float32, ANTIALIAS_ABOVE["on" if aa else "off"])
     b = loop(images, crops, flips, args.size, torch.float32, aa)
-    rows = [
-        {"impl": "fused " + ("triton" if device.type == "cuda" else "torch reference"),
-         **timed(lambda: fused(images, crops, flips, args.size, dtype, above), args, device)},
-        {"impl": "per-image torch loop",
-         **timed(lambda: loop(images, crops, flips, args.size, dtype, args.antialias != "off"), args, device)},
-    ]
-    rows[0]["speedup_vs_loop"] = rows[0]["img_per_s"] / rows[1]["img_per_s"]
     machine = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
                "threads": torch.get_num_threads()}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(complete: bool, **extra) -> None:  # after each row: a run cut short keeps it
+        out.write_text(json.dumps({"benchmark": "kernels", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   "complete": complete, "machine": machine, "settings": vars(args),
+                                   "results": rows, **extra}, indent=2))
+
+    rows = [{"impl": "fused " + ("triton" if device.type == "cuda" else "torch reference"),
+             **timed(lambda: fused(images, crops, flips, args.size, dtype, above), args, device)}]
+    write(False)
+    rows.append({"impl": "per-image torch loop",
+                 **timed(lambda: loop(images, crops, flips, args.size, dtype, args.antialias != "off"),
+                         args, device)})
+    rows[0]["speedup_vs_loop"] = rows[0]["img_per_s"] / rows[1]["img_per_s"]
     # torchvision's uint8 path rounds to integers: expect ~0.25 in 0..255 units
     diff = ((a.float() - b.float()) * torch.tensor(STD, device=device).view(1, 3, 1, 1)).abs()
     print(f"\nresized-crop kernel on {machine.get('gpu', 'CPU')}: batch {args.batch}, "
@@ -126,11 +134,7 @@ def main(argv=None) -> int:
         print(f"{r['impl']:<28}{r['img_per_s']:>12.0f}")
     print(f"speedup {rows[0]['speedup_vs_loop']:.2f}x; mean |fused - loop| = {diff.mean().item():.3f} "
           f"(0..255 units, antialias {'on' if aa else 'off'} on both)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "kernels", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "machine": machine, "settings": vars(args), "results": rows,
-                               "mean_abs_diff_vs_loop_255": diff.mean().item()}, indent=2))
+    write(True, mean_abs_diff_vs_loop_255=diff.mean().item())
     print(f"wrote {out}")
     return 0
 

@@ -165,6 +165,12 @@ def main(argv=None) -> int:
         return 2
 
     rows, skipped = [], {}
+
+    def result(complete: bool) -> dict:
+        return {"benchmark": "loader", "time": now_utc(), "note": args.note, "complete": complete,
+                "machine": machine_info(device), "versions": versions(), "settings": vars(args),
+                "folder": folder, "dataset": dataset_info(folder), "results": rows, "skipped": skipped}
+
     tmp = tempfile.TemporaryDirectory(prefix="fastcls-bench-")
     betons, names = {}, args.backends.split(",")
     if "ffcv" in names:  # convert first: forking after numba's threads started warns
@@ -213,8 +219,11 @@ def main(argv=None) -> int:
                 skipped[name] = str(e)
                 print(f"{name:>10}: skipped ({e})", file=sys.stderr)
                 break
-            rows.append({"backend": label, **time_loader(loader, args, device)})
+            decoder = getattr(loader, "decoder", None)  # the resolved batch decoder, if any
+            rows.append({"backend": label, **({"decoder": decoder} if decoder else {}),
+                         **time_loader(loader, args, device)})
             loader.close()  # its workers stop before the next backend's start
+            write_json(args.out, result(False))  # each row as it comes: a cut run keeps it
     tree["data"]["train"] = folder
     if not args.no_baseline:
         rows.append({"backend": "pil_dataloader (baseline)",
@@ -229,10 +238,7 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = f"{r['ratio_vs_pil']:.2f}" if r["ratio_vs_pil"] else "-"
         print(f"{r['backend']:<28}{r['img_per_s']:>14.0f}{ratio:>10}")
-    result = {"benchmark": "loader", "time": now_utc(), "note": args.note,
-              "machine": machine_info(device), "versions": versions(), "settings": vars(args),
-              "folder": folder, "dataset": dataset_info(folder), "results": rows, "skipped": skipped}
-    out = write_json(args.out, result)
+    out = write_json(args.out, result(True))
     print(f"wrote {out}")
     return 0
 

@@ -167,18 +167,6 @@ def main(argv=None) -> int:
           f"amp {cfg.train.amp} channels_last {cfg.model.channels_last} compile {cfg.model.compile} "
           f"on {device_name(device)}", flush=True)
     rows = []
-    try:
-        if not args.no_synthetic and cfg.data.backend != "synthetic":
-            rows.append(run_backend("synthetic", build_loader(synth_cfg, "train", device,
-                                                              dtype=data_dtype),
-                                    ctx, args))
-        rows.append(run_backend(cfg.data.backend, real, ctx, args))
-    except DatasetError as e:  # e.g. more undecodable files than data.max_bad_fraction
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    synth = next((r for r in rows if r["backend"] == "synthetic"), None)
-    ratio = rows[-1]["img_per_s"] / synth["img_per_s"] if synth else None
-
     settings = {"model": cfg.model.name, "batch_size": res.batch_size,
                 "image_size": cfg.data.image_size, "amp": cfg.train.amp,
                 "channels_last": cfg.model.channels_last, "compile": cfg.model.compile,
@@ -186,14 +174,33 @@ def main(argv=None) -> int:
                 "deterministic": cfg.train.deterministic,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark,
                 "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats}
-    result = {"benchmark": "train", "time": now_utc(), "config_file": args.config,
-              "overrides": args.overrides, "note": args.note,
-              "machine": machine_info(device), "versions": versions(), "settings": settings,
-              "dataset": ({"name": "synthetic"} if cfg.data.backend == "synthetic" else
-                          {**dataset_info(dataset_paths(cfg)[0]), "images": real.dataset_size}),
-              "results": rows,
-              "ratio_real_vs_synthetic": ratio, "config": to_dict(cfg)}
-    out = write_json(args.out, result)
+    if getattr(real, "decoder", None):  # the batched path's resolved decoder
+        settings["decoder"] = real.decoder
+
+    def result(complete: bool) -> dict:
+        synth = next((r for r in rows if r["backend"] == "synthetic"), None)
+        done = complete and rows and rows[-1]["backend"] == cfg.data.backend
+        return {"benchmark": "train", "time": now_utc(), "config_file": args.config,
+                "overrides": args.overrides, "note": args.note, "complete": complete,
+                "machine": machine_info(device), "versions": versions(), "settings": settings,
+                "dataset": ({"name": "synthetic"} if cfg.data.backend == "synthetic" else
+                            {**dataset_info(dataset_paths(cfg)[0]), "images": real.dataset_size}),
+                "results": rows,
+                "ratio_real_vs_synthetic": rows[-1]["img_per_s"] / synth["img_per_s"]
+                if synth and done else None, "config": to_dict(cfg)}
+
+    try:
+        if not args.no_synthetic and cfg.data.backend != "synthetic":
+            rows.append(run_backend("synthetic", build_loader(synth_cfg, "train", device,
+                                                              dtype=data_dtype),
+                                    ctx, args))
+            write_json(args.out, result(False))  # a run cut in the real backend keeps this
+        rows.append(run_backend(cfg.data.backend, real, ctx, args))
+    except DatasetError as e:  # e.g. more undecodable files than data.max_bad_fraction
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    synth = next((r for r in rows if r["backend"] == "synthetic"), None)
+    out = write_json(args.out, result(True))
 
     print(f"\ntraining throughput on {device_name(device)}: {cfg.model.name}, batch "
           f"{res.batch_size}, {cfg.data.image_size}px, amp {cfg.train.amp}, "
