@@ -25,9 +25,10 @@ setup(
         # system's libturbojpeg/libopencv (apt packages: .ci/system-packages.sh, docs/development.md). numba>=0.59: first release
         # that supports numpy 2; numba caps numpy itself (0.68: numpy<2.6).
         "ffcv": ["ffcv==1.0.2", "numba>=0.59", "pillow", "torch"],
-        # nvImageCodec: GPU batch decode on the hardware JPEG engines (torch built for CUDA 12 / 13)
-        "nvimgcodec": ["nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12"],
-        "nvimgcodec-cu13": ["nvidia-nvimgcodec-cu13", "nvidia-nvjpeg"],
+        # nvImageCodec: GPU batch decode on the hardware JPEG engines (torch built for CUDA 12 / 13);
+        # >= 0.9: one output per input, None for a failure (older releases dropped failures)
+        "nvimgcodec": ["nvidia-nvimgcodec-cu12>=0.9", "nvidia-nvjpeg-cu12"],
+        "nvimgcodec-cu13": ["nvidia-nvimgcodec-cu13>=0.9", "nvidia-nvjpeg"],
         # python -m fastcls.export --format onnx: torch's torch.export-based ONNX exporter needs
         # onnxscript; onnxruntime verifies the export against eager PyTorch
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
@@ -43,11 +44,11 @@ setup(
         # photographs (skimage.data) for the loader tests; scikit-learn: its handwritten digits
         # for the fit-diagnosis runs; psutil: benchmarks/table_memory.py; datasets (pulls
         # pyarrow) writes the Parquet / save_to_disk test data as the Hub's files are written
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "timm", "nvidia-nvimgcodec-cu12", "tensorboard",
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "timm", "nvidia-nvimgcodec-cu12>=0.9", "tensorboard",
                  "onnx", "onnxruntime", "onnxscript", "scikit-image", "scikit-learn", "psutil",
                  "datasets"],
         "all": ["nvidia-dali-cuda120", "ffcv==1.0.2", "numba>=0.59",
-                "pytest", "pytest-timeout", "pytest-xdist", "timm", "nvidia-nvimgcodec-cu12", "nvidia-nvjpeg-cu12",
+                "pytest", "pytest-timeout", "pytest-xdist", "timm", "nvidia-nvimgcodec-cu12>=0.9", "nvidia-nvjpeg-cu12",
                 "tensorboard", "onnx", "onnxruntime", "onnxscript", "pyarrow", "datasets"],
     },
     entry_points={"console_scripts": ["fastcls-train=fastcls.train:main",

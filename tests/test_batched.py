@@ -69,6 +69,28 @@ def test_native_decode_knob_selects_the_path(folder):
 
 
 @pytest.mark.skipif(HAVE_NV, reason="checks the message when nvImageCodec is missing")
+@pytest.mark.skipif(not HAVE_NV, reason="pip install 'fastcls[nvimgcodec]'")
+def test_nvimgcodec_one_output_per_input(tmp_path):
+    """An nvImageCodec that drops a failed image from its output list (releases before 0.9)
+    would shift every later label: a DatasetError instead. The CPU-only decoder here; the
+    check is the same on CUDA."""
+    from fastcls.data.batched import NvImageCodecDecoder, one_output_per_input
+    root = make_folder(tmp_path / "d", classes=("a",), per_class=(3,))
+    datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in sorted((root / "a").iterdir())]
+    dec = NvImageCodecDecoder(CPU)
+    assert len(dec(datas)) == 3 and all(im is not None for im in dec(datas))
+    real = dec.decoder
+
+    class Dropping:  # what an old release did with a failed image
+        def decode(self, items, **kw):
+            return real.decode(items, **kw)[:-1]
+
+    dec.decoder = Dropping()
+    with pytest.raises(DatasetError, match="returned 2 images for 3 inputs"):
+        dec(datas)
+    one_output_per_input([None, None], 2)  # None entries are failures, counted, not a shift
+
+
 def test_nvimgcodec_missing_says_how_to_install(folder):
     with pytest.raises(DatasetError, match=r"nvImageCodec is not installed; run: pip install 'fastcls\[nvimgcodec\]'"):
         build_loader(make_cfg(folder, decoder="nvimgcodec"), "train", CPU)
@@ -299,7 +321,8 @@ def test_staging_thread_stops_on_early_exit():
 def test_one_side_stream_per_loader(tmp_path, decode):
     """staged() runs every epoch and every evaluation on the loader's one side stream (a stream
     per call strands each epoch's CUDA memory pool): the loader's accessor is asked once per
-    iteration and makes the stream once. The CUDA factory is counted here, not called."""
+    iteration and makes the stream once, which waits on the consumer's stream once. The CUDA
+    factory is counted here, not called."""
     from fastcls.data.base import SideStream
     root = make_folder(tmp_path / "d")
     made = []
@@ -307,9 +330,9 @@ def test_one_side_stream_per_loader(tmp_path, decode):
     class Spy(SideStream):
         asked = 0
 
-        def __call__(self):
+        def __call__(self, after=None):
             Spy.asked += 1
-            return super().__call__()
+            return super().__call__(after)
 
     loader = build_loader(make_cfg(root, native_decode=decode), "train", CPU)
     loader.side_stream = Spy(CPU, factory=lambda d: made.append(d) or object())
@@ -317,8 +340,17 @@ def test_one_side_stream_per_loader(tmp_path, decode):
         loader.set_epoch(epoch)
         assert len(list(loader)) == len(loader)
     assert Spy.asked == 3 and made == []  # asked each epoch; off CUDA nothing is created
-    side = SideStream(torch.device("cuda", 0), factory=lambda d: made.append(d) or object())
-    assert len({id(side()) for _ in range(5)}) == 1 and made == [torch.device("cuda", 0)]
+    waits = []
+
+    class Stream:  # stands in for torch.cuda.Stream
+        def wait_stream(self, other):
+            waits.append(other)
+
+    side = SideStream(torch.device("cuda", 0), factory=lambda d: made.append(d) or Stream())
+    assert len({id(side(after="consumer")) for _ in range(5)}) == 1 and made == [torch.device("cuda", 0)]
+    # the new stream waited on the consumer's stream once (the Normalizer's constants were
+    # made there), not per epoch
+    assert waits == ["consumer"]
 
 
 @DECODER

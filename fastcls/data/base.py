@@ -209,7 +209,9 @@ class Normalizer:
     """uint8 N×3×H×W (any memory format: an NHWC batch permuted to NCHW *is* channels_last,
     no copy) on any device -> float N×3×H×W channels_last on `device`, (x - mean) / std in
     0..255 units, cast to `dtype`. Mean and 1/std are built on the device once: a
-    `torch.tensor(...)` per batch would be a blocking host-to-device copy."""
+    `torch.tensor(...)` per batch would be a blocking host-to-device copy. They are built on
+    the constructing thread's stream; `staged` orders the side stream after the consumer's
+    once (SideStream `after`) before it reads them."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
@@ -228,19 +230,27 @@ class SideStream:
     epoch's memory pool (the caching allocator reuses a block only on the stream that
     allocated it: ~1 GB at batch 256 / 224 px, until an allocation fails and forces a
     device-wide sync + cudaFree). Calling it returns the stream, or None off CUDA (nothing
-    created). `factory` (torch.cuda.Stream) is a parameter so a CPU test can count it."""
+    created). `factory` (torch.cuda.Stream) is a parameter so a CPU test can count it.
+
+    `after`: the consumer's stream; the new stream waits on it once, when it is created, so
+    what the loader built on the consumer's stream before its first batch (the Normalizer's
+    mean and 1/std) is complete before the side stream reads it. Once: later epochs do not
+    queue their staging behind the training kernels in flight."""
 
     def __init__(self, device: torch.device, factory: Optional[Callable[[torch.device], Any]] = None):
         self.device, self.factory = device, factory or torch.cuda.Stream
         self._stream = None
         self._lock = threading.Lock()
 
-    def __call__(self):
+    def __call__(self, after=None):
         if self.device.type != "cuda":
             return None
         with self._lock:  # the staging thread asks; one stream even if two ever ask at once
             if self._stream is None:
-                self._stream = self.factory(self.device)
+                stream = self.factory(self.device)
+                if after is not None:
+                    stream.wait_stream(after)
+                self._stream = stream
             return self._stream
 
 
@@ -279,6 +289,8 @@ def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, to
     cuda = device.type == "cuda"
     if side is None:
         side = SideStream(device)
+    # The consumer's stream (this runs in the consumer's thread, at the first next()).
+    consumer = torch.cuda.current_stream(device) if cuda else None
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -293,7 +305,7 @@ def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, to
         try:
             if cuda:
                 torch.cuda.set_device(device)  # the thread's current device is per thread
-            stream = side()  # None off CUDA
+            stream = side(after=consumer)  # None off CUDA
             for batch in batches:
                 if stop.is_set():
                     return

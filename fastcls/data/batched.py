@@ -131,6 +131,7 @@ class NvImageCodecDecoder:
             self._in_flight.popleft()
         outs = self.decoder.decode([d.numpy() for d in datas], params=self.params,
                                    cuda_stream=stream.cuda_stream if cuda else 0)
+        one_output_per_input(outs, len(datas))
         images: list[Optional[torch.Tensor]] = []
         host = []
         for o in outs:
@@ -148,6 +149,16 @@ class NvImageCodecDecoder:
             event.record(stream)
             self._in_flight.append((event, host))
         return images
+
+
+def one_output_per_input(outs, n: int) -> None:
+    """nvImageCodec's decode must return one entry per input, None for a failure: releases
+    before 0.9 dropped the failed images from the list, which would pair every later image
+    with the wrong label, silently. A DatasetError otherwise (setup.py pins >= 0.9)."""
+    if len(outs) != n:
+        raise DatasetError(f"nvImageCodec returned {len(outs)} images for {n} inputs: an older "
+                           f"release drops failed images, which would shift the labels; "
+                           f"pip install 'nvidia-nvimgcodec-cu12>=0.9' (or -cu13)")
 
 
 def decode_batch(datas: list[torch.Tensor], device: torch.device,
