@@ -689,3 +689,42 @@ def test_matrix_covers_every_source_and_backend_path():
     assert {s.__name__ for s in SOURCES} == {"ParquetSource", "ShardSource", "FolderSource"}
     assert set(BUILDERS) == {"native", "dali", "ffcv", "synthetic"}
     assert {getattr(p, "values", [p])[0].split(":")[0] for p in PATHS} == {"workers", "batched", "dali"}
+
+
+# ---------------------------------------------------------------- workers die with their parent
+
+@pytest.mark.parametrize("pdeathsig", [True, False])
+def test_die_with_parent_ends_a_worker_of_a_killed_parent(pdeathsig):
+    """workers.die_with_parent (called in DALI's Python workers): a process whose parent is
+    SIGKILLed ends too, by PR_SET_PDEATHSIG or, without it, by its parent watch."""
+    import os
+    import signal
+    import time
+
+    from fastcls.data.workers import die_with_parent
+    r, w = os.pipe()
+    mid = os.fork()
+    if mid == 0:  # the "trainer"
+        try:
+            if os.fork() == 0:  # its "worker"
+                how = die_with_parent(os.getppid(), pdeathsig=pdeathsig, poll_s=0.05)
+                os.write(w, f"{os.getpid()} {how}\n".encode())
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    os.close(w)
+    pid, how = os.read(r, 100).decode().split()
+    os.kill(mid, signal.SIGKILL)
+    os.waitpid(mid, 0)
+    assert how == ("pdeathsig" if pdeathsig else "watch")
+
+    def alive(p):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    end = time.time() + 5
+    while alive(pid) and time.time() < end:
+        time.sleep(0.05)
+    assert not alive(pid)

@@ -283,6 +283,14 @@ def build_pipeline(source: DaliSource, *, batch_size: int, num_threads: int,
     return pipe
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without blocking the host: pinned first on CUDA (a
+    pageable host-to-device copy synchronizes)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class DaliLoader(SourceLoader):
     """The data interface (fastcls.data.base.Loader) over one DALI pipeline; see the module
     docstring. `builds` counts the pipelines built (one for a plain run)."""
@@ -426,9 +434,9 @@ class DaliLoader(SourceLoader):
         shape = images.as_tensor().shape()
         hwc = torch.empty(tuple(shape), dtype=self.out_dtype, device=self.device)
         feed_ndarray(images.as_tensor(), hwc, cuda_stream=stream)  # on torch's stream: no host sync
-        if not kept.all():
+        if not kept.all():  # validation placeholders: their rows go
             sel = torch.from_numpy(np.flatnonzero(kept))
-            hwc, y = hwc.index_select(0, sel.to(self.device)), y[sel]
+            hwc, y = hwc.index_select(0, _to_device(sel, self.device)), y[sel]
         x = hwc.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW = channels_last
         if x.dtype != self.dtype:
             x = x.to(self.dtype, memory_format=torch.channels_last)
