@@ -256,9 +256,11 @@ def test_dali_gpu_graph_defines_without_cuda(tmp_path, train):
                          val_resize=36)
     pipe = build_pipeline(source, batch_size=2, num_threads=2, device_id=0, seed=1, py_workers=2,
                           hw_decoder_load=0.65, out_fp16=True, build=False)
-    outs = getattr(pipe, "_graph_outputs", None)  # private; checked when this DALI has it
-    if outs is not None:
-        assert [o.device for o in outs] == ["gpu", "cpu", "cpu", "cpu"]
+    # The outputs' devices: DataNodes in `_graph_out` (private; set by set_outputs, while
+    # `_graph_outputs` stays None until build). Required, so the check cannot silently lapse.
+    outs = getattr(pipe, "_graph_out", None)
+    assert outs is not None, "this DALI keeps the graph's outputs elsewhere: update the test"
+    assert [o.device for o in outs] == ["gpu", "cpu", "cpu", "cpu"]
 
 
 @pytest.mark.gpu
