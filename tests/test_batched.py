@@ -68,7 +68,6 @@ def test_native_decode_knob_selects_the_path(folder):
     assert auto.decoder == ("nvimgcodec" if HAVE_NV else "torchvision")
 
 
-@pytest.mark.skipif(HAVE_NV, reason="checks the message when nvImageCodec is missing")
 @pytest.mark.skipif(not HAVE_NV, reason="pip install 'fastcls[nvimgcodec]'")
 def test_nvimgcodec_one_output_per_input(tmp_path):
     """An nvImageCodec that drops a failed image from its output list (releases before 0.9)
@@ -91,6 +90,7 @@ def test_nvimgcodec_one_output_per_input(tmp_path):
     one_output_per_input([None, None], 2)  # None entries are failures, counted, not a shift
 
 
+@pytest.mark.skipif(HAVE_NV, reason="checks the message when nvImageCodec is missing")
 def test_nvimgcodec_missing_says_how_to_install(folder):
     with pytest.raises(DatasetError, match=r"nvImageCodec is not installed; run: pip install 'fastcls\[nvimgcodec\]'"):
         build_loader(make_cfg(folder, decoder="nvimgcodec"), "train", CPU)
