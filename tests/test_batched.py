@@ -68,6 +68,36 @@ def test_native_decode_knob_selects_the_path(folder):
     assert auto.decoder == ("nvimgcodec" if HAVE_NV else "torchvision")
 
 
+def test_cmyk_jpegs_skip_the_batch_decode_call(tmp_path):
+    """A CMYK JPEG fails torchvision's whole batched CUDA decode_jpeg call (then all 256 are
+    redone one by one): the workers mark it (sample.jpeg_needs_cpu, from the frame header)
+    and it is decoded on the CPU, outside the batch call, which stays whole."""
+    import collections
+    import io
+
+    from fastcls.data.batched import decode_batch
+    from fastcls.data.sample import jpeg_needs_cpu
+    rng = np.random.default_rng(0)
+    files = {}
+    for mode, kw in (("RGB", {}), ("L", {}), ("CMYK", {}), ("RGB", {"progressive": True})):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)).convert(mode).save(
+            buf, format="JPEG", quality=90, **kw)
+        files[mode + ("-progressive" if kw else "")] = buf.getvalue()
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    assert {k: jpeg_needs_cpu(v) for k, v in files.items()} == {
+        "RGB": False, "L": False, "CMYK": True, "RGB-progressive": False}
+    assert not jpeg_needs_cpu(png.getvalue()) and not jpeg_needs_cpu(b"") and not jpeg_needs_cpu(b"\xff\xd8\xff")
+    assert jpeg_needs_cpu(np.frombuffer(files["CMYK"], np.uint8))  # a worker's numpy view too
+    datas = [torch.frombuffer(bytearray(v), dtype=torch.uint8) for v in files.values()]
+    fallbacks = collections.Counter()
+    images, errors = decode_batch(datas, CPU, None, fallbacks, [jpeg_needs_cpu(v) for v in files.values()])
+    assert errors == [None] * 4 and all(im.shape == (3, 24, 30) for im in images)
+    assert fallbacks["CMYK or other JPEG nvJPEG refuses (decoded on the CPU)"] == 1
+    assert fallbacks["the batch decode_jpeg call failed"] == 0
+
+
 @pytest.mark.skipif(not HAVE_NV, reason="pip install 'fastcls[nvimgcodec]'")
 def test_nvimgcodec_one_output_per_input(tmp_path):
     """An nvImageCodec that drops a failed image from its output list (releases before 0.9)

@@ -31,14 +31,14 @@ import collections
 import importlib.util
 import math
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..config import ANTIALIAS_MODES
 from .base import MEAN, STD, LoaderSpec, SourceLoader, staged
-from .sample import TRIES, Raw, candidates, header_size, train_crop, val_box
+from .sample import TRIES, Raw, candidates, header_size, jpeg_needs_cpu, train_crop, val_box
 from .source import DatasetError
 from .workers import batches_with_timeout, to_rgb, worker_loader
 
@@ -163,7 +163,8 @@ def one_output_per_input(outs, n: int) -> None:
 
 def decode_batch(datas: list[torch.Tensor], device: torch.device,
                  nvdecoder: Optional[NvImageCodecDecoder] = None,
-                 fallbacks: Optional[collections.Counter] = None
+                 fallbacks: Optional[collections.Counter] = None,
+                 cpu_only: Optional[Sequence[bool]] = None
                  ) -> tuple[list[Optional[torch.Tensor]], list[Optional[str]]]:
     """Decode file bytes (CPU uint8 1-D) -> (uint8 3×H×W RGB on `device` or None, error or None).
     `fallbacks` counts, by reason, the images the one batch call did not decode (each then
@@ -171,9 +172,11 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
     every image would cut speed 10x, so the loader reports the count every epoch.
 
     With `nvdecoder`, nvImageCodec decodes the whole batch (any format it knows). Else JPEGs
-    go through one batched torchvision `decode_jpeg` call; if it raises (one bad file fails
-    the whole call), they are retried one by one so only the bad ones are lost. Whatever is
-    left is decoded alone on the CPU (torchvision, then PIL) and moved to the device."""
+    go through one batched torchvision `decode_jpeg` call, except those `cpu_only` marks
+    (sample.jpeg_needs_cpu, computed by the workers: CMYK and other JPEGs nvJPEG refuses,
+    decoded on the CPU without trying the GPU); if the call raises (one bad file fails the
+    whole call), they are retried one by one so only the bad ones are lost. Whatever is left
+    is decoded alone on the CPU (torchvision, then PIL) and moved to the device."""
     from torchvision.io import ImageReadMode, decode_jpeg
     images: list[Optional[torch.Tensor]] = [None] * len(datas)
     errors: list[Optional[str]] = [None] * len(datas)
@@ -186,9 +189,13 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
         fallbacks["nvImageCodec returned no image"] += len(alone)
     else:
         is_jpeg = [_is_jpeg(d) for d in datas]
-        jpeg = [i for i, j in enumerate(is_jpeg) if j]
+        cpu = cpu_only if cpu_only is not None else [False] * len(datas)
+        jpeg = [i for i, j in enumerate(is_jpeg) if j and not cpu[i]]
         alone = [i for i, j in enumerate(is_jpeg) if not j]
         fallbacks["not a JPEG (decode_jpeg reads only JPEG)"] += len(alone)
+        routed = [i for i, j in enumerate(is_jpeg) if j and cpu[i]]
+        fallbacks["CMYK or other JPEG nvJPEG refuses (decoded on the CPU)"] += len(routed)
+        alone += routed
         if jpeg:
             try:
                 out = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
@@ -199,7 +206,8 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
                 fallbacks["the batch decode_jpeg call failed"] += len(jpeg)
     for i in alone:
         try:
-            if nvdecoder is None and device.type == "cuda" and _is_jpeg(datas[i]):
+            if nvdecoder is None and device.type == "cuda" and _is_jpeg(datas[i]) and \
+                    not (cpu_only is not None and cpu_only[i]):
                 try:
                     images[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device)
                     continue
@@ -214,7 +222,8 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
 class ByteBatch:
     """In a worker: batch g of `epoch` of the source -> (one uint8 tensor of the kept
     samples' bytes back to back, offsets (N+1), labels, slot sample ids, attempts, names,
-    crops (int64 N×7, `Crop` rows; training only), ["name: reason" of the failures]).
+    crops (int64 N×7, `Crop` rows; training only), cpu_only (bool N: JPEGs to keep out of a
+    GPU batch decode, sample.jpeg_needs_cpu), ["name: reason" of the failures]).
 
     One tensor per batch: a DataLoader worker hands each returned tensor over through a
     file descriptor of its own, so a tensor per image would exhaust `ulimit -n` (1024) at
@@ -253,7 +262,7 @@ class ByteBatch:
         return (buf, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]),
                 [c.label for c, *_ in keep], [sid for _, sid, _, _ in keep], [k for *_, k, _ in keep],
                 [c.name for c, *_ in keep], torch.tensor([list(c) for *_, c in keep], dtype=torch.int64).view(-1, 7),
-                errors)
+                [jpeg_needs_cpu(c.data) for c, *_ in keep], errors)
 
 
 class BatchedLoader(SourceLoader):
@@ -287,7 +296,8 @@ class BatchedLoader(SourceLoader):
             why = cand.error
             if why is None:
                 data = torch.frombuffer(bytearray(cand.data), dtype=torch.uint8)
-                (img,), (why,) = decode_batch([data], self.device, self._nvdecoder(), self.fallbacks)
+                (img,), (why,) = decode_batch([data], self.device, self._nvdecoder(), self.fallbacks,
+                                              [jpeg_needs_cpu(cand.data)])
                 if img is not None:
                     d = self.data
                     return img, cand.label, train_crop(img.shape[2], img.shape[1], rng, d.rrc.scale,
@@ -298,12 +308,12 @@ class BatchedLoader(SourceLoader):
 
     def _process(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         from fastcls.kernels.resized_crop import build_params, pack_images, resized_crop_normalize
-        buf, offsets, labels, slots, attempts, names, crops, errors = batch
+        buf, offsets, labels, slots, attempts, names, crops, cpu_only, errors = batch
         self._account(errors)
         datas = [buf[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]  # views, no copy
         epoch = self.order.epoch
         size = self.size(epoch)  # only the output grid changes; boxes are in source pixels
-        images, derrs = decode_batch(datas, self.device, self._nvdecoder(), self.fallbacks)
+        images, derrs = decode_batch(datas, self.device, self._nvdecoder(), self.fallbacks, cpu_only)
         rows = crops.tolist()
         kept_images, kept_labels, boxes, windows, flips = [], [], [], [], []
         for i, img in enumerate(images):

@@ -108,6 +108,40 @@ def header_size(raw: bytes) -> tuple[int, int]:
         return im.size
 
 
+# JPEG start-of-frame markers. Huffman-coded, 8-bit: C0 baseline, C1 extended, C2 progressive.
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_needs_cpu(raw) -> bool:
+    """Whether a JPEG should not go into a GPU batch decode (torchvision's CUDA `decode_jpeg`,
+    nvJPEG): 4 components (CMYK/YCCK: one such file fails the whole batched call, and then all
+    of its images are redone one by one, ~0.3-0.5 s at batch 256; ImageNet has ~22), a
+    precision other than 8 bits, or a frame nvJPEG does not decode (lossless, hierarchical,
+    arithmetic coding). Read from the frame header (a few marker hops, nothing decoded);
+    False for anything else, non-JPEGs included (their own checks handle them). `raw`:
+    bytes or a uint8 numpy array."""
+    n = len(raw)
+    if n < 4 or raw[0] != 0xFF or raw[1] != 0xD8:
+        return False
+    i = 2
+    while i + 9 < n:
+        if raw[i] != 0xFF:
+            return False  # not at a marker: leave it to the decoder
+        m = raw[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if m in _SOF:
+            return m not in (0xC0, 0xC1, 0xC2) or raw[i + 4] != 8 or raw[i + 9] not in (1, 3)
+        if m in (0xDA, 0xD9):  # a scan or the end before any frame header
+            return False
+        i += 2 + ((raw[i + 2] << 8) | raw[i + 3])
+    return False
+
+
 def strict_error(raw: bytes, torchvision: bool = True) -> Optional[str]:
     """Why `raw` does not fully decode with PIL and (`torchvision`) with torchvision's
     libjpeg-turbo/libpng readers (closer to nvJPEG/DALI/FFCV in what they refuse), or None."""
