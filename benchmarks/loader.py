@@ -141,12 +141,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="the loaders' image dtype; auto: what training gets (bf16 under the "
+                        "recipes' bf16 AMP on CUDA, fp32 on the CPU)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'shared machine')")
     p.add_argument("--out", default="bench_out/loader.json")
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     tree = {"model": {"num_classes": 1000},
             "data": {"batch_size": args.batch_size, "image_size": args.image_size,
                      "val_resize": max(args.image_size, round(args.image_size * 256 / 224)),
@@ -214,7 +220,7 @@ def main(argv=None) -> int:
             tree["data"]["train"] = train
             try:
                 cfg = config_from_dict(tree, "benchmark")
-                loader = build_loader(cfg, "train", device)
+                loader = build_loader(cfg, "train", device, dtype=dtype)
             except DatasetError as e:
                 skipped[name] = str(e)
                 print(f"{name:>10}: skipped ({e})", file=sys.stderr)

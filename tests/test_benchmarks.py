@@ -25,6 +25,7 @@ def test_loader_benchmark_smoke(folder, tmp_path):
         assert "parquet" in r["skipped"]
     assert backends["pil_dataloader (baseline)"]["ratio_vs_pil"] == 1.0
     assert r["complete"] is True  # (rewritten after each row until then)
+    assert r["settings"]["dtype"] == "fp32"  # auto: what training gets (bf16 on CUDA)
     assert backends["native:batched"]["decoder"] in ("nvimgcodec", "torchvision")  # resolved
     for row in r["results"]:
         assert row["img_per_s"] > 0 and len(row["runs"]) == 2
