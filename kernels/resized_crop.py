@@ -66,21 +66,24 @@ def pack_images(images: Sequence[torch.Tensor], layout: str = "CHW") -> tuple[to
     if not images:
         raise ValueError("pack_images: empty batch")
     sizes, rows, flats, offset = [], [], [], 0
-    for im in images:
-        if im.dtype != torch.uint8 or im.dim() != 3:
-            raise ValueError(f"expected uint8 3-D images, got {im.dtype} {tuple(im.shape)}")
-        if layout == "HWC":
+    hwc = layout == "HWC"
+    for im in images:  # per image: attribute reads and one view; the batch loader's hot loop
+        if hwc:
             im = im.permute(2, 0, 1)
-        if im.shape[0] != 3:
-            raise ValueError(f"expected 3 channels in {layout}, got {tuple(im.shape)}")
-        if not (im.is_contiguous() or im.permute(1, 2, 0).is_contiguous()):
+        if im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3:
+            raise ValueError(f"expected uint8 3-D images with 3 channels ({layout}), got {im.dtype} "
+                             f"{tuple(im.shape)}")
+        _, h, w = im.shape
+        st = im.stride()
+        if st != (h * w, w, 1) and st != (1, 3 * w, 3):  # neither CHW nor HWC memory: copy
             im = im.contiguous()
-        h, w = im.shape[1], im.shape[2]
-        rows.append([offset, *im.stride(), 0, h, 0, w])
+            st = im.stride()
+        rows.append((offset, *st, 0, h, 0, w))
         sizes.append((h, w))
-        # the flat view in memory order, so offset + c*s_c + y*s_y + x*s_x addresses (c, y, x)
-        flats.append((im if im.is_contiguous() else im.permute(1, 2, 0)).reshape(-1))
-        offset += im.numel()
+        # the image's memory as one flat view (both layouts are dense), so offset + c*s_c +
+        # y*s_y + x*s_x addresses (c, y, x)
+        flats.append(im.as_strided((3 * h * w,), (1,)))
+        offset += 3 * h * w
     src = torch.cat(flats)
     geom = torch.tensor(rows, dtype=torch.int64)
     return src, geom, sizes

@@ -267,7 +267,7 @@ loader.set_epoch(0)
 n = 0
 for batch in loader.loader:  # the workers' batches as they cross to this process
     if n == 0:
-        x, y = loader._process(batch)  # and the first one decoded + cropped
+        x, y = loader._finish(loader._decode(batch))  # and the first one decoded + cropped
         assert x.shape == (256, 3, 8, 8)
     n += 1
 print("batches", n, "of", len(loader))
@@ -345,6 +345,64 @@ def test_staging_thread_stops_on_early_exit():
     next(gen)
     gen.close()
     assert _stage_threads() == [] and len(pulled) <= 2 + 2 + 2  # taken, queued, in hand
+
+
+def test_worker_kernel_rows_equal_the_kernel_modules_boxes():
+    """The rows the byte workers build (batched.kernel_rows) are the kernel module's own
+    boxes: `rrc_box` of each drawn crop in training, `resize_center_crop_box` (torchvision's
+    Resize + CenterCrop) of the image size in evaluation, at several output sizes."""
+    from fastcls.data.batched import kernel_rows
+    from fastcls.data.sample import Crop, sample_rng, train_crop
+    from fastcls.kernels.resized_crop import resize_center_crop_box, rrc_box
+    sizes = [(375, 500), (500, 333), (64, 64), (1, 1), (1200, 17)]
+    crops = [train_crop(w, h, sample_rng(0, 0, i), (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
+             for i, (h, w) in enumerate(sizes)]
+    for size in (32, 224):
+        box, window, flip = kernel_rows(crops, True, 256, size)
+        for c, b, win, f in zip(crops, box, window, flip):
+            ref_box, ref_win = rrc_box(c.top, c.left, c.height, c.width, (size, size))
+            np.testing.assert_allclose(b, np.float32(ref_box))
+            assert tuple(win) == ref_win and f == c.flip
+        val = [Crop(0, 0, h, w, False, h, w) for h, w in sizes]
+        box, window, flip = kernel_rows(val, False, round(size * 256 / 224), size)
+        for (h, w), b, win in zip(sizes, box, window):
+            ref_box, ref_win = resize_center_crop_box(h, w, round(size * 256 / 224), size)
+            np.testing.assert_allclose(b, np.float32(ref_box), rtol=1e-6)
+            assert tuple(win) == tuple(ref_win) and not flip.any()
+
+
+def test_decode_stage_runs_beside_the_stage_in_order_and_stops():
+    """staged(decode=...): batch k + 1 is decoded while batch k is in `stage` (so a decoder's
+    host wait is hidden): stage(k) waits for decode(k + 1) to have started, which a single
+    thread could never do (it would time out). Order kept, a decode error raised in order,
+    an early close joins both threads."""
+    import threading
+
+    from fastcls.data.base import staged
+    started = {i: threading.Event() for i in range(8)}
+
+    def decode(i):
+        started[i].set()
+        if i == 6:
+            raise DatasetError("bad batch 6")
+        return i * 10
+
+    def stage(v):
+        i = v // 10
+        assert started[i + 1].wait(timeout=30), f"decode({i + 1}) did not run beside stage({i})"
+        return torch.full((1,), float(v)), torch.zeros(1)
+
+    got = []
+    with pytest.raises(DatasetError, match="bad batch 6"):
+        for x, _ in staged(iter(range(8)), stage, CPU, decode=decode):
+            got.append(int(x))
+    assert got == [0, 10, 20, 30, 40, 50]  # decode(6) started (stage(5) went on), then raised
+    names = {"fastcls-stage", "fastcls-decode"}
+    assert not [t for t in threading.enumerate() if t.name in names]
+    gen = staged(iter(range(1000)), lambda v: (torch.zeros(1), torch.zeros(1)), CPU, decode=lambda i: i)
+    next(gen)
+    gen.close()
+    assert not [t for t in threading.enumerate() if t.name in names]
 
 
 @pytest.mark.parametrize("decode", ["workers", "batched"])

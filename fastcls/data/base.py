@@ -264,33 +264,15 @@ class _Failed:
 _END = object()
 
 
-def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-           device: torch.device, *, side: Optional[SideStream] = None, depth: int = 2,
-           sync_side_stream: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `stage(batch)` for each batch, with up to `depth` batches staged ahead by a
-    background thread, so that reading, decoding and the crop kernel of the next batches
-    never hold the training thread (torchvision's CUDA batch decode ends with a stream
-    synchronize, nvImageCodec waits on its future; both release the GIL).
-
-    On CUDA the thread stages on the loader's side stream `side` (one per loader, reused by
-    every epoch; without one, a stream for this call only) and records an event per batch;
-    the consumer's stream waits on that event before it uses the batch, and `record_stream`
-    keeps the allocator from reusing the tensors' memory while the consumer still reads
-    them. `sync_side_stream`: the thread waits for its stream's previous work before it
-    stages the next batch (for decoders that do not order themselves after the current
-    stream: torchvision's CUDA decode_jpeg).
-
-    An exception in the thread (a bad-file limit, a DataLoader timeout) is raised here, in
-    order. Closing this generator early (a preemption break, an error in the consumer)
-    stops the thread after the batch it is on; it is joined before the generator returns,
-    so no thread and no DataLoader iterator outlives the epoch."""
+def threaded(items: Iterator[Any], fn: Callable[[Any], Any], *, depth: int = 2, name: str = "fastcls-stage",
+             setup: Callable[[], None] = lambda: None) -> Iterator[Any]:
+    """Yield `fn(item)` for each item, computed up to `depth` items ahead by a background
+    thread (`setup()` runs first in it). An exception in the thread is raised here, in
+    order. Closing this generator early stops the thread after the item it is on and joins
+    it before returning; the thread closes `items` when it stops (a generator there is
+    closed in the thread that iterated it, so a nested `threaded` is stopped and joined too)."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
-    cuda = device.type == "cuda"
-    if side is None:
-        side = SideStream(device)
-    # The consumer's stream (this runs in the consumer's thread, at the first next()).
-    consumer = torch.cuda.current_stream(device) if cuda else None
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -303,29 +285,19 @@ def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, to
 
     def work() -> None:
         try:
-            if cuda:
-                torch.cuda.set_device(device)  # the thread's current device is per thread
-            stream = side(after=consumer)  # None off CUDA
-            for batch in batches:
-                if stop.is_set():
-                    return
-                if stream is None:
-                    item = (stage(batch), None)
-                else:
-                    if sync_side_stream:
-                        stream.synchronize()  # the side stream only; training is not waited on
-                    with torch.cuda.stream(stream):
-                        out = stage(batch)
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    item = (out, event)
-                if not put(item):
+            setup()
+            for item in items:
+                if stop.is_set() or not put(fn(item)):
                     return
             put(_END)
         except BaseException as e:  # handed to the consumer, raised there
             put(_Failed(e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
-    thread = threading.Thread(target=work, name="fastcls-stage", daemon=True)
+    thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
     try:
         while True:
@@ -334,7 +306,77 @@ def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, to
                 return
             if isinstance(item, _Failed):
                 raise item.exc
-            out, event = item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put() and wait for the item in hand
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+           device: torch.device, *, decode: Optional[Callable[[Any], Any]] = None,
+           side: Optional[SideStream] = None, depth: int = 2,
+           sync_side_stream: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `stage(batch)` for each batch, with up to `depth` batches staged ahead by a
+    background thread, so that reading, decoding and the crop kernel of the next batches
+    never hold the training thread (torchvision's CUDA batch decode ends with a stream
+    synchronize, nvImageCodec waits on its future; both release the GIL).
+
+    `decode`: a first stage in a thread of its own: batch k + 1 is decoded while `stage`
+    runs the host preparation and kernel of batch k (`stage` then receives `decode(batch)`),
+    so the decoder's host wait is hidden behind the rest rather than added to it.
+
+    On CUDA both threads work on the loader's side stream `side` (one per loader, reused by
+    every epoch; without one, a stream for this call only; one stream, so a batch's kernel
+    is ordered after its decode) and the last records an event per batch; the consumer's
+    stream waits on that event before it uses the batch, and `record_stream` keeps the
+    allocator from reusing the tensors' memory while the consumer still reads them.
+    `sync_side_stream`: the decoding thread waits for the side stream's previous work before
+    it decodes the next batch (for decoders that do not order themselves after the current
+    stream: torchvision's CUDA decode_jpeg).
+
+    An exception in a thread (a bad-file limit, a DataLoader timeout) is raised here, in
+    order. Closing this generator early (a preemption break, an error in the consumer)
+    stops the threads after the batch each is on; they are joined before the generator
+    returns, so no thread and no DataLoader iterator outlives the epoch."""
+    cuda = device.type == "cuda"
+    if side is None:
+        side = SideStream(device)
+    # The consumer's stream (this runs in the consumer's thread, at the first next()).
+    consumer = torch.cuda.current_stream(device) if cuda else None
+
+    def on_side(fn: Callable[[Any], Any], sync: bool, record: bool) -> Callable[[Any], Any]:
+        """fn run on the side stream (as is off CUDA); (out, event) when `record`."""
+        def run(batch):
+            stream = side(after=consumer)
+            if stream is None:
+                return (fn(batch), None) if record else fn(batch)
+            if sync:
+                stream.synchronize()  # the side stream only; training is not waited on
+            with torch.cuda.stream(stream):
+                out = fn(batch)
+                if not record:
+                    return out
+                event = torch.cuda.Event()
+                event.record(stream)
+            return out, event
+        return run
+
+    def setup() -> None:
+        if cuda:
+            torch.cuda.set_device(device)  # the thread's current device is per thread
+
+    if decode is not None:
+        batches = threaded(batches, on_side(decode, sync_side_stream, False), depth=depth,
+                           name="fastcls-decode", setup=setup)
+    outs = threaded(batches, on_side(stage, sync_side_stream and decode is None, True), depth=depth,
+                    name="fastcls-stage", setup=setup)
+    try:
+        for out, event in outs:
             if event is not None:
                 main = torch.cuda.current_stream(device)
                 main.wait_event(event)
@@ -342,13 +384,7 @@ def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, to
                     t.record_stream(main)
             yield out
     finally:
-        stop.set()
-        while thread.is_alive():  # unblock a put() and wait for the batch in hand
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
+        outs.close()  # stops and joins the threads now, not when the generator is collected
 
 
 class SourceLoader(LoaderBase):

@@ -2,23 +2,30 @@
 default on CUDA), over any Source.
 
 DataLoader workers read the batch's bytes from the Source (screened: only image signatures
-reach a decoder), read each image's size from its header and draw its crop and flip
-(fastcls.data.sample: the same boxes as every path), and hand over one buffer per batch.
-A background thread of the main process then, per batch:
+reach a decoder), read each image's size from its header, draw its crop and flip
+(fastcls.data.sample: the same boxes as every path) and build the crop kernel's parameter
+rows (`kernel_rows`: box, window, flip; evaluation: torchvision's Resize + CenterCrop box
+from the header size), and hand over one buffer and a few numpy arrays per batch (`Fed`).
+Two background threads of the main process then, per batch:
 
-1. decodes the batch in one call (`data.decoder`): nvImageCodec when installed (on CUDA
-   the hardware JPEG engines + CUDA decoder, on CPU its CPU-only backend), otherwise
-   `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA, libjpeg-turbo on CPU);
-   grayscale and CMYK come out RGB; a file the batch decoder refuses (PNG named .jpg, a
-   JPEG flavour nvJPEG lacks) is decoded alone on the CPU (torchvision, then PIL) and
-   moved to the device;
-2. uses the crop box and flip each worker drew (drawn here only for a replacement);
-3. runs ONE fused kernel for the ragged batch (kernels/resized_crop.py: crop -> bilinear
-   resize, antialias per `data.antialias` -> flip -> normalize -> cast -> channels_last):
-   Triton on CUDA, the torch reference on CPU.
+1. (`_decode`) decode the batch in one call (`data.decoder`): nvImageCodec when installed
+   (on CUDA the hardware JPEG engines + CUDA decoder, on CPU its CPU-only backend),
+   otherwise `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA, libjpeg-turbo
+   on CPU); grayscale and CMYK come out RGB; a file the batch decoder refuses (PNG named
+   .jpg, a JPEG flavour nvJPEG lacks) is decoded alone on the CPU (torchvision, then PIL)
+   and moved to the device;
+2. (`_finish`, while the first thread decodes the next batch) check each decoded size
+   against the header's, pack the images, copy the workers' rows as they are and run ONE
+   fused kernel for the ragged batch (kernels/resized_crop.py: crop -> bilinear resize,
+   antialias per `data.antialias` -> flip -> normalize -> cast -> channels_last): Triton on
+   CUDA, the torch reference on CPU. Only an image the decoder refused or decoded at another
+   size takes a per-image path (`_mend`: replaced in training, dropped in evaluation).
 
-The thread stages up to two batches ahead (on CUDA on a side stream), so the decoders' host
-waits overlap the training steps instead of holding the training thread. A file that does not decode is counted in
+Up to two batches are staged ahead (on CUDA on the loader's side stream), so the decoders'
+host waits overlap the training steps instead of holding the training thread, and the
+decode of batch k + 1 overlaps the packing and kernel of batch k. `benchmarks/host_feed.py`
+measures the main process's and the workers' cost per image with the decoder and kernel
+stubbed. A file that does not decode is counted in
 `bad_files` (limit `data.max_bad_fraction`) and replaced by another sample in training,
 dropped in evaluation, as in the PIL path.
 
@@ -31,14 +38,14 @@ import collections
 import importlib.util
 import math
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..config import ANTIALIAS_MODES
-from .base import MEAN, STD, LoaderSpec, SourceLoader, staged
-from .sample import TRIES, Raw, candidates, header_size, jpeg_needs_cpu, train_crop, val_box
+from .base import MEAN, STD, LoaderSpec, SourceLoader, epoch_size, staged
+from .sample import TRIES, Crop, Raw, candidates, header_size, jpeg_needs_cpu, train_crop, val_box
 from .source import DatasetError
 from .workers import batches_with_timeout, to_rgb, worker_loader
 
@@ -220,10 +227,16 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device,
 
 
 class ByteBatch:
-    """In a worker: batch g of `epoch` of the source -> (one uint8 tensor of the kept
-    samples' bytes back to back, offsets (N+1), labels, slot sample ids, attempts, names,
-    crops (int64 N×7, `Crop` rows; training only), cpu_only (bool N: JPEGs to keep out of a
-    GPU batch decode, sample.jpeg_needs_cpu), ["name: reason" of the failures]).
+    """In a worker: batch g of `epoch` of the source -> a `Fed` batch: one uint8 tensor of
+    the kept samples' bytes back to back, their offsets, and per sample as numpy arrays
+    (pickled, no file descriptor each) the label, slot sample id, attempt, name, and the
+    crop kernel's parameter rows for the epoch's output size (`kernel_rows`: box, window,
+    flip), the header's (height, width), and whether a JPEG must stay out of a GPU batch
+    decode (`sample.jpeg_needs_cpu`); plus ["name: reason" of the failures].
+
+    The worker draws every crop (training: `train_crop`; evaluation: `val_box` from the
+    header size) and builds the rows, so the main process runs one decode call, one copy of
+    the rows and one kernel per batch with no per-image Python beyond the decoder's API.
 
     One tensor per batch: a DataLoader worker hands each returned tensor over through a
     file descriptor of its own, so a tensor per image would exhaust `ulimit -n` (1024) at
@@ -233,10 +246,10 @@ class ByteBatch:
 
     def __init__(self, source, spec: LoaderSpec):
         d = spec.data
-        self.source, self.train, self.seed = source, spec.train, spec.seed
+        self.source, self.train, self.seed, self.data = source, spec.train, spec.seed, d
         self.scale, self.ratio, self.hflip = d.rrc.scale, d.rrc.ratio, d.hflip
 
-    def __call__(self, epoch: int, g: int):
+    def __call__(self, epoch: int, g: int) -> "Fed":
         batch = self.source.read_batch(epoch, g)
         keep, errors = [], []
         for raw in batch:
@@ -245,8 +258,9 @@ class ByteBatch:
                 why = cand.error
                 if why is None:
                     try:
-                        crop = train_crop(*header_size(cand.data), rng, self.scale, self.ratio, self.hflip) \
-                            if self.train else (0,) * 7
+                        w, h = header_size(cand.data)
+                        crop = train_crop(w, h, rng, self.scale, self.ratio, self.hflip) if self.train \
+                            else Crop(0, 0, h, w, False, h, w)
                         keep.append((cand, raw.sid, k, crop))
                         break
                     except Exception as e:  # an unreadable header: PIL raises many types
@@ -259,10 +273,50 @@ class ByteBatch:
         sizes = [len(c.data) for c, *_ in keep]
         joined = b"".join(c.data for c, *_ in keep)
         buf = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
-        return (buf, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]),
-                [c.label for c, *_ in keep], [sid for _, sid, _, _ in keep], [k for *_, k, _ in keep],
-                [c.name for c, *_ in keep], torch.tensor([list(c) for *_, c in keep], dtype=torch.int64).view(-1, 7),
-                [jpeg_needs_cpu(c.data) for c, *_ in keep], errors)
+        crops = [c for *_, c in keep]
+        box, window, flip = kernel_rows(crops, self.train, self.data.val_resize,
+                                        epoch_size(self.data, self.train, epoch))
+        return Fed(buf, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]),
+                   np.array([c.label for c, *_ in keep], np.int64), [sid for _, sid, _, _ in keep],
+                   [k for *_, k, _ in keep], [c.name for c, *_ in keep], box, window, flip,
+                   np.array([(c.image_height, c.image_width) for c in crops], np.int64).reshape(-1, 2),
+                   np.array([jpeg_needs_cpu(c.data) for c, *_ in keep], bool), errors)
+
+
+class Fed(NamedTuple):
+    """What a byte worker hands the main process for one batch (see ByteBatch)."""
+    buf: torch.Tensor
+    offsets: np.ndarray
+    labels: np.ndarray
+    slots: list
+    attempts: list
+    names: list
+    box: np.ndarray
+    window: np.ndarray
+    flip: np.ndarray
+    hw: np.ndarray
+    cpu_only: np.ndarray
+    errors: list
+
+
+def kernel_rows(crops: Sequence[Crop], train: bool, val_resize: int, size: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The crop kernel's parameter rows (kernels/resized_crop.py) of `crops` for an output
+    of size x size: box (float32 N×4: top, left, source pixels per output pixel in y, x),
+    window (int64 N×4: the source rows and columns the filter may read) and flip (uint8 N).
+    Training: the drawn crop, read only inside it. Evaluation (`crops` carry only the image
+    size): torchvision's Resize(val_resize) + CenterCrop(size) box, the whole image readable."""
+    n = len(crops)
+    c = np.array([tuple(x) for x in crops], np.float64).reshape(n, 7)
+    top, left, ch, cw, flip, h, w = c.T
+    if not train:
+        boxes = [val_box(int(wi), int(hi), val_resize, size) for hi, wi in zip(h, w)]
+        left, top, cw, ch = np.array(boxes, np.float64).reshape(n, 4).T
+        window = np.stack([np.zeros(n), h, np.zeros(n), w], 1)
+    else:
+        window = np.stack([top, top + ch, left, left + cw], 1)
+    box = np.stack([top, left, ch / size, cw / size], 1).astype(np.float32)
+    return box, window.astype(np.int64), flip.astype(np.uint8)
 
 
 class BatchedLoader(SourceLoader):
@@ -306,49 +360,68 @@ class BatchedLoader(SourceLoader):
             self._account(tried[-1:])
         raise DatasetError(f"{TRIES} samples in a row failed to decode: {tried}")
 
-    def _process(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        from fastcls.kernels.resized_crop import build_params, pack_images, resized_crop_normalize
-        buf, offsets, labels, slots, attempts, names, crops, cpu_only, errors = batch
-        self._account(errors)
-        datas = [buf[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]  # views, no copy
-        epoch = self.order.epoch
-        size = self.size(epoch)  # only the output grid changes; boxes are in source pixels
-        images, derrs = decode_batch(datas, self.device, self._nvdecoder(), self.fallbacks, cpu_only)
-        rows = crops.tolist()
-        kept_images, kept_labels, boxes, windows, flips = [], [], [], [], []
-        for i, img in enumerate(images):
-            label, crop = labels[i], rows[i]
-            if img is not None and self.train and (img.shape[1], img.shape[2]) != tuple(crop[5:]):
-                img, derrs[i] = None, f"decoded {img.shape[2]}x{img.shape[1]}, header says {crop[6]}x{crop[5]}"
-            if img is None:
-                self._account([f"{names[i]}: {derrs[i]}"])
-                if not self.train:
-                    continue  # evaluation drops it: no image is scored twice
-                kept = [Raw(bytes(d.numpy()), lab, s, n) for d, lab, s, n, im in
-                        zip(datas, labels, slots, names, images) if im is not None]
-                img, label, crop = self._replace(Raw(b"", label, slots[i], names[i]), attempts[i], epoch, kept)
-            h, w = img.shape[1], img.shape[2]
-            if self.train:
-                top, left, ch, cw, flip = crop[:5]
-                boxes.append([float(top), float(left), ch / size, cw / size])
-                windows.append((top, top + ch, left, left + cw))
-            else:
-                left, top, bw, bh = val_box(w, h, self.val_resize, size)
-                boxes.append([top, left, bh / size, bw / size])
-                windows.append((0, h, 0, w))
-                flip = False
-            flips.append(bool(flip))
-            kept_images.append(img)
-            kept_labels.append(label)
-        y = torch.tensor(kept_labels, dtype=torch.int64).to(self.device, non_blocking=True)
-        if not kept_images:
+    def _decode(self, fed: Fed):
+        """Stage 1 (a thread of its own, see `staged`): the batch's one decode call."""
+        self._account(fed.errors)
+        sizes = np.diff(fed.offsets).tolist()
+        datas = list(torch.split(fed.buf, sizes)) if sizes else []  # views, no copy
+        images, derrs = decode_batch(datas, self.device, self._nvdecoder(), self.fallbacks, fed.cpu_only)
+        return fed, datas, images, derrs
+
+    def _finish(self, decoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2: the workers' kernel rows as they are (one copy each), one kernel launch.
+        Only images the decoder refused or decoded at another size than their header's take
+        the per-image path (`_mend`)."""
+        from fastcls.kernels.resized_crop import pack_images, resized_crop_normalize
+        fed, datas, images, derrs = decoded
+        size = self.size(self.order.epoch)  # only the output grid changes; boxes are in source pixels
+        got = np.array([(-1, -1) if im is None else (im.shape[1], im.shape[2]) for im in images],
+                       np.int64).reshape(-1, 2)
+        bad = np.flatnonzero((got != fed.hw).any(1))
+        box, window, flip, labels = fed.box, fed.window, fed.flip, fed.labels
+        if len(bad):
+            images, box, window, flip, labels = self._mend(fed, datas, images, derrs, got, bad, size)
+        y = torch.from_numpy(labels).to(self.device, non_blocking=True)
+        if not images:
             return torch.empty((0, 3, size, size), dtype=self.dtype, device=self.device,
                                memory_format=torch.channels_last), y
-        src, geom, _ = pack_images(kept_images)  # CHW or HWC-memory views: strides recorded
-        geom, box = build_params(geom, boxes, windows)
-        x = resized_crop_normalize(src, geom, box, torch.tensor(flips, dtype=torch.uint8), (size, size),
+        src, geom, _ = pack_images(images)  # CHW or HWC-memory views: strides recorded
+        geom[:, 4:8] = torch.from_numpy(window)
+        x = resized_crop_normalize(src, geom, torch.from_numpy(box), torch.from_numpy(flip), (size, size),
                                    MEAN, STD, self.dtype, self.antialias_above)
         return x, y
+
+    def _mend(self, fed: Fed, datas, images, derrs, got: np.ndarray, bad: np.ndarray, size: int):
+        """The rare path, per image: a sample the batch decoder refused is dropped in
+        evaluation (no image scored twice) and replaced in training (the replacement rule,
+        `_replace`); one decoded at another size than its header said is replaced in
+        training (its crop was drawn for the header's size) and kept in evaluation with the
+        box of its decoded size. -> (images, box, window, flip, labels) of the kept ones."""
+        epoch, n = self.order.epoch, len(images)
+        images = list(images)
+        box, window, flip, labels = fed.box.copy(), fed.window.copy(), fed.flip.copy(), fed.labels.copy()
+        keep = np.ones(n, bool)
+        good = [i for i in range(n) if i not in set(bad.tolist())]
+        batch = [Raw(bytes(datas[i].numpy()), int(fed.labels[i]), fed.slots[i], fed.names[i]) for i in good] \
+            if self.train else []
+        for i in bad.tolist():
+            h, w = (int(v) for v in got[i])
+            if images[i] is not None and not self.train:
+                b, win, f = kernel_rows([Crop(0, 0, h, w, False, h, w)], False, self.val_resize, size)
+                box[i], window[i], flip[i] = b[0], win[0], f[0]
+                continue
+            if images[i] is not None:
+                derrs[i] = f"decoded {w}x{h}, header says {fed.hw[i, 1]}x{fed.hw[i, 0]}"
+            self._account([f"{fed.names[i]}: {derrs[i]}"])
+            if not self.train:
+                keep[i] = False  # evaluation drops it: no image is scored twice
+                continue
+            img, label, crop = self._replace(Raw(b"", int(fed.labels[i]), fed.slots[i], fed.names[i]),
+                                             fed.attempts[i], epoch, batch)
+            b, win, f = kernel_rows([crop], True, self.val_resize, size)
+            images[i], labels[i], box[i], window[i], flip[i] = img, label, b[0], win[0], f[0]
+        idx = np.flatnonzero(keep)
+        return [images[i] for i in idx], box[idx], window[idx], flip[idx], labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.bad_files = []
@@ -359,8 +432,8 @@ class BatchedLoader(SourceLoader):
         # without waiting for the caller's (pytorch/vision PR 9606), so the previous batch's
         # kernel, still reading blocks the allocator may hand to the decoder, must be
         # finished first (the training stream is not waited on).
-        yield from staged(batches_with_timeout(iter(self.loader), self.timeout), self._process,
-                          self.device, side=self.side_stream,
+        yield from staged(batches_with_timeout(iter(self.loader), self.timeout), self._finish,
+                          self.device, decode=self._decode, side=self.side_stream,
                           sync_side_stream=self.decoder == "torchvision")
 
     def epoch_warnings(self) -> list[str]:
