@@ -10,15 +10,16 @@ Measured, each the median of --repeats timed passes over --batches batches:
   read + screen + header + crop draw + the kernel's parameter rows), run in this process;
 - `batched.main_us_per_image`: the main process's per-batch work (BatchedLoader._decode and
   _finish: the per-image views, the decode call, the size check, packing, the parameter
-  copies, the kernel call), with the decoder returning ready images (uint8 tensors of each
-  image's header size on the `meta` device: shapes only, so packing costs its Python and
-  dispatch, not a host memcpy a GPU would not do) and the kernel returning an empty batch;
+  copies, the kernel call), with the decoder returning ready 1x1 images (so packing costs
+  its Python and dispatch, as on a GPU where the bytes move by an asynchronous device copy,
+  not a host memcpy) and the kernel returning an empty batch;
 - `dali.worker_us_per_image`: DALI's parallel external source callback (fastcls/data/dali.py
   DaliSource: read + screen + header + crop draw + the rows DALI takes), run in this process.
 Each figure's implied ceiling is 1e6 / us per image per core (main: one core, the staging
 threads; workers: per worker process).
 
-Results go to benchmarks/results/ named DATE_DEVICE_host_feed.json (the machine named in it).
+Results go to benchmarks/results/host_feed/DATE_DEVICE_host_feed.json (the machine named in
+it; not benchmarks/results/ itself, whose files table.py renders as loader/train rows).
 """
 from __future__ import annotations
 
@@ -55,10 +56,12 @@ def timed(fn, n_images: int, repeats: int) -> dict:
     return {"us_per_image": round(us, 2), "img_per_s_per_core": round(1e6 / us), "runs": [round(r, 2) for r in runs]}
 
 
-def stub_decoder(fed_images: dict):
-    """decode_batch's stand-in: each image as a meta-device uint8 3×H×W of its header size."""
+def stub_decoder():
+    """decode_batch's stand-in: each image a uint8 3×1×1 view of one buffer (see `measure_batched`)."""
+    pixel = torch.zeros((3, 1, 1), dtype=torch.uint8)
+
     def decode(datas, device, nvdecoder=None, fallbacks=None, cpu_only=None):
-        return [fed_images[d.data_ptr()] for d in datas], [None] * len(datas)
+        return [pixel] * len(datas), [None] * len(datas)  # the stub itself costs ~nothing
     return decode
 
 
@@ -69,16 +72,13 @@ def measure_batched(cfg, batches: int, repeats: int) -> dict:
     batches = min(batches, len(loader))
     n = batches * cfg.data.batch_size
     worker = timed(lambda: [loader.worker(0, g) for g in range(batches)], n, repeats)
-    feds = [loader.worker(0, g) for g in range(batches)]
-    meta = {}
-    for fed in feds:
-        sizes = np.diff(fed.offsets).tolist()
-        for d, (h, w) in zip(torch.split(fed.buf, sizes), fed.hw.tolist()):
-            meta[d.data_ptr()] = torch.empty((3, h, w), dtype=torch.uint8, device="meta")
-    real_decode, real_kernel = batched.decode_batch, None
+    # The decoded images are 1x1 (the rows' header sizes set to match): packing then costs its
+    # per-image Python and dispatch, as on a GPU, where the concatenation's bytes are an
+    # asynchronous device copy, not the host memcpy a full-size CPU image would cost here.
+    feds = [f._replace(hw=np.ones_like(f.hw)) for f in (loader.worker(0, g) for g in range(batches))]
     import fastcls.kernels.resized_crop as rc
-    real_kernel = rc.resized_crop_normalize
-    batched.decode_batch = stub_decoder(meta)
+    real_decode, real_kernel = batched.decode_batch, rc.resized_crop_normalize
+    batched.decode_batch = stub_decoder()
     rc.resized_crop_normalize = lambda src, geom, box, flip, out_hw, *a, **k: \
         torch.empty((geom.shape[0], 3, *out_hw), dtype=torch.float32)
     try:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "host_feed", "time": now_utc(), "note": args.note, "machine": machine_info(device),
               "versions": versions(), "settings": vars(args), "folder": folder, "results": results,
               "rows": [{"path": a, "side": s, "batch_size": bs, **r} for a, s, bs, r in rows]}
-    out = write_json(args.out or ROOT / "benchmarks" / "results" /
+    out = write_json(args.out or ROOT / "benchmarks" / "results" / "host_feed" /
                      f"{now_utc()[:10]}_{slug(device)}_host_feed.json", result)
     print(f"wrote {out}")
     if tmp is not None:

@@ -71,7 +71,7 @@ def pack_images(images: Sequence[torch.Tensor], layout: str = "CHW") -> tuple[to
         if hwc:
             im = im.permute(2, 0, 1)
         if im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3:
-            raise ValueError(f"expected uint8 3-D images with 3 channels ({layout}), got {im.dtype} "
+            raise ValueError(f"expected 3 channels of uint8 in 3-D {layout} images, got {im.dtype} "
                              f"{tuple(im.shape)}")
         _, h, w = im.shape
         st = im.stride()

@@ -451,3 +451,21 @@ def test_parquet_memory_benchmark_smoke(tmp_path):
     for a, b in zip(end["small"], end["big"]):
         assert b - a < 45 < read / 2, end  # holding what it read: +read
     assert big["epoch"]["images"] == big["epoch"]["batches"] * 256 > 0
+
+
+def test_host_feed_benchmark_smoke(folder, tmp_path):
+    """benchmarks/host_feed.py on a tiny folder: every figure the issue names, per batch size,
+    positive, with the implied per-core ceiling."""
+    out = tmp_path / "hf.json"
+    proc = subprocess.run([PY, "benchmarks/host_feed.py", "--data", str(folder), "--batch-sizes", "4,8",
+                           "--batches", "2", "--repeats", "2", "--out", str(out)],
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    want = {f"batched.{side}_us_per_image@{bs}" for side in ("main", "worker") for bs in (4, 8)}
+    if importlib.util.find_spec("nvidia.dali") is not None:
+        want |= {"dali.worker_us_per_image@4", "dali.worker_us_per_image@8"}
+    assert set(r["results"]) == want and all(v > 0 for v in r["results"].values())
+    for row in r["rows"]:  # the ceiling is 1e6 / us per image (us stored rounded to 0.01)
+        assert abs(row["img_per_s_per_core"] * row["us_per_image"] / 1e6 - 1) < 0.01, row
+    assert r["machine"]["device"] == "cpu" and "us/image" in proc.stdout

@@ -346,13 +346,13 @@ def staged(batches: Iterator[Any], stage: Callable[[Any], tuple[torch.Tensor, to
     cuda = device.type == "cuda"
     if side is None:
         side = SideStream(device)
-    # The consumer's stream (this runs in the consumer's thread, at the first next()).
-    consumer = torch.cuda.current_stream(device) if cuda else None
+    # The consumer's stream (this runs in the consumer's thread, at the first next()), and
+    # the side stream both threads work on (None off CUDA).
+    stream = side(after=torch.cuda.current_stream(device) if cuda else None)
 
     def on_side(fn: Callable[[Any], Any], sync: bool, record: bool) -> Callable[[Any], Any]:
         """fn run on the side stream (as is off CUDA); (out, event) when `record`."""
         def run(batch):
-            stream = side(after=consumer)
             if stream is None:
                 return (fn(batch), None) if record else fn(batch)
             if sync:
