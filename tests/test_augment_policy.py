@@ -107,7 +107,11 @@ def test_ops_on_cuda_equal_cpu():
     mag = torch.tensor([MAGS[k][0] for k in P.OPS], dtype=torch.float64)
     cpu = P.apply_ops(x, op, mag)
     gpu = P.apply_ops(x.cuda(), op.cuda(), mag.cuda()).cpu()
-    assert torch.equal(cpu, gpu)
+    # Not bitwise: an op that rounds to uint8 can land on .5 on one device and not the other
+    # (CUDA contracts a*b+c into one FMA, the CPU rounds twice), so a pixel may differ by 1;
+    # anything more, or more than 1% of the pixels, is a real difference.
+    diff = (cpu.float() - gpu.float()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (diff.max(), (diff > 0).float().mean())
     f = P.from_uint8(x.cuda(), torch.bfloat16)
     out, _ = P.randaugment(f, torch.zeros(len(P.OPS), device="cuda"), torch.Generator("cuda").manual_seed(0))
     assert out.device.type == "cuda" and out.dtype == torch.bfloat16

@@ -347,6 +347,56 @@ def test_staging_thread_stops_on_early_exit():
     assert _stage_threads() == [] and len(pulled) <= 2 + 2 + 2  # taken, queued, in hand
 
 
+def test_refused_and_resized_images_take_the_per_image_path(tmp_path, monkeypatch):
+    """The batch decoder refuses image 1 and decodes image 2 one row short of its header's
+    size (both rare): training replaces both (full batches, every replacement counted and
+    named), evaluation drops the refused one and keeps the other with the box of its
+    decoded size, i.e. torchvision's Resize + CenterCrop of what was decoded."""
+    from fastcls.data import batched
+    from fastcls.kernels.resized_crop import resize_center_crop_box
+    root = make_folder(tmp_path / "d")
+    real = batched.decode_batch
+    shapes = []
+
+    def flaky(datas, device, *a):
+        images, errors = real(datas, device, *a)
+        if len(images) > 2:
+            images[1], errors[1] = None, "refused by the test"
+            images[2] = images[2][:, :-1, :]
+            shapes.append(tuple(images[2].shape[1:]))
+        return images, errors
+
+    monkeypatch.setattr(batched, "decode_batch", flaky)
+    train = build_loader(make_cfg(root, batch_size=4, max_bad_fraction=1.0), "train", CPU)
+    train.set_epoch(0)
+    n = 0
+    for x, y in train:
+        assert x.shape == (4, 3, 32, 32) and len(y) == 4 and torch.isfinite(x).all()
+        n += 1
+    assert n == len(train) and sum("refused by the test" in b for b in train.bad_files) == n
+    assert sum("header says" in b for b in train.bad_files) == n
+    val = build_loader(make_cfg(root, root, batch_size=6, max_bad_fraction=1.0), "val", CPU,
+                       classes=train.classes)
+    seen, pulled = 0, []
+    import fastcls.kernels.resized_crop as rc
+    real_kernel = rc.resized_crop_normalize
+
+    def spy(src, geom, box, flip, out_hw, *a, **k):
+        pulled.append(box.clone())
+        return real_kernel(src, geom, box, flip, out_hw, *a, **k)
+
+    monkeypatch.setattr(rc, "resized_crop_normalize", spy)
+    shapes.clear()
+    for x, _ in val:
+        seen += len(x)
+    assert seen == 18 - 3 and len(val.bad_files) == 3  # one refused per batch of 6, dropped
+    for (h, w), box in zip(shapes, pulled):  # row 2 of each batch is now row 1 (row 1 dropped)
+        ref, _ = resize_center_crop_box(h, w, 36, 32)
+        np.testing.assert_allclose(box[1].numpy(), np.float32(ref), rtol=1e-6)
+    train.close()
+    val.close()
+
+
 def test_worker_kernel_rows_equal_the_kernel_modules_boxes():
     """The rows the byte workers build (batched.kernel_rows) are the kernel module's own
     boxes: `rrc_box` of each drawn crop in training, `resize_center_crop_box` (torchvision's

@@ -307,8 +307,12 @@ def test_eval_and_predict_on_gpu(tmp_path, capsys):
                     "train.amp=fp16", "data.batch_size=2", "train.accum_steps=2", "optim.clip_grad_norm=1.0")
     last = rows(run)[-1]
     r = eval_json(run / "last.pt", tmp_path, capsys)
-    assert (r["val_top1"], r["val_images"]) == (last["val_top1"], 18)
-    assert r["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    # Not bitwise on CUDA: cuDNN's autotuner (train.deterministic=false) may pick another
+    # convolution algorithm in the eval process, and fp16 sums in another order differ in
+    # the 3rd-4th digit; so the loss agrees to 1e-3 and top-1 to one image of 18 (a logit
+    # tie that the other order breaks the other way).
+    assert r["val_images"] == 18 and abs(r["val_top1"] - last["val_top1"]) <= 100 / 18 + 1e-9
+    assert r["val_loss"] == pytest.approx(last["val_loss"], rel=1e-3)
     got = {}
     for device in ("cuda", "cpu"):
         out = tmp_path / f"{device}.jsonl"

@@ -343,15 +343,21 @@ class BatchedLoader(SourceLoader):
 
     def _replace(self, slot: Raw, attempt: int, epoch: int, batch: list[Raw]):
         """Training: the next replacement of a sample the batch decoder refused (rare path:
-        read, screened and decoded alone here) -> (image, label, crop)."""
+        read, screened and decoded alone here, on the CPU, then moved to the device: this
+        runs in the kernel's thread while the decode thread uses the batch decoder on the
+        next batch, and a decoder object is not shared between threads) -> (image, label,
+        crop)."""
         tried = []
         for _, cand, rng in candidates(self.source, slot, epoch, self.seed, train=True, batch=batch,
                                        start=attempt + 1):
             why = cand.error
             if why is None:
-                data = torch.frombuffer(bytearray(cand.data), dtype=torch.uint8)
-                (img,), (why,) = decode_batch([data], self.device, self._nvdecoder(), self.fallbacks,
-                                              [jpeg_needs_cpu(cand.data)])
+                img = None
+                try:
+                    img = decode_one_cpu(torch.frombuffer(bytearray(cand.data), dtype=torch.uint8))
+                    img = img.to(self.device, non_blocking=True)
+                except Exception as e:  # any undecodable file: decoders raise many types
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 if img is not None:
                     d = self.data
                     return img, cand.label, train_crop(img.shape[2], img.shape[1], rng, d.rrc.scale,
