@@ -185,11 +185,7 @@ def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution:
         raise DatasetError(f"--jpeg-quality: must be in 1..100, got {jpeg_quality}")
     if max_resolution is not None and max_resolution <= 0:
         raise DatasetError(f"--max-resolution: must be > 0, got {max_resolution}")
-    rows = is_parquet(src)
-    if rows and exclude:
-        raise DatasetError("--exclude applies to folders and list files; Parquet rows that do not "
-                           "decode are skipped and listed")
-    index = None if rows else _source_index(src, exclude, root, classes_file, "ffcv")
+    rows, index = _rows_or_index(src, exclude, root, classes_file, "ffcv")
     out_p = Path(out)
     if out_p.suffix != ".beton":
         raise DatasetError(f"OUT: expected a file name ending in .beton, got {out!r}")
@@ -250,6 +246,17 @@ def convert_ffcv(src: str, out: str, *, write_mode: str = "jpg", max_resolution:
     os.replace(mtmp, meta_path(out_p))   # metadata first: a .beton under its final name
     os.replace(tmp, out_p)               # always has its class list next to it
     return meta
+
+
+def _rows_or_index(src: str, exclude: str, root: str, classes_file: str, to: str
+                   ) -> tuple[bool, Optional[FolderIndex]]:
+    """(src names Parquet/Arrow rows, else the folder/list index of src)."""
+    if is_parquet(src):
+        if exclude:
+            raise DatasetError("--exclude applies to folders and list files; Parquet rows that do not "
+                               "decode are skipped and listed")
+        return True, None
+    return False, _source_index(src, exclude, root, classes_file, to)
 
 
 def _source_index(src: str, exclude: str, root: str, classes_file: str, to: str) -> FolderIndex:
@@ -334,11 +341,7 @@ def convert_wds(src: str, out_dir: str, *, shard_size: str = "1GB", per_shard: O
     if per_shard is not None and per_shard <= 0:
         raise DatasetError(f"--per-shard: must be > 0, got {per_shard}")
     limit = None if per_shard else parse_size(shard_size)
-    rows = is_parquet(src)
-    if rows and exclude:
-        raise DatasetError("--exclude applies to folders and list files; Parquet rows that do not "
-                           "decode are skipped and listed in the index")
-    index = None if rows else _source_index(src, exclude, root, classes_file, "wds")
+    rows, index = _rows_or_index(src, exclude, root, classes_file, "wds")
     out = Path(out_dir)
 
     def make_out() -> None:
