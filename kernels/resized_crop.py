@@ -89,6 +89,40 @@ def pack_images(images: Sequence[torch.Tensor], layout: str = "CHW") -> tuple[to
     return src, geom, sizes
 
 
+def reads_in_place(device: torch.device) -> bool:
+    """Whether the kernel on `device` reads decoded images where they are (`pack_in_place`:
+    the Triton kernel, on CUDA) rather than from one packed copy (`pack_images`: the torch
+    reference, on CPU)."""
+    return triton is not None and device.type == "cuda"
+
+
+def pack_in_place(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """`pack_images` without the copy, for the Triton kernel only: each image is read where
+    it is. `src` is a 1-D view of the image at the lowest address and each geom offset is an
+    image's byte distance from it (>= 0), so `src + offset` addresses every image in one
+    launch with the kernel unchanged (a flat 64-bit address space, as on CUDA; also the
+    Triton interpreter's, which reads host addresses). The images must stay alive, on one
+    device, until the kernel has run (stream order on CUDA). The torch reference indexes
+    `src`'s own storage and cannot take this: it gets `pack_images`."""
+    if not images:
+        raise ValueError("pack_in_place: empty batch")
+    sizes, rows, ptrs = [], [], []
+    for im in images:
+        if im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3:
+            raise ValueError(f"expected 3 channels of uint8 in 3-D CHW images, got {im.dtype} {tuple(im.shape)}")
+        _, h, w = im.shape
+        st = im.stride()
+        if st != (h * w, w, 1) and st != (1, 3 * w, 3):
+            raise ValueError(f"pack_in_place reads CHW or HWC memory; got strides {st}")
+        ptrs.append(im.data_ptr())
+        rows.append([0, *st, 0, h, 0, w])
+        sizes.append((h, w))
+    low = min(range(len(images)), key=ptrs.__getitem__)
+    geom = torch.tensor(rows, dtype=torch.int64)
+    geom[:, 0] = torch.tensor(ptrs, dtype=torch.int64) - ptrs[low]
+    return images[low].as_strided((1,), (1,)), geom, sizes
+
+
 def rrc_box(top: int, left: int, h: int, w: int, out_hw: tuple[int, int]) -> tuple[list[float], tuple[int, int, int, int]]:
     """Crop (top, left, h, w) resized to out_hw: (box row, window lo_y, hi_y, lo_x, hi_x)."""
     return [float(top), float(left), h / out_hw[0], w / out_hw[1]], (top, top + h, left, left + w)

@@ -253,3 +253,18 @@ def test_kernel_compiles_ahead_of_time_without_spills(cc, dtype):
     assert spills and spills.groups() == ("0", "0"), report
     assert 0 < regs <= 255, report  # the per-thread hardware limit
     print(f"sm{cc} {dtype}: {regs} registers, no spills")
+
+
+def test_the_kernel_reads_decoded_images_in_place_only_on_cuda():
+    """The decision the batched loader takes per device (the interpreter check above shows
+    pack_in_place gives pack_images' output bitwise); bad input is refused."""
+    from fastcls.kernels.resized_crop import pack_in_place, reads_in_place, triton
+    assert reads_in_place(torch.device("cuda", 0)) == (triton is not None)
+    assert not reads_in_place(torch.device("cpu"))
+    with pytest.raises(ValueError, match="CHW or HWC memory"):
+        pack_in_place([torch.zeros(3, 8, 16, dtype=torch.uint8)[:, :, ::2]])
+    a, b = torch.zeros(3, 4, 5, dtype=torch.uint8), torch.zeros(6, 7, 3, dtype=torch.uint8).permute(2, 0, 1)
+    src, geom, sizes = pack_in_place([a, b])
+    low = min(a.data_ptr(), b.data_ptr())
+    assert src.data_ptr() == low and geom[:, 0].tolist() == [a.data_ptr() - low, b.data_ptr() - low]
+    assert geom[:, 1:4].tolist() == [[20, 5, 1], [1, 21, 3]] and sizes == [(4, 5), (6, 7)]

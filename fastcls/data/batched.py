@@ -15,11 +15,13 @@ Two background threads of the main process then, per batch:
    .jpg, a JPEG flavour nvJPEG lacks) is decoded alone on the CPU (torchvision, then PIL)
    and moved to the device;
 2. (`_finish`, while the first thread decodes the next batch) check each decoded size
-   against the header's, pack the images, copy the workers' rows as they are and run ONE
+   against the header's, copy the workers' rows as they are and run ONE
    fused kernel for the ragged batch (kernels/resized_crop.py: crop -> bilinear resize,
    antialias per `data.antialias` -> flip -> normalize -> cast -> channels_last): Triton on
-   CUDA, the torch reference on CPU. Only an image the decoder refused or decoded at another
-   size takes a per-image path (`_mend`: replaced in training, dropped in evaluation).
+   CUDA, reading the decoded images where they are (`pack_in_place`: no copy of the
+   batch), the torch reference on CPU over one packed buffer. Only an image the decoder
+   refused or decoded at another size takes a per-image path (`_mend`: replaced in training,
+   dropped in evaluation).
 
 Up to two batches are staged ahead (on CUDA on the loader's side stream), so the decoders'
 host waits overlap the training steps instead of holding the training thread, and the
@@ -378,7 +380,7 @@ class BatchedLoader(SourceLoader):
         """Stage 2: the workers' kernel rows as they are (one copy each), one kernel launch.
         Only images the decoder refused or decoded at another size than their header's take
         the per-image path (`_mend`)."""
-        from fastcls.kernels.resized_crop import pack_images, resized_crop_normalize
+        from fastcls.kernels.resized_crop import pack_images, pack_in_place, reads_in_place, resized_crop_normalize
         fed, datas, images, derrs = decoded
         size = self.size(self.order.epoch)  # only the output grid changes; boxes are in source pixels
         got = np.array([(-1, -1) if im is None else (im.shape[1], im.shape[2]) for im in images],
@@ -391,7 +393,9 @@ class BatchedLoader(SourceLoader):
         if not images:
             return torch.empty((0, 3, size, size), dtype=self.dtype, device=self.device,
                                memory_format=torch.channels_last), y
-        src, geom, _ = pack_images(images)  # CHW or HWC-memory views: strides recorded
+        # CHW or HWC-memory views, strides recorded; on CUDA read where they are (no copy of
+        # the decoded batch), on CPU packed into one buffer for the torch reference
+        src, geom, _ = (pack_in_place if reads_in_place(self.device) else pack_images)(images)
         geom[:, 4:8] = torch.from_numpy(window)
         x = resized_crop_normalize(src, geom, torch.from_numpy(box), torch.from_numpy(flip), (size, size),
                                    MEAN, STD, self.dtype, self.antialias_above)

@@ -54,5 +54,26 @@ for name, (_, _, size) in VAL_CASES.items():
 for size, names in vsizes.items():
     for aa in ANTIALIAS:
         check(f"val mixed{names}", val_batch(names), antialias=aa)
+# Images read where they are (pack_in_place, what the batched loader does on CUDA): the same
+# kernel on separate CHW tensors and HWC views (nvImageCodec's layout) gives bitwise the
+# output of the packed copy.
+from fastcls.kernels.resized_crop import build_params, pack_images, pack_in_place, rrc_box  # noqa: E402
+
+g = torch.Generator().manual_seed(5)
+apart = []
+for i, (h, w) in enumerate([(37, 51), (64, 23), (18, 90), (41, 41)]):
+    img = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g)
+    apart.append(img.permute(2, 0, 1) if i % 2 else img.permute(2, 0, 1).contiguous())
+crops = [rrc_box(2, 3, h - 5, w - 7, (16, 16)) for h, w in ((37, 51), (64, 23), (18, 90), (41, 41))]
+flip = torch.tensor([0, 1, 0, 1], dtype=torch.uint8)
+outs = []
+for pack in (pack_images, pack_in_place):
+    src, geom0, _ = pack(apart)
+    geom, box = build_params(geom0, [c[0] for c in crops], [c[1] for c in crops])
+    outs.append(resized_crop_normalize_triton(src, geom, box, flip, (16, 16), IMAGENET_MEAN, IMAGENET_STD,
+                                              torch.float32, 1.0, block=64))
+same = torch.equal(outs[0], outs[1])
+failures += not same
+print(f"{'ok  ' if same else 'FAIL'} pack_in_place equals pack_images bitwise (4 images, CHW and HWC views)")
 print(f"{failures} failures")
 sys.exit(1 if failures else 0)
