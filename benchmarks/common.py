@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -110,3 +111,19 @@ def write_json(path: str | os.PathLike, obj: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(obj, indent=2) + "\n")
     return out
+
+
+def device_slug(device: torch.device) -> str:
+    """The device's name for a result file name ("cpu-intel-r-xeon-r-processor-2-cores")."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def hf_image_schema(class_names: list[str]):
+    """The Arrow schema of a Hugging Face image-classification dataset as `datasets` writes
+    it (an `Image` struct of bytes and path, an int64 `ClassLabel`, the features in the
+    schema metadata), so a benchmark can write Parquet with pyarrow alone."""
+    import pyarrow as pa
+    features = {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": list(class_names)}}
+    return pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      ("label", pa.int64())],
+                     metadata={"huggingface": json.dumps({"info": {"features": features}})})

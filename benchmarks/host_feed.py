@@ -24,7 +24,6 @@ it; not benchmarks/results/ itself, whose files table.py renders as loader/train
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 from fastcls.config import config_from_dict  # noqa: E402
 from fastcls.data import build_loader  # noqa: E402
 
-from common import device_name, machine_info, now_utc, versions, write_json  # noqa: E402
+from common import device_slug, machine_info, now_utc, versions, write_json  # noqa: E402
 
 
 def timed(fn, n_images: int, repeats: int) -> dict:
@@ -100,10 +99,6 @@ def measure_dali(cfg, batches: int, repeats: int) -> dict:
     return {"worker": timed(lambda: [src(i) for i in info], n, repeats)}
 
 
-def slug(device: torch.device) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="ImageFolder root (default: 512 make_jpegs images in a temp dir)")
@@ -147,7 +142,7 @@ def main(argv=None) -> int:
               "versions": versions(), "settings": vars(args), "folder": folder, "results": results,
               "rows": [{"path": a, "side": s, "batch_size": bs, **r} for a, s, bs, r in rows]}
     out = write_json(args.out or ROOT / "benchmarks" / "results" / "host_feed" /
-                     f"{now_utc()[:10]}_{slug(device)}_host_feed.json", result)
+                     f"{now_utc()[:10]}_{device_slug(device)}_host_feed.json", result)
     print(f"wrote {out}")
     if tmp is not None:
         tmp.cleanup()

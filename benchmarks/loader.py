@@ -36,7 +36,7 @@ from fastcls.config import BACKENDS, config_from_dict  # noqa: E402
 from fastcls.data import DatasetError, build_loader, check_backend, scan_folder  # noqa: E402
 from fastcls.tools.convert import convert_wds, ensure_beton  # noqa: E402
 
-from common import dataset_info, machine_info, now_utc, versions, write_json  # noqa: E402
+from common import dataset_info, hf_image_schema, machine_info, now_utc, versions, write_json  # noqa: E402
 
 FFCV_MODES = ("jpg", "raw")  # .beton write modes measured for the ffcv backend
 from fastcls.dist import pick_device  # noqa: E402
@@ -74,15 +74,10 @@ def pil_baseline(folder: str, args, device: torch.device):
 def parquet_copy(folder: str, out: str, rows_per_group: int = 100, rows_per_file: int = 10_000) -> str:
     """The folder's images as Parquet files under `out`, laid out as Hugging Face's `datasets`
     writes an image dataset (written here with pyarrow, so the benchmark needs no `datasets`)."""
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
     idx = scan_folder(folder, key="--data")
-    features = {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": list(idx.classes)}}
-    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                        ("label", pa.int64())],
-                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    schema = hf_image_schema(idx.classes)
     Path(out).mkdir(parents=True, exist_ok=True)
     for f, lo in enumerate(range(0, len(idx.samples), rows_per_file)):
         rows = idx.samples[lo:lo + rows_per_file]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import sys
@@ -43,12 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from table_memory import machine_slug, rss, smaps, workers_of  # noqa: E402
+from table_memory import rss, smaps, workers_of  # noqa: E402
 
 from fastcls.config import config_from_dict  # noqa: E402
 from fastcls.data import build_loader  # noqa: E402
 
-from common import machine_info, now_utc, versions, write_json  # noqa: E402
+from common import device_slug, hf_image_schema, machine_info, now_utc, versions, write_json  # noqa: E402
 
 CLASSES = 1000
 MIB = 2**20
@@ -72,11 +71,7 @@ def make_parquet(root: Path, gb: float, images: int, rows_per_group: int, rows_p
     import pyarrow as pa
     import pyarrow.parquet as pq
     pool = jpegs(images)
-    features = {"image": {"_type": "Image"},
-                "label": {"_type": "ClassLabel", "names": [f"n{c:08d}" for c in range(CLASSES)]}}
-    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                        ("label", pa.int64())],
-                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    schema = hf_image_schema([f"n{c:08d}" for c in range(CLASSES)])
     target, written, row, f = int(gb * 1e9), 0, 0, 0
     while written < target:
         with pq.ParquetWriter(root / f"train-{f:05d}.parquet", schema) as w:
@@ -182,7 +177,7 @@ def main(argv=None) -> int:
               f"of at most {run['largest_row_group_mb']} MiB")
     result = {"benchmark": "parquet_memory", "time": now_utc(), "machine": machine_info(torch.device("cpu")),
               "versions": versions(), "settings": vars(args), "runs": runs}
-    out = write_json(args.out or ROOT / "benchmarks" / "results" / "memory" / f"parquet-{machine_slug()}.json",
+    out = write_json(args.out or ROOT / "benchmarks" / "results" / "memory" / f"parquet-{device_slug(torch.device('cpu'))}.json",
                      result)
     print(f"wrote {out}")
     return 0

@@ -35,7 +35,6 @@ import ctypes
 import gc
 import io
 import os
-import re
 import resource
 import shutil
 import sys
@@ -55,7 +54,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 from fastcls.config import config_from_dict  # noqa: E402
 from fastcls.data import build_loader  # noqa: E402
 
-from common import device_name, machine_info, now_utc, versions, write_json  # noqa: E402
+from common import device_slug, machine_info, now_utc, versions, write_json  # noqa: E402
 
 CLASSES = 1000
 MIB = 2**20
@@ -234,7 +233,7 @@ def measure_tuples(lst: Path) -> dict:
 
 
 def machine_slug() -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device_name(torch.device("cpu")).lower()).strip("-")
+    return device_slug(torch.device("cpu"))
 
 
 def main(argv=None) -> int:
