@@ -411,9 +411,9 @@ class BatchedLoader(SourceLoader):
         images = list(images)
         box, window, flip, labels = fed.box.copy(), fed.window.copy(), fed.flip.copy(), fed.labels.copy()
         keep = np.ones(n, bool)
-        good = [i for i in range(n) if i not in set(bad.tolist())]
-        batch = [Raw(bytes(datas[i].numpy()), int(fed.labels[i]), fed.slots[i], fed.names[i]) for i in good] \
-            if self.train else []
+        refused = set(bad.tolist())  # the rest are the images in hand a stream's replacements come from
+        batch = [Raw(bytes(datas[i].numpy()), int(fed.labels[i]), fed.slots[i], fed.names[i])
+                 for i in range(n) if i not in refused] if self.train else []
         for i in bad.tolist():
             h, w = (int(v) for v in got[i])
             if images[i] is not None and not self.train:
