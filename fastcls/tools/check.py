@@ -44,26 +44,28 @@ def _check_one(args: tuple[str, bool]) -> tuple[str, Optional[str]]:
     return path, check_file(path, strict)
 
 
-def check_paths(paths: Iterable[str], workers: int = 0, strict: bool = False,
-                progress: bool = False) -> list[tuple[str, str]]:
-    """[(path, reason)] of the files that do not decode, in input order."""
-    paths = list(paths)
-    workers = workers or os.cpu_count() or 1
-    jobs = [(p, strict) for p in paths]
-    if workers == 1 or len(paths) < 64:
-        results = map(_check_one, jobs)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(workers)
-        results = pool.map(_check_one, jobs, chunksize=64)
+def _mapped(fn, jobs: list, workers: int, parallel: bool, progress: bool, unit: str, chunksize: int = 1):
+    """fn(job) for each job, in order: in a pool of `workers` processes when `parallel`, with
+    a progress bar when asked; the pool is shut down once the results are consumed."""
+    pool = ProcessPoolExecutor(workers) if parallel else None
     try:
+        results = pool.map(fn, jobs, chunksize=chunksize) if pool else map(fn, jobs)
         if progress:
             from tqdm import tqdm
-            results = tqdm(results, total=len(paths), unit="img", desc="check", file=sys.stderr)
-        return [(p, why) for p, why in results if why is not None]
+            results = tqdm(results, total=len(jobs), unit=unit, desc="check", file=sys.stderr)
+        yield from results
     finally:
         if pool is not None:
             pool.shutdown()
+
+
+def check_paths(paths: Iterable[str], workers: int = 0, strict: bool = False,
+                progress: bool = False) -> list[tuple[str, str]]:
+    """[(path, reason)] of the files that do not decode, in input order."""
+    jobs = [(p, strict) for p in paths]
+    workers = workers or os.cpu_count() or 1
+    return [(p, why) for p, why in _mapped(_check_one, jobs, workers, workers > 1 and len(jobs) >= 64,
+                                            progress, "img", chunksize=64) if why is not None]
 
 
 def _check_rows(args) -> list[tuple[int, str, str]]:
@@ -84,16 +86,8 @@ def check_source(source, workers: int = 0, strict: bool = False,
     n, workers = source.num_samples, workers or os.cpu_count() or 1
     step = max(64, -(-n // (workers * 8)))
     jobs = [(source, lo, min(n, lo + step), strict) for lo in range(0, n, step)]
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
-    results = pool.map(_check_rows, jobs) if pool else map(_check_rows, jobs)
-    try:
-        if progress:
-            from tqdm import tqdm
-            results = tqdm(results, total=len(jobs), unit="chunk", desc="check", file=sys.stderr)
-        return [b for part in results for b in part]
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    return [b for part in _mapped(_check_rows, jobs, workers, workers > 1 and len(jobs) > 1, progress, "chunk")
+            for b in part]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
